@@ -1,0 +1,5 @@
+import sys
+
+from mixq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""`mixq inspect`: what a mixed-precision config would load, from headers only."""
+
+from __future__ import annotations
+
+import json
+from itertools import groupby
+
+from mixq.formats.plan import LoadPlan, layer_of
+from mixq.tracking.memory import MB, MemoryStats
+
+
+def plan_report(plan: LoadPlan) -> dict:
+    """A JSON-able report: every tensor, totals per format and layer, warnings."""
+    stats = MemoryStats.from_plan(plan).as_dict()
+    return {
+        "base": str(plan.base.path),
+        "sources": {k: str(c.path) for k, c in plan.catalogs.items()},
+        "tensors": [
+            {
+                "name": t.name,
+                "layer": layer_of(t.name),
+                "precision": t.precision,
+                "rule": t.rule,
+                "source": t.path_key,
+                "file": t.file,
+                "format": t.spec.describe(),
+                "family": t.spec.family,
+                "shape": list(t.entry.shape),
+                "bytes": t.nbytes,
+            }
+            for t in plan.tensors.values()
+        ],
+        "totals": stats,
+        "warnings": list(plan.warnings),
+    }
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1024**3), ("MiB", MB), ("KiB", 1024)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def render_text(report: dict) -> str:
+    """Human-readable tables: per layer, each tensor; then totals per format."""
+    lines = [f"base: {report['base']}"]
+    for key, path in report["sources"].items():
+        if key != "fp16_path":
+            lines.append(f"{key}: {path}")
+    rows = report["tensors"]
+    width = max((len(r["name"]) for r in rows), default=10)
+    for layer, group in groupby(rows, key=lambda r: r["layer"]):
+        lines.append("")
+        lines.append(f"[layer {layer}]" if layer.isdigit() else f"[{layer}]")
+        for r in group:
+            lines.append(
+                f"  {r['name']:<{width}}  {r['precision']:<9} {r['format']:<34} "
+                f"{_fmt_bytes(r['bytes']):>11}  {r['source']}"
+            )
+    t = report["totals"]
+    lines += ["", "totals by format:"]
+    for fam, b in t["by_format"].items():
+        lines.append(
+            f"  {fam:<6} {b['tensors']:>6} tensors  {_fmt_bytes(b['memory_mb'] * MB):>11}"
+            f"  (bf16: {_fmt_bytes(b['bf16_memory_mb'] * MB)})"
+        )
+    lines.append(
+        f"  total  {t['num_tensors']:>6} tensors  {_fmt_bytes(t['memory_mb'] * MB):>11}"
+        f"  (bf16: {_fmt_bytes(t['bf16_memory_mb'] * MB)}; saved {_fmt_bytes(t['memory_saved_mb'] * MB)},"
+        f" compression {t['compression_ratio']:.2f}x)"
+    )
+    if report["warnings"]:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def render_json(report: dict) -> str:
+    return json.dumps(report, indent=2)

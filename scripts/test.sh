@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install mixq with its test extras and run the linters and the test suite.
+# torch is pinned to the CPU build of 2.13.0 here; the GPU image brings its own torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.13.0" -e ".[test]"
+ruff check mixq tests scripts bench
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit "$rc"
