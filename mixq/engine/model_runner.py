@@ -1,0 +1,90 @@
+"""Runs the model on a step's batch: owns the paged KV cache, builds ForwardBatch tensors.
+
+The scheduler (plain Python) decides *what* runs; this turns its decision (a list of
+SeqChunk) into device tensors in one place, runs the model, and returns the logits of the
+rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixq.layers.attention import PagedAttention
+from mixq.layers.forward_batch import ForwardBatch
+
+
+@dataclass
+class SeqChunk:
+    """New tokens of one sequence for this step.
+
+    token_ids: tokens to compute now (a prefill chunk, or the one decode token);
+    start_pos: their first position (= tokens already in the cache);
+    block_table: the sequence's KV blocks (enough for start_pos + len(token_ids));
+    sample: whether this step needs the last token's logits.
+    """
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool = True
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.model, self.block_size, self.device = model, block_size, torch.device(device)
+        self.num_blocks = num_blocks
+        self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        for m in self.attn_layers:
+            shape = (num_blocks, block_size, m.num_kv_heads, m.head_dim)
+            m.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            m.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        """KV cache bytes one block costs across all layers (for sizing the cache)."""
+        per = 0
+        for m in model.modules():
+            if isinstance(m, PagedAttention):
+                per += 2 * block_size * m.num_kv_heads * m.head_dim * dtype.itemsize
+        return per
+
+    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, ForwardBatch]:
+        ids, pos, slots, qstart, ctx, logits_index = [], [], [], [0], [], []
+        bs = self.block_size
+        width = max(len(c.block_table) for c in chunks)
+        tables = []
+        for c in chunks:
+            n = len(c.token_ids)
+            end = c.start_pos + n
+            if len(c.block_table) * bs < end:
+                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
+            ids += c.token_ids
+            for p in range(c.start_pos, end):
+                pos.append(p)
+                slots.append(c.block_table[p // bs] * bs + p % bs)
+            qstart.append(qstart[-1] + n)
+            ctx.append(end)
+            if c.sample:
+                logits_index.append(qstart[-1] - 1)
+            tables.append(c.block_table + [0] * (width - len(c.block_table)))
+
+        def t(x, dtype=torch.int64):
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        batch = ForwardBatch(
+            positions=t(pos), slot_mapping=t(slots), query_start=t(qstart), context_lens=t(ctx),
+            block_tables=t(tables, torch.int32), logits_index=t(logits_index),
+            query_start_list=qstart, context_lens_list=ctx, block_size=bs,
+        )
+        return t(ids), batch
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Logits [R, vocab] float32 for the chunks with sample=True, in order."""
+        ids, batch = self.prepare(chunks)
+        hidden = self.model(ids, batch)  # [T, hidden]
+        return self.model.compute_logits(hidden[batch.logits_index]).float()

@@ -1,0 +1,1 @@
+"""Model building blocks that compute with weights in their stored formats."""

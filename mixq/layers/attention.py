@@ -1,0 +1,50 @@
+"""Causal self-attention over a paged KV cache.
+
+The cache of a layer is two tensors [num_blocks, block_size, kv_heads, head_dim]; a
+sequence's tokens live in the blocks its block table lists. Each step writes the new
+tokens' K/V at their slots, then every sequence attends to its whole context. The torch
+implementation here gathers a sequence's blocks and calls SDPA; it is the reference
+(and the CPU path) for the GPU paged-attention kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixq.layers.forward_batch import ForwardBatch
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: torch.Tensor | None = None  # set by the model runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
+        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        kc[batch.slot_mapping] = k.to(kc.dtype)
+        vc[batch.slot_mapping] = v.to(vc.dtype)
+        out = torch.empty_like(q)
+        bs = batch.block_size
+        qs = batch.query_start_list
+        for i, ctx in enumerate(batch.context_lens_list):
+            q_i = q[qs[i] : qs[i + 1]]  # [L, H, D]
+            n_q = q_i.shape[0]
+            blocks = batch.block_tables[i, : (ctx + bs - 1) // bs]
+            k_i = self.k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+            v_i = self.v_cache[blocks].flatten(0, 1)[:ctx]
+            # query j sits at position ctx - n_q + j and sees keys 0 .. ctx - n_q + j
+            mask = None
+            if n_q > 1:
+                mask = torch.ones(n_q, ctx, dtype=torch.bool, device=q.device).tril(ctx - n_q)
+            o = F.scaled_dot_product_attention(
+                q_i.transpose(0, 1), k_i.transpose(0, 1).to(q.dtype), v_i.transpose(0, 1).to(q.dtype),
+                attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            out[qs[i] : qs[i + 1]] = o.transpose(0, 1)
+        return out.flatten(1)

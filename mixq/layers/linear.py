@@ -1,0 +1,118 @@
+"""MixedPrecisionLinear: a Linear whose weight stays in its stored format.
+
+The layer holds a `QuantizedWeight` and a *method* chosen for the weight's spec on the
+device it lives on. Methods are tried in order; each answers `can_implement(spec, device)
+-> (ok, reason)`, and when none can, the error lists every refusal. The kernels issue
+registers GPU methods ahead of the torch reference methods in `METHODS`.
+
+The reference method computes on CPU (or any device) by dequantizing the weight
+transiently inside forward; it never keeps a dense copy.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixq.formats.registry import reader_for_layout
+from mixq.formats.spec import QuantizedWeight, WeightSpec
+
+
+class LinearMethod(Protocol):
+    """How a Linear computes with a weight of some spec on some device."""
+
+    name: str
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]: ...
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        """Once after loading: repack into the method's layout (still compressed)."""
+        ...
+
+    def apply(self, weight: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class DenseMethod:
+    """Dense weights: held in the model dtype, computed by F.linear (cuBLAS on GPU)."""
+
+    name = "dense"
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        return (spec.layout == "dense", "" if spec.layout == "dense" else "not a dense weight")
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        w = weight.tensors["weight"]
+        if w.dtype != dtype:
+            weight = QuantizedWeight(weight.name, weight.spec, weight.shape, {"weight": w.to(dtype)})
+        return weight
+
+    def apply(self, weight, x, bias):
+        return F.linear(x, weight.tensors["weight"], bias)
+
+
+class TorchDequantMethod:
+    """Reference compute for every quantized layout: dequantize inside forward, then
+    F.linear. Correct everywhere, fast nowhere; the CPU path and the test oracle."""
+
+    name = "torch-dequant"
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        if not spec.is_quantized:
+            return False, "weight is dense"
+        return True, ""
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        return weight
+
+    def apply(self, weight, x, bias):
+        w = reader_for_layout(weight.spec.layout).dequantize(weight).to(x.dtype)
+        return F.linear(x, w, bias)
+
+
+# Tried in order. GPU kernels are inserted at the front by mixq.kernels when importable.
+METHODS: list[LinearMethod] = [DenseMethod(), TorchDequantMethod()]
+
+
+def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:
+    """The first method that can implement `spec` on `device`; else a ValueError that
+    lists each method's reason."""
+    reasons = []
+    for m in METHODS:
+        ok, why = m.can_implement(spec, device)
+        if ok:
+            return m
+        reasons.append(f"{m.name}: {why}")
+    raise ValueError(f"{name or 'linear'}: no kernel implements {spec.describe()} on {device}: " + "; ".join(reasons))
+
+
+class MixedPrecisionLinear(nn.Module):
+    """y = x W^T + b with W in its stored format. Created empty; `load(qw)` fills it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: QuantizedWeight | None = None
+        self.method: LinearMethod | None = None
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def load(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
+        """Take a loaded weight; pick its method for the weight's device; repack once."""
+        if tuple(qw.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{qw.name}: shape {list(qw.shape)} does not fit a Linear of "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        device = next(iter(qw.tensors.values())).device
+        self.method = select_method(qw.spec, device, qw.name)
+        self.weight = self.method.prepare(qw, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self.weight, x, self.bias)
+
+    def extra_repr(self) -> str:
+        spec = self.weight.spec.describe() if self.weight is not None else "unloaded"
+        method = self.method.name if self.method is not None else "-"
+        return f"in={self.in_features}, out={self.out_features}, {spec}, method={method}"

@@ -1,0 +1,110 @@
+"""Llama family: Llama 2/3/3.1, Mistral, SmolLM2, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixq.layers.attention import PagedAttention
+from mixq.layers.embedding import Embedding
+from mixq.layers.forward_batch import ForwardBatch
+from mixq.layers.linear import MixedPrecisionLinear
+from mixq.layers.norm import RMSNorm
+from mixq.layers.rotary import RotaryEmbedding
+from mixq.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.h, self.kv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = MixedPrecisionLinear(c.hidden_size, self.h * self.d, bias=c.qkv_bias)
+        self.k_proj = MixedPrecisionLinear(c.hidden_size, self.kv * self.d, bias=c.qkv_bias)
+        self.v_proj = MixedPrecisionLinear(c.hidden_size, self.kv * self.d, bias=c.qkv_bias)
+        self.o_proj = MixedPrecisionLinear(self.h * self.d, c.hidden_size)
+        if c.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.d, c.rms_norm_eps), RMSNorm(self.d, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+        self.rotary = RotaryEmbedding(self.d, c.max_position, c.raw)
+        self.attn = PagedAttention(self.h, self.kv, self.d, self.d**-0.5)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.h, self.d)  # [T, H, D]
+        k = self.k_proj(x).view(-1, self.kv, self.d)  # [T, Hkv, D]
+        v = self.v_proj(x).view(-1, self.kv, self.d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(batch.positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))  # [T, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, names=("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.names = names
+        for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
+            setattr(self, name, MixedPrecisionLinear(i, o))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(F.silu(gate(x)) * up(x))  # [T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, mlp: nn.Module, mlp_name: str = "mlp"):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, residual, batch: ForwardBatch):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return getattr(self, self.mlp_name)(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers, final norm. `make_mlp(i)` builds layer i's MLP/MoE."""
+
+    def __init__(self, c: ModelConfig, make_mlp, mlp_name: str = "mlp"):
+        super().__init__()
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, make_mlp(i), mlp_name) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    """A decoder plus LM head (tied to the embeddings when the config says so)."""
+
+    def __init__(self, c: ModelConfig, make_mlp=None, mlp_name: str = "mlp"):
+        super().__init__()
+        self.config = c
+        make_mlp = make_mlp or (lambda i: MLP(c.hidden_size, c.intermediate_size))
+        self.model = DecoderModel(c, make_mlp, mlp_name)
+        self.lm_head = None if c.tie_word_embeddings else MixedPrecisionLinear(c.hidden_size, c.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, batch)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return self.model.embed_tokens.as_lm_head(hidden)
+        return self.lm_head(hidden)  # [R, vocab]
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama, Mistral, SmolLM2, Qwen2 (qkv bias), Qwen3 (q/k norm): one math, flags differ."""

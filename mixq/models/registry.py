@@ -1,0 +1,69 @@
+"""config.json -> model object, and streaming a plan's weights into it.
+
+Module paths mirror checkpoint names (model.layers.0.self_attn.q_proj), so placing a
+weight is a lookup of its module: each module's `load` knows how to take it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mixq.formats.spec import QuantizedWeight
+from mixq.models.config import ModelConfig
+from mixq.models.llama import LlamaForCausalLM
+from mixq.models.mixtral import MixtralForCausalLM
+from mixq.models.qwen3 import Qwen3ForCausalLM
+from mixq.models.qwen_moe import QwenMoeForCausalLM
+
+_FAMILIES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+}
+SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+
+
+def build_model(hf_config: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """An unloaded model for a config.json; unsupported architectures are refused."""
+    c = ModelConfig.from_hf(hf_config)
+    cls = _FAMILIES.get(c.architecture)
+    if cls is None:
+        raise ValueError(
+            f"architecture {c.architecture or '(none)'!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+        )
+    with torch.device(device):
+        return cls(c)
+
+
+def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dtype: torch.dtype) -> None:
+    """Place each weight on its module (by name); every module weight must be filled."""
+    modules = dict(model.named_modules())
+    seen = set()
+    for qw in weights:
+        mod_name, _, leaf = qw.name.rpartition(".")
+        mod = modules.get(mod_name)
+        if mod is None:
+            raise ValueError(f"{qw.name}: the model has no module {mod_name!r}")
+        if leaf == "weight" and hasattr(mod, "load"):
+            mod.load(qw, dtype)
+        elif leaf in ("weight", "bias") and isinstance(getattr(mod, leaf, None), nn.Parameter):
+            t = qw.tensors["weight"]
+            param = getattr(mod, leaf)
+            if tuple(t.shape) != tuple(param.shape):
+                raise ValueError(f"{qw.name}: shape {list(t.shape)}, expected {list(param.shape)}")
+            param.data = t.to(device=param.device, dtype=dtype)
+        else:
+            raise ValueError(f"{qw.name}: the model has no parameter {leaf!r} on {mod_name!r}")
+        seen.add(qw.name)
+    missing = [n for n, m in modules.items() if hasattr(m, "load") and getattr(m, "weight", 0) is None]
+    if missing:
+        raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
+
