@@ -15,8 +15,11 @@ from safetensors.torch import save_file
 
 from mixq.formats.packing import AWQ_ORDER, pack_int32
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+def is_linear(name: str) -> bool:
+    """Decoder Linear weights a quantizer converts (not embeddings, norms, routers, head)."""
+    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+    return ".layers." in name and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj", "w1", "w2", "w3")
 
 
 def llama_config(hidden=64, inter=128, layers=2, vocab=96) -> dict:
@@ -141,7 +144,7 @@ CT_FP8_QC = {
 def quantize_checkpoint(dense: dict[str, torch.Tensor], fmt: str, **kw) -> tuple[dict, dict]:
     """(tensors, quantization_config) for a whole model in one format."""
     out = {k: v for k, v in dense.items()}
-    quantized = [k for k in dense if any(f".{lin}.weight" in k for lin in LINEARS)]
+    quantized = [k for k in dense if is_linear(k)]
     for name in quantized:
         w = out.pop(name)
         if fmt == "gptq":
