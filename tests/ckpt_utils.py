@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from mixq.formats.packing import AWQ_ORDER, pack_int32
 
+
 def is_linear(name: str) -> bool:
     """Decoder Linear weights a quantizer converts (not embeddings, norms, routers, head)."""
     leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
