@@ -116,7 +116,12 @@ class Checkpoint:
                 if not (self.path / fname).is_file():
                     raise CheckpointError(f"checkpoint {index}: lists {fname}, which is missing")
             return out
-        names = sorted(p.name for p in self.path.glob("*.safetensors"))
+        # HF's single-file name first: other *.safetensors beside it (consolidated
+        # weights, references) are not part of the model.
+        if (self.path / "model.safetensors").is_file():
+            names = ["model.safetensors"]
+        else:
+            names = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not names:
             raise CheckpointError(f"checkpoint {self.path}: no *.safetensors files")
         return {n: list(self._handle(n).keys()) for n in names}
