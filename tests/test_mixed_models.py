@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from mixq.config.schema import MixedPrecisionConfig
 from mixq.engine.model_runner import ModelRunner, SeqChunk
+from mixq.errors import CheckpointError
 from mixq.formats import build_plan, load_weights
 from mixq.models import build_model, load_model_weights
 from tests.ckpt_utils import quantize_checkpoint, write_checkpoint
@@ -71,9 +72,13 @@ def test_llama_mix_of_every_format(tmp_path):
         "model.layers.0.self_attn.v_proj.weight": "bf16",
         "model.layers.*.mlp.gate_proj.weight": "gptq_int4",
         "model.layers.*.mlp.up_proj.weight": "gptq_int4",
+        "model.layers.1.mlp.up_proj.weight": "awq_int4",
         "model.layers.1.mlp.down_proj.weight": "awq_int4",
         "model.layers.0.mlp.down_proj.weight": "int8",
     }
+    split = {**mapping, "model.layers.1.mlp.up_proj.weight": "gptq_int4"}
+    with pytest.raises(CheckpointError, match="layers.1.mlp.up_proj.weight .* and model.layers.1.mlp.down_proj.weight .* must come from one checkpoint"):
+        run_mix(tmp_path, None, split, transformers.LlamaForCausalLM)
     plan, model, ref = run_mix(tmp_path, None, mapping, transformers.LlamaForCausalLM)
     layouts = {n: t.spec.layout for n, t in plan.tensors.items()}
     assert layouts["model.layers.1.mlp.down_proj.weight"] == "awq"
@@ -95,13 +100,63 @@ def test_moe_experts_each_in_their_own_format(family, tmp_path):
     else:
         base, (g, u, d) = "model.layers.0.mlp.experts", ("gate_proj", "up_proj", "down_proj")
     mapping = {
-        f"{base}.0.{g}.weight": "gptq_int4", f"{base}.0.{u}.weight": "gptq_int4", f"{base}.0.{d}.weight": "awq_int4",
+        f"{base}.0.{g}.weight": "gptq_int4", f"{base}.0.{u}.weight": "gptq_int4", f"{base}.0.{d}.weight": "int8",
         f"{base}.1.{g}.weight": "fp8", f"{base}.1.{u}.weight": "fp8", f"{base}.1.{d}.weight": "gptq_int4",
-        f"{base}.3.*.weight": "int8",  # expert 2 stays bf16
+        f"{base}.3.*.weight": "awq_int4",  # expert 2 stays bf16
         "model.layers.*.self_attn.o_proj.weight": "fp8",
     }
     plan, model, ref = run_mix(tmp_path, None, mapping, hf_cls)
     moe = model.model.layers[0].get_submodule("block_sparse_moe" if family == "mixtral" else "mlp")
     kinds = [tuple(getattr(moe.experts[e], n).weight.spec.layout for n in (g, u, d)) for e in range(4)]
-    assert kinds == [("gptq", "gptq", "awq"), ("fp8", "fp8", "gptq"), ("dense",) * 3, ("gptq",) * 3]
+    assert kinds == [("gptq",) * 3, ("fp8", "fp8", "gptq"), ("dense",) * 3, ("awq",) * 3]
+    assert moe.experts[0].names and getattr(moe.experts[0], d).weight.spec.bits == 8
     compare(model, ref, lengths=(11, 6))
+
+
+FIX = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_real_checkpoints_mix_with_smoothing_compensation(tmp_path):
+    """Checkpoints from llm-compressor and GPTQModel in one model. The AWQ checkpoints fold
+    their smoothing into the RMSNorm weights; with the base's norms, their Linears get the
+    exact per-channel compensation, so the mix equals HF on W * diag(input_scale)."""
+    import transformers
+
+    m = FIX / "tiny-llama"
+    mp = {"fp16_path": str(m / "bf16"), "fp8_path": str(m / "fp8-block-deepseek"), "int8_path": str(m / "w8a8-int8"),
+          "gptq_int4_path": str(m / "gptq-legacy-4bit-desc-act"), "awq_int4_path": str(m / "awq-gemm"),
+          "int4_path": str(m / "awq-w4a16"),
+          "weight_mapping": {"re:model\\.layers\\.0\\.self_attn\\.[qkv]_proj\\.weight": "awq_int4",
+                             "model.layers.0.self_attn.o_proj.weight": "int8",
+                             "model.layers.0.mlp.*": "gptq_int4",
+                             "model.layers.1.self_attn.*": "fp8",
+                             "model.layers.1.mlp.*": "int4"}}
+    plan = build_plan(MixedPrecisionConfig.from_dict({"mixed_precision": mp}))
+    assert sorted(plan.input_scales) == sorted(
+        [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+        + [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up")])
+    weights = load_weights(plan)
+    model = build_model(plan.model_config)
+    load_model_weights(model, weights.values(), torch.float32)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    dense = {}
+    for n, w in weights.items():
+        d = w.dequantize()
+        dense[n] = (d if w.input_scale is None else d * w.input_scale).contiguous()
+    save_file(dense, str(ref_dir / "model.safetensors"))
+    (ref_dir / "config.json").write_text((m / "bf16" / "config.json").read_text())
+    ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    compare(model, ref)
+
+    # The compensation undoes the smoothing: per input column, W_awq * m fits the BF16
+    # weight with ratio ~1 (only quantization noise), while W_awq alone is off by s_j.
+    base = build_plan(model_path=str(m / "bf16"))
+    for n, scale in plan.input_scales.items():
+        w_base = base.catalog(base.tensors[n]).read(n).tensors["weight"].float()
+        q = weights[n].dequantize()
+
+        def col_ratio(w, w_base=w_base):
+            return ((w * w_base).sum(0) / (w_base * w_base).sum(0) - 1).abs().median()
+
+        assert col_ratio(q * scale) < 0.5 * col_ratio(q), n

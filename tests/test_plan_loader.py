@@ -51,6 +51,7 @@ MAPPING = {
     "model.layers.*.mlp.gate_proj.weight": "gptq_int4",
     "model.layers.*.mlp.up_proj.weight": "gptq_int4",
     "model.layers.1.mlp.down_proj.weight": "awq_int4",
+    "model.layers.1.mlp.up_proj.weight": "awq_int4",  # AWQ smooths up -> down: kept together
     "model.layers.0.self_attn.v_proj.weight": "bf16",
 }
 
@@ -93,7 +94,7 @@ def test_loader_keeps_weights_compressed_and_reads_only_picked_tensors(ckpts, mo
     assert all(".layers.1." in name for _, name, _ in reads)
     # each source read only the tensors its planned entries own
     assert {(src, n) for src, n, _ in reads if src == "gptq"} == {
-        ("gptq", f"model.layers.1.mlp.{p}.{r}") for p in ("gate_proj", "up_proj") for r in ("qweight", "qzeros", "scales", "g_idx")}
+        ("gptq", f"model.layers.1.mlp.gate_proj.{r}") for r in ("qweight", "qzeros", "scales", "g_idx")}
     for name, w in weights.items():
         planned = plan.tensors[name]
         assert w.nbytes == planned.nbytes, name  # exactly the stored bytes, no dense copy

@@ -30,6 +30,12 @@ def iter_weights(
             continue
         shard = shard_for(name) if shard_for is not None else None
         qw = plan.catalog(t).read(name, shard)
+        scale = plan.input_scales.get(name)
+        if scale is not None:
+            if shard is not None and shard.dim == 1:
+                part = scale.shape[0] // shard.world
+                scale = scale[shard.rank * part : (shard.rank + 1) * part]
+            qw.input_scale = scale
         yield qw if device is None else qw.to(device)
 
 

@@ -16,6 +16,7 @@ from mixq.config.schema import MixedPrecisionConfig
 from mixq.errors import CheckpointError, ConfigError
 from mixq.formats.base import Entry
 from mixq.formats.registry import CheckpointCatalog
+from mixq.formats.smoothing import check_pairs, input_scales
 
 # Which stored layouts/bit widths each path key may hold.
 _ALLOWED = {
@@ -69,6 +70,8 @@ class LoadPlan:
     tensors: dict[str, PlannedTensor]
     catalogs: dict[str, CheckpointCatalog]
     warnings: list[str] = field(default_factory=list)
+    # Linears fed by a norm their source smoothed differently: x is scaled by this first
+    input_scales: dict = field(default_factory=dict)
 
     @property
     def base(self) -> CheckpointCatalog:
@@ -169,6 +172,8 @@ def build_plan(cfg: MixedPrecisionConfig | None = None, model_path: str | None =
             )
         tensors[name] = PlannedTensor(name, res.precision, res.rule, path_key, entry, file)
     plan = LoadPlan(tensors, catalogs, warnings)
+    check_pairs(plan)
+    plan.input_scales = input_scales(plan)
     for group in plan.fusion_groups():
         if not plan.fusable(group):
             descr = ", ".join(f"{g.rsplit('.', 2)[-2]}={tensors[g].spec.describe()}" for g in group)

@@ -117,11 +117,15 @@ class QuantizedWeight:
     spec: WeightSpec
     shape: tuple[int, ...]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # float32 [K]: multiply the input by this before the weight (smoothing compensation,
+    # see mixq.formats.smoothing); None almost always.
+    input_scale: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held by this weight's tensors (what it costs in memory)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
+        return extra + sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     @property
     def numel(self) -> int:
@@ -138,6 +142,7 @@ class QuantizedWeight:
         return reader_for_layout(self.spec.layout).dequantize(self).to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
+        scale = None if self.input_scale is None else self.input_scale.to(device)
         return QuantizedWeight(
-            self.name, self.spec, self.shape, {k: v.to(device) for k, v in self.tensors.items()}
+            self.name, self.spec, self.shape, {k: v.to(device) for k, v in self.tensors.items()}, scale
         )

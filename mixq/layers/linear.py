@@ -96,6 +96,7 @@ class MixedPrecisionLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight: QuantizedWeight | None = None
         self.method: LinearMethod | None = None
+        self.input_scale: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def load(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
@@ -107,9 +108,12 @@ class MixedPrecisionLinear(nn.Module):
             )
         device = next(iter(qw.tensors.values())).device
         self.method = select_method(qw.spec, device, qw.name)
+        self.input_scale = None if qw.input_scale is None else qw.input_scale.to(dtype)
         self.weight = self.method.prepare(qw, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # smoothing compensation (mixq.formats.smoothing)
+            x = x * self.input_scale
         return self.method.apply(self.weight, x, self.bias)
 
     def extra_repr(self) -> str:
