@@ -27,6 +27,7 @@ def plan_report(plan: LoadPlan) -> dict:
                 "family": t.spec.family,
                 "shape": list(t.entry.shape),
                 "bytes": t.nbytes,
+                "smoothing_compensated": t.name in plan.input_scales,
             }
             for t in plan.tensors.values()
         ],
@@ -56,7 +57,7 @@ def render_text(report: dict) -> str:
         for r in group:
             lines.append(
                 f"  {r['name']:<{width}}  {r['precision']:<9} {r['format']:<34} "
-                f"{_fmt_bytes(r['bytes']):>11}  {r['source']}"
+                f"{_fmt_bytes(r['bytes']):>11}  {r['source']}{'  *' if r['smoothing_compensated'] else ''}"
             )
     t = report["totals"]
     lines += ["", "totals by format:"]
@@ -70,6 +71,9 @@ def render_text(report: dict) -> str:
         f"  (bf16: {_fmt_bytes(t['bf16_memory_mb'] * MB)}; saved {_fmt_bytes(t['memory_saved_mb'] * MB)},"
         f" compression {t['compression_ratio']:.2f}x)"
     )
+    if any(r["smoothing_compensated"] for r in rows):
+        lines += ["", "* input rescaled per channel: its checkpoint smoothed the norm feeding it "
+                  "differently (AWQ/SmoothQuant); see docs/formats.md"]
     if report["warnings"]:
         lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
     return "\n".join(lines)

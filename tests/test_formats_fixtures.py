@@ -100,7 +100,7 @@ def test_deepseek_block_fp8_from_its_public_spec():
     base = CheckpointCatalog(FIX / "tiny-llama" / "bf16")
     name = "model.layers.1.mlp.down_proj.weight"  # [128, 256]: two 128x128 blocks
     w = cat.read(name)
-    assert w.spec.describe() == "fp8 fp8 block128x128 act:dynamic-group"
+    assert w.spec.describe() == "fp8 block128x128 act:dynamic-group"
     raw = w.tensors["weight"].double()
     s = w.tensors["weight_scale"].double()
     ref = torch.cat([raw[:, :128] * s[0, 0], raw[:, 128:] * s[0, 1]], dim=1)

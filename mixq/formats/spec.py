@@ -66,7 +66,7 @@ class WeightSpec:
         """Short human-readable description, e.g. 'gptq int4 g128 asym act-order'."""
         if self.layout == "dense":
             return self.family
-        parts = [self.layout, self.family]
+        parts = [self.family] if self.layout == self.family else [self.layout, self.family]
         if self.scale_layout == "group":
             parts.append(f"g{self.group_size}")
         elif self.scale_layout == "block":
