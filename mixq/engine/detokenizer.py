@@ -1,0 +1,61 @@
+"""Incremental detokenization and stop strings.
+
+Decoding token by token with `decode([t])` breaks multi-byte characters and
+SentencePiece spaces, so each request keeps a short window: the text of the tokens since
+a stable prefix is decoded anew and only the part past what was already emitted is new.
+An incomplete UTF-8 sequence (U+FFFD at the end) is held back until it completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DetokState:
+    prefix_offset: int = 0  # tokens before this are settled
+    read_offset: int = 0  # tokens up to here have produced emitted text
+    text: str = ""  # all text emitted so far
+    stop_hit: str | None = None
+
+
+class IncrementalDetokenizer:
+    """Wraps a HF tokenizer; `step(state, all_ids)` returns the newly settled text."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def step(self, st: DetokState, ids: list[int], skip_special: bool = True) -> str:
+        prefix = self.tok.decode(ids[st.prefix_offset : st.read_offset], skip_special_tokens=skip_special)
+        full = self.tok.decode(ids[st.prefix_offset :], skip_special_tokens=skip_special)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # nothing new, or an incomplete character: wait for more tokens
+        new = full[len(prefix) :]
+        st.prefix_offset, st.read_offset = st.read_offset, len(ids)
+        st.text += new
+        return new
+
+
+def find_stop(text: str, start: int, stops: list[str]) -> tuple[int, str] | None:
+    """Earliest stop string occurring in text that ends at or after `start` (the position
+    of newly added text); returns (index where it begins, the stop string)."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters could still be the start of a stop string (a stream
+    must not emit them yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n

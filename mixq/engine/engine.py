@@ -1,0 +1,330 @@
+"""The engine: loads a mixed-precision model and serves many requests at once.
+
+`LLMEngine` is the step-driven core (add_request / step / abort) that the server runs in
+its own thread; `LLM` is the synchronous convenience API (`generate`, `stream`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mixq.engine.detokenizer import DetokState, IncrementalDetokenizer, find_stop, held_back
+from mixq.engine.model_runner import ModelRunner, SeqChunk
+from mixq.engine.sampler import Sampler, SampleRow
+from mixq.engine.sampling_params import SamplingParams
+from mixq.engine.scheduler import Scheduler, SchedulerConfig
+from mixq.engine.sequence import Sequence
+
+log = logging.getLogger("mixq.engine")
+
+
+@dataclass
+class EngineConfig:
+    """What the engine needs; built by the CLI/launcher from flags (one place)."""
+
+    model_path: str | None = None
+    mixed_precision_config: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048
+    max_total_tokens: int | None = None
+    page_size: int = 16
+    mem_fraction_static: float = 0.85
+    show_progress: bool = False
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    delta_text: str = ""  # new since the previous RequestOutput of this request
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    outputs: list[CompletionOutput]
+    arrival: float
+    first_token_time: float | None = None
+
+
+@dataclass
+class _SeqState:
+    detok: DetokState
+    out: CompletionOutput
+    emitted: int = 0  # characters of out.text already sent as deltas
+    tokens_sent: int = 0
+    generator: torch.Generator | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # CPU bf16 GEMMs are slow and lossy; fp32 is the reference
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
+        return {"float16": torch.float16, "float32": torch.bfloat16}.get(name, torch.bfloat16)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        from transformers import AutoTokenizer
+
+        from mixq.config.schema import MixedPrecisionConfig
+        from mixq.formats import build_plan, iter_weights
+        from mixq.models import build_model, load_model_weights
+        from mixq.tracking.memory import register_loaded_weights
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        mp = None
+        if cfg.mixed_precision_config:
+            mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
+        self.plan = build_plan(mp, model_path=cfg.model_path)
+        hf_cfg = self.plan.model_config
+        self.dtype = resolve_dtype(cfg.dtype, self.device, hf_cfg)
+        t0 = time.perf_counter()
+        self.model = build_model(hf_cfg, self.device)
+        weights = iter_weights(self.plan, device=self.device)
+        if cfg.show_progress:
+            from tqdm import tqdm
+
+            weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
+        loaded = {}
+
+        def keep(ws):
+            for w in ws:
+                loaded[w.name] = w
+                yield w
+
+        load_model_weights(self.model, keep(weights), self.dtype)
+        self.weights = loaded
+        register_loaded_weights(loaded)
+        self.load_seconds = time.perf_counter() - t0
+        self.model_config = self.model.config
+
+        tok_path = cfg.tokenizer_path or str(self.plan.base.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        self.detok = IncrementalDetokenizer(self.tokenizer)
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position, self.model_config.max_position)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        num_blocks = self._num_blocks()
+        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
+            max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
+            eos_token_ids=self.eos_token_ids))
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
+        self.finish_hooks: list = []  # called with (request_id, input_len, output_len) when a request ends
+
+    def _num_blocks(self) -> int:
+        bs = self.cfg.page_size
+        if self.cfg.max_total_tokens:
+            return max(1, -(-self.cfg.max_total_tokens // bs))
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * self.cfg.mem_fraction_static - (total - free)
+            per = ModelRunner.kv_bytes_per_block(self.model, bs, self.dtype)
+            if budget < per * (-(-self.max_model_len // bs)):
+                raise RuntimeError(
+                    f"not enough GPU memory for the KV cache of one {self.max_model_len}-token sequence at "
+                    f"--mem-fraction-static {self.cfg.mem_fraction_static}; raise it or lower --context-length"
+                )
+            return int(budget // per)
+        # CPU: room for every running request at full length, within 4 GiB
+        per = ModelRunner.kv_bytes_per_block(self.model, bs, self.dtype)
+        want = self.cfg.max_running_requests * -(-self.max_model_len // bs)
+        return max(-(-self.max_model_len // bs), min(want, int(4 * 2**30 // per)))
+
+    # -- requests -------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request (n sequences). ValueError when it can never be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
+        seqs = [Sequence(request_id, ids, params, i) for i in range(params.n)]
+        for s in seqs:
+            self.scheduler.add(s)  # raises before anything is queued for the first one
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + s.index)
+            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen)
+        self.requests[request_id] = _Request(request_id, ids, params, seqs, [s.engine_state.out for s in seqs],
+                                             time.monotonic())
+        self.stats["requests_total"] += 1
+        self.stats["prompt_tokens_total"] += len(ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request; its KV blocks are freed at once. False if unknown/finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        for f in self.finish_hooks:
+            f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an update for every request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        for h in self.step_hooks:
+            h(batch)
+        chunks = [SeqChunk(i.seq.token_ids[i.start : i.start + i.num_new_tokens], i.start, i.seq.block_table,
+                           i.samples) for i in batch.items]
+        logits = self.runner.forward(chunks)
+        sampling = [i.seq for i in batch.items if i.samples]
+        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator)
+                for s in sampling]
+        out = self.sampler(logits, rows) if rows else None
+        tokens = out.token_ids if out else []
+        self.scheduler.postprocess(batch, tokens)
+        self.stats["generation_tokens_total"] += len(tokens)
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for k, seq in enumerate(sampling):
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            st: _SeqState = seq.engine_state
+            st.out.token_ids.append(tokens[k])
+            if out.logprobs is not None:
+                st.out.logprobs.append(out.logprobs[k])
+                if out.top_logprobs is not None:
+                    st.out.top_logprobs.append(out.top_logprobs[k])
+            self._update_text(seq, st)
+            touched[req.request_id] = req
+        return [self._emit(req) for req in touched.values()]
+
+    def _update_text(self, seq: Sequence, st: _SeqState) -> None:
+        p = seq.params
+        ids = seq.output_token_ids
+        if ids and not (seq.finish_reason == "stop" and ids[-1] in (*self.eos_token_ids, *p.stop_token_ids)):
+            start = len(st.out.text)
+            st.out.text += self.detok.step(st.detok, ids, p.skip_special_tokens)
+            if p.stop and (hit := find_stop(st.out.text, start, p.stop)) is not None:
+                st.out.text = st.out.text[: hit[0]]
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")
+                else:
+                    seq.finish_reason = "stop"
+        if seq.is_finished:
+            st.out.finish_reason = seq.finish_reason
+
+    def _emit(self, req: _Request) -> RequestOutput:
+        finished = all(s.is_finished for s in req.seqs)
+        for s in req.seqs:
+            st: _SeqState = s.engine_state
+            # while running, hold back a tail that may become a stop string
+            end = len(st.out.text) if s.is_finished else len(st.out.text) - held_back(st.out.text, s.params.stop)
+            end = max(end, st.emitted)
+            st.out.delta_text = st.out.text[st.emitted : end]
+            st.emitted = end
+            st.out.delta_token_ids = st.out.token_ids[st.tokens_sent :]
+            st.tokens_sent = len(st.out.token_ids)
+        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time}
+        if finished:
+            self.requests.pop(req.request_id, None)
+            for f in self.finish_hooks:
+                f(req.request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
+        outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, list(o.logprobs),
+                                 list(o.top_logprobs), o.delta_text, list(o.delta_token_ids)) for o in req.outputs]
+        return RequestOutput(req.request_id, req.prompt_ids, outs, finished, metrics)
+
+    def kv_usage(self) -> float:
+        b = self.scheduler.blocks
+        return b.num_used / b.num_blocks
+
+
+class LLM:
+    """Synchronous API: `LLM(model_path=..., mixed_precision_config=...).generate(...)`."""
+
+    def __init__(self, model_path: str | None = None, mixed_precision_config: str | None = None, **kw):
+        self.engine = LLMEngine(EngineConfig(model_path=model_path, mixed_precision_config=mixed_precision_config,
+                                             **kw))
+        self._n = 0
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (batched together); results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for p, sp in zip(prompts, params):
+            rid = f"gen-{self._n}"
+            self._n += 1
+            self.engine.add_request(rid, p, sp)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for o in self.engine.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[r] for r in ids]
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one request (n = 1) as they are generated."""
+        rid = f"stream-{self._n}"
+        self._n += 1
+        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        while self.engine.has_unfinished():
+            for o in self.engine.step():
+                if o.request_id == rid and o.outputs[0].delta_text:
+                    yield o.outputs[0].delta_text

@@ -1,0 +1,179 @@
+"""Continuous batching with chunked prefill and preemption (plain Python, no torch).
+
+Each step builds one mixed batch under a token budget (SGLang-style): running sequences
+first, in arrival order — each decoding one token or continuing its prefill — then
+waiting sequences in arrival order (FCFS: a request that does not fit blocks the ones
+behind it, so nobody starves). A prompt longer than the budget is prefilled in chunks over
+several steps; only the step that reaches its last known token samples. When the KV cache
+runs out, the most recently arrived running sequence is preempted: its blocks are freed
+and it is recomputed later (prompt + tokens generated so far) — recompute is cheaper to
+build right than swapping, and preemption is rare when the cache is sized well.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from mixq.engine.block_manager import BlockManager
+from mixq.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_running_requests: int = 64
+    max_model_len: int = 4096
+    chunked_prefill_size: int = 2048  # max tokens per step; -1: a prompt is never split
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError(f"chunked_prefill_size must be > 0 or -1, got {self.chunked_prefill_size}")
+        if self.max_running_requests < 1 or self.max_model_len < 1:
+            raise ValueError("max_running_requests and max_model_len must be >= 1")
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_model_len if self.chunked_prefill_size == -1 else self.chunked_prefill_size
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed
+    start: int  # = seq.num_computed when scheduled
+    samples: bool  # this step reaches the last known token, so it yields a new one
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_new_tokens for i in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.capacity = config.num_blocks * config.block_size
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; one that can never fit is refused with its lengths."""
+        total = seq.num_tokens + seq.params.max_new_tokens
+        limit = min(self.config.max_model_len, self.capacity)
+        if seq.num_tokens > limit:
+            raise ValueError(
+                f"request {seq.request_id}: prompt of {seq.num_tokens} tokens exceeds the limit of {limit} "
+                f"(max_model_len {self.config.max_model_len}, KV capacity {self.capacity} tokens)"
+            )
+        if total > self.capacity:
+            raise ValueError(
+                f"request {seq.request_id}: prompt {seq.num_tokens} + max_new_tokens "
+                f"{seq.params.max_new_tokens} exceeds the KV cache capacity of {self.capacity} tokens"
+            )
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        # back in arrival order among the waiting: it arrived before all of them
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.token_budget
+        items: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue  # preempted while making room for an earlier one
+            want = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_reserve(seq, seq.num_computed + want):
+                victim = self.running[-1]  # newest arrival
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SeqStatus.RUNNING:
+                continue
+            self.blocks.reserve(seq, seq.num_computed + want)
+            items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
+            budget -= want
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            seq = self.waiting[0]
+            remaining = seq.num_tokens - seq.num_computed
+            if self.config.chunked_prefill_size == -1 and remaining > budget:
+                break
+            want = min(remaining, budget)
+            if not self.blocks.can_reserve(seq, seq.num_computed + want):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            self.blocks.reserve(seq, seq.num_computed + want)
+            items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
+            budget -= want
+        return ScheduledBatch(items, preempted)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
+        """Record progress; `sampled` holds one token per item with samples=True, in
+        order. Returns the sequences that finished this step (their blocks are freed)."""
+        finished = []
+        tokens = iter(sampled)
+        for item in batch.items:
+            seq = item.seq
+            if seq.status != SeqStatus.RUNNING:
+                continue  # aborted during the step
+            seq.num_computed = item.start + item.num_new_tokens
+            if not item.samples:
+                continue
+            tok = next(tokens)
+            seq.output_token_ids.append(tok)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_new_tokens and (
+            (not p.ignore_eos and tok in self.config.eos_token_ids) or tok in p.stop_token_ids
+        ):
+            return "stop"
+        if n_out >= p.max_new_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence now (the engine calls this for stop strings, aborts)."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every sequence of a request with reason 'abort', freeing its blocks."""
+        seqs = [s for s in [*self.waiting, *self.running] if s.request_id == request_id]
+        for s in seqs:
+            self.finish(s, "abort")
+        return seqs
