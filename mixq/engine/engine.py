@@ -104,6 +104,7 @@ class LLMEngine:
         from mixq.config.schema import MixedPrecisionConfig
         from mixq.formats import build_plan, iter_weights
         from mixq.models import build_model, load_model_weights
+        from mixq.models.registry import held_weights
         from mixq.tracking.memory import register_loaded_weights
 
         self.cfg = cfg
@@ -121,16 +122,9 @@ class LLMEngine:
             from tqdm import tqdm
 
             weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
-        loaded = {}
-
-        def keep(ws):
-            for w in ws:
-                loaded[w.name] = w
-                yield w
-
-        load_model_weights(self.model, keep(weights), self.dtype)
-        self.weights = loaded
-        register_loaded_weights(loaded)
+        load_model_weights(self.model, weights, self.dtype)
+        self.weights = held_weights(self.model)
+        register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.formats.registry import reader_for_layout
-from mixq.formats.spec import QuantizedWeight, WeightSpec
+from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 
 
 class LinearMethod(Protocol):
@@ -46,7 +46,7 @@ class DenseMethod:
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
         w = weight.tensors["weight"]
         if w.dtype != dtype:
-            weight = QuantizedWeight(weight.name, weight.spec, weight.shape, {"weight": w.to(dtype)})
+            weight = QuantizedWeight(weight.name, dense_spec(dtype), weight.shape, {"weight": w.to(dtype)})
         return weight
 
     def apply(self, weight, x, bias):

@@ -67,3 +67,23 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
     if missing:
         raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
 
+
+
+def held_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """What the model holds after loading (post-repack, in the model dtype), by name:
+    the input to memory stats, which must count bytes actually held."""
+    from mixq.formats.spec import dense_spec
+    from mixq.layers.embedding import Embedding
+    from mixq.layers.linear import MixedPrecisionLinear
+
+    out: dict[str, QuantizedWeight] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MixedPrecisionLinear) and mod.weight is not None:
+            w = mod.weight
+            out[f"{name}.weight"] = QuantizedWeight(f"{name}.weight", w.spec, w.shape, w.tensors, mod.input_scale)
+        elif isinstance(mod, Embedding) and mod.weight is not None:
+            out[f"{name}.weight"] = QuantizedWeight(f"{name}.weight", dense_spec(mod.weight.dtype),
+                                                    tuple(mod.weight.shape), {"weight": mod.weight})
+    for name, p in model.named_parameters():
+        out[name] = QuantizedWeight(name, dense_spec(p.dtype), tuple(p.shape), {"weight": p.data})
+    return out

@@ -1,0 +1,150 @@
+"""Launch arguments: SGLang's flags and meanings, read in one place and checked before
+any weight is loaded. The config file's `server:`/`inference:` sections are defaults
+that explicit flags override."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from mixq.errors import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = None
+    mixed_precision_config: str | None = None
+    enable_mixed_precision: bool = False
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    tp_size: int = 1
+    dp_size: int = 1
+    ep_size: int = 1
+    enable_ep_moe: bool = False
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    device: str = "auto"
+    context_length: int | None = None
+    max_running_requests: int = 64
+    max_total_tokens: int | None = None
+    chunked_prefill_size: int = 2048
+    mem_fraction_static: float = 0.85
+    page_size: int = 16
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    allow_auto_truncate: bool = False
+    trust_remote_code: bool = False
+    disable_cuda_graph: bool = False
+    dist_init_addr: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    log_level: str = "info"
+    enable_expert_tracking: bool = False
+    expert_stats_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, gpu_count: int | None = None) -> None:
+        """Raise ConfigError (one line, naming the flag) for impossible settings."""
+        for name in ("tp_size", "dp_size", "ep_size", "nnodes", "max_running_requests", "page_size", "port"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise ConfigError(f"--port must be <= 65535, got {self.port}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.enable_mixed_precision and not self.mixed_precision_config:
+            raise ConfigError("--enable-mixed-precision needs --mixed-precision-config")
+        if self.mixed_precision_config and not os.path.isfile(self.mixed_precision_config):
+            raise ConfigError(f"--mixed-precision-config {self.mixed_precision_config}: no such file")
+        if self.model_path is not None and not os.path.isdir(self.model_path):
+            raise ConfigError(f"--model-path {self.model_path}: no such directory")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        if self.tp_size * self.dp_size % self.nnodes:
+            raise ConfigError(f"--tp-size x --dp-size ({self.tp_size * self.dp_size}) must divide by --nnodes {self.nnodes}")
+        if self.ep_size > 1 and not self.enable_ep_moe:
+            self.enable_ep_moe = True  # SGLang: --ep-size > 1 means EP MoE
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ConfigError(f"--chunked-prefill-size must be > 0 or -1 (off), got {self.chunked_prefill_size}")
+        if gpu_count is not None and self.device != "cpu":
+            per_node = self.tp_size * self.dp_size // self.nnodes
+            if per_node > gpu_count:
+                raise ConfigError(
+                    f"--tp-size {self.tp_size} x --dp-size {self.dp_size} needs {per_node} GPUs per node "
+                    f"but {gpu_count} are present"
+                )
+
+
+_FLAGS: list[tuple[str, dict]] = [
+    ("--model-path", dict(help="model directory (the base checkpoint); default: the embedded SmolLM2-135M mix")),
+    ("--mixed-precision-config", dict(help="mixed-precision YAML (see docs/config.md)")),
+    ("--enable-mixed-precision", dict(action="store_true", default=None, help="apply --mixed-precision-config")),
+    ("--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
+    ("--served-model-name", dict(help="model name the API reports and accepts")),
+    ("--tp-size", dict(type=int, help="tensor parallel size")),
+    ("--dp-size", dict(type=int, help="data parallel replicas")),
+    ("--ep-size", dict(type=int, help="expert parallel size")),
+    ("--enable-ep-moe", dict(action="store_true", default=None, help="expert parallelism for MoE layers")),
+    ("--dtype", dict(help=f"activation/dense weight dtype: {', '.join(DTYPES)}")),
+    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)}")),
+    ("--device", dict(help="auto, cuda or cpu")),
+    ("--context-length", dict(type=int, help="max tokens per sequence (default: the model's)")),
+    ("--max-running-requests", dict(type=int, help="max requests decoding at once")),
+    ("--max-total-tokens", dict(type=int, help="KV cache capacity in tokens (default: from memory)")),
+    ("--chunked-prefill-size", dict(type=int, help="max prefill tokens per step; -1 disables chunking")),
+    ("--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights + KV cache")),
+    ("--page-size", dict(type=int, help="tokens per KV cache block")),
+    ("--host", dict(help="bind address")),
+    ("--port", dict(type=int, help="port")),
+    ("--api-key", dict(help="require 'Authorization: Bearer KEY'")),
+    ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
+    ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
+    ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
+    ("--dist-init-addr", dict(help="HOST:PORT of rank 0 for multi-node")),
+    ("--nnodes", dict(type=int, help="number of nodes")),
+    ("--node-rank", dict(type=int, help="this node's rank")),
+    ("--log-level", dict(help="debug, info, warning, error")),
+    ("--enable-expert-tracking", dict(action="store_true", default=None, help="count MoE expert activations")),
+    ("--expert-stats-dir", dict(help="directory /expert_stats/export may write to")),
+]
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """Every launch flag, all defaulting to None so config-file defaults can apply."""
+    for flag, kw in _FLAGS:
+        p.add_argument(flag, **kw)
+
+
+def from_namespace(ns: argparse.Namespace) -> ServerArgs:
+    """ServerArgs from parsed flags, with the config's server/inference sections as
+    defaults under explicit flags. Raises ConfigError."""
+    explicit = {f.name: getattr(ns, f.name) for f in fields(ServerArgs) if getattr(ns, f.name, None) is not None}
+    defaults: dict = {}
+    cfg_path = explicit.get("mixed_precision_config")
+    if cfg_path and os.path.isfile(cfg_path):
+        from mixq.config.schema import MixedPrecisionConfig
+
+        cfg = MixedPrecisionConfig.from_yaml(cfg_path, model_path=explicit.get("model_path"))
+        if cfg.server.host is not None:
+            defaults["host"] = cfg.server.host
+        if cfg.server.port is not None:
+            defaults["port"] = cfg.server.port
+        if cfg.inference.max_seq_length is not None:
+            defaults["context_length"] = cfg.inference.max_seq_length
+        if cfg.inference.max_batch_size is not None:
+            defaults["max_running_requests"] = cfg.inference.max_batch_size
+        if cfg.inference.dtype != "auto":
+            defaults["dtype"] = cfg.inference.dtype
+        defaults["enable_mixed_precision"] = True  # a config given is a config applied
+    return ServerArgs(**{**defaults, **explicit})
