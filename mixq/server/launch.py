@@ -1,0 +1,120 @@
+"""Start the HTTP server: validate flags, load the engine, serve until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mixq.errors import MixqError
+from mixq.server.args import ServerArgs
+
+log = logging.getLogger("mixq.server")
+
+
+def _gpu_count(device: str) -> int | None:
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else (0 if device == "cuda" else None)
+
+
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises the signal after its graceful shutdown, killing the process
+        before the engine thread is stopped; handle SIGINT/SIGTERM here instead: the first
+        asks for a graceful exit, a second forces it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def handler(sig, frame):
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server
+
+
+def _Server(config):
+    return _server_class()(config)
+
+
+def check_args(args: ServerArgs) -> None:
+    """Every refusal that needs no weights: runs before anything is loaded."""
+    from mixq.errors import ConfigError
+
+    args.validate(_gpu_count(args.device))
+    if args.tp_size * args.dp_size * args.ep_size > 1 or args.nnodes > 1:
+        raise ConfigError("--tp-size/--dp-size/--ep-size/--nnodes > 1: tensor, data and expert parallelism "
+                          "are not available in this build yet; run with the defaults (1)")
+
+
+def serve(args: ServerArgs) -> int:
+    import uvicorn
+
+    from mixq.engine.engine import EngineConfig, LLMEngine
+    from mixq.server.app import build_app
+    from mixq.server.async_engine import AsyncEngine
+    from mixq.server.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_args(args)
+    model_path, cfg = args.model_path, args.mixed_precision_config
+    if model_path is None and cfg is None:
+        from mixq.assets.default_model import default_config_path
+
+        cfg = str(default_config_path())
+    engine = LLMEngine(EngineConfig(
+        model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+        device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
+        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True))
+    name = args.served_model_name or (model_path or cfg).rstrip("/").split("/")[-1]
+    metrics = ServerMetrics(engine)
+    aengine = AsyncEngine(engine, on_step=metrics.on_step)
+    info = {k: v for k, v in vars(args).items() if k not in ("api_key", "extra")}
+    app = build_app(aengine, metrics, name, info, api_key=args.api_key, allow_auto_truncate=args.allow_auto_truncate)
+    aengine.start()
+    url = f"http://{args.host}:{args.port}"
+    print(f"mixq: serving {name!r} at {url} (OpenAI API at {url}/v1)\n"
+          f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
+          flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=10)
+    try:
+        _Server(config).run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish
+    finally:
+        aengine.shutdown()
+    print("mixq: shut down cleanly", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from mixq.server.args import add_server_flags, from_namespace
+
+    p = argparse.ArgumentParser(prog="mixq serve", description="OpenAI-compatible mixed-precision LLM server "
+                                "(SGLang's launch flags).")
+    add_server_flags(p)
+    ns = p.parse_args(argv)
+    try:
+        args = from_namespace(ns)
+        check_args(args)
+        return serve(args)
+    except MixqError as e:
+        print(f"mixq serve: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,213 @@
+"""The real server in a subprocess on a free loopback port, driven by the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mixq.engine.engine import LLM
+from mixq.engine.sampling_params import SamplingParams
+
+ROOT = Path(__file__).parents[2]
+MODEL = ROOT / "tests" / "fixtures" / "tiny-llama" / "bf16"
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    cmd = [sys.executable, "-m", "mixq.launch_server", "--model-path", str(MODEL), "--port", str(port),
+           "--device", "cpu", "--api-key", KEY, "--served-model-name", "tiny", "--max-total-tokens", "2048",
+           "--page-size", "8", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    yield url
+    proc.terminate()  # SIGTERM: graceful shutdown, engine thread stopped, exit 0
+    try:
+        assert proc.wait(timeout=30) == 0
+        assert "mixq: shut down cleanly" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return LLM(model_path=str(MODEL), device="cpu")
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def greedy(reference, prompt_ids, n=12):
+    out = reference.generate([prompt_ids], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+    return out.outputs[0].text
+
+
+def test_completions_and_chat_equal_the_engines_greedy_output(server, reference):
+    c = client(server)
+    tok = reference.engine.tokenizer
+    prompt = "the cat sat on the mat"
+    want = greedy(reference, tok.encode(prompt))
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed == want
+
+    msgs = [{"role": "user", "content": "hello there"}]
+    chat_ids = tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    want_chat = greedy(reference, chat_ids)
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == want_chat and r.choices[0].message.role == "assistant"
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if ch.choices]
+    assert "".join(parts) == want_chat
+
+
+def test_logprobs_n_seed_and_native_generate(server, reference):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="a b c", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-5)  # greedy = top-1
+    r1 = c.completions.create(model="tiny", prompt="a b c", max_tokens=6, temperature=1.0, seed=3, n=2)
+    r2 = c.completions.create(model="tiny", prompt="a b c", max_tokens=6, temperature=1.0, seed=3, n=2)
+    assert [x.text for x in r1.choices] == [x.text for x in r2.choices] and len(r1.choices) == 2
+    h = {"Authorization": f"Bearer {KEY}"}
+    g = httpx.post(f"{server}/generate", headers=h, json={
+        "text": "the cat", "sampling_params": {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}}).json()
+    assert g["text"] == greedy(reference, reference.engine.tokenizer.encode("the cat"), 5)
+    assert g["meta_info"]["completion_tokens"] == 5
+    models = c.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert httpx.get(f"{server}/get_model_info", headers=h).json()["architecture"] == "LlamaForCausalLM"
+    mem = httpx.get(f"{server}/memory_stats", headers=h).json()
+    assert mem["compression_ratio"] > 0 and "by_format" in mem
+
+
+def metric(url, name) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def kv_used(url) -> float:
+    return metric(url, "mixq_kv_cache_used_blocks")
+
+
+def test_32_concurrent_streams_and_an_abort_frees_blocks(server, reference):
+    tok = reference.engine.tokenizer
+    prompts = [" ".join(["cat", "mat", "sat", "the"][(i + j) % 4] for j in range(3 + i % 7)) for i in range(32)]
+    wants = [greedy(reference, tok.encode(p), 10) for p in prompts]
+
+    async def one(ac, p):
+        s = await ac.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True})
+        return "".join([ch.choices[0].text async for ch in s])
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(*(one(ac, p) for p in prompts))
+
+    assert asyncio.run(main()) == wants
+    baseline = kv_used(server)
+    assert baseline == 0
+    gen_before = metric(server, "mixq_generation_tokens_total")
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "the cat", "max_tokens": 500, "stream": True,
+                            "ignore_eos": True}, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 2:
+                break  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while kv_used(server) != baseline and time.time() < deadline:
+        time.sleep(0.05)
+    assert kv_used(server) == baseline
+    time.sleep(0.5)
+    # aborted: it never ran to its 500 tokens
+    assert metric(server, "mixq_generation_tokens_total") - gen_before < 500
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "mixq_time_to_first_token_seconds_count" in metrics and "mixq_inter_token_latency_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ("{not json", 400, "malformed JSON"),
+    (json.dumps({"model": "other", "prompt": "x"}), 404, "The model 'other' does not exist"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": -1}), 400, "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_p": 2}), 400, "top_p"),
+    (json.dumps({"model": "tiny"}), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "cat " * 600}), 400, "maximum context length is 512 tokens"),
+    (json.dumps({"model": "tiny", "prompt": [99999]}), 400, "token ids must be in"),
+])
+def test_errors_use_openai_error_json(server, body, status, message):
+    r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"]
+
+
+def test_api_key_is_required(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    assert httpx.get(f"{server}/health").status_code == 200  # health stays open for probes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda", "--tp-size", "2", "--dp-size", "2"], "needs 4 GPUs per node but"),
+    (["--model-path", "/nonexistent"], "--model-path /nonexistent: no such directory"),
+    (["--enable-mixed-precision"], "--enable-mixed-precision needs --mixed-precision-config"),
+    (["--mixed-precision-config", "/nonexistent.yaml"], "no such file"),
+    (["--mem-fraction-static", "1.5"], "--mem-fraction-static must be in (0, 1)"),
+    (["--nnodes", "2"], "--nnodes > 1 needs --dist-init-addr"),
+])
+def test_launcher_refusals_are_one_line_and_fast(args, message, tmp_path):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "mixq.launch_server", *args], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert time.time() - t0 < 30
+
+
+def test_config_with_errors_is_refused_before_loading(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"mixed_precision:\n  fp16_path: {MODEL}\n  weight_mapping: {{'x.weight': fp9}}\n")
+    r = subprocess.run([sys.executable, "-m", "mixq", "serve", "--mixed-precision-config", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown precision 'fp9'" in r.stderr
