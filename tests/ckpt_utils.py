@@ -13,14 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mixq.formats.packing import AWQ_ORDER, pack_int32
+from mixq.formats import writers
 
-
-def is_linear(name: str) -> bool:
-    """Decoder Linear weights a quantizer converts (not embeddings, norms, routers, head)."""
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-    return ".layers." in name and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj", "w1", "w2", "w3")
+is_linear = writers.is_decoder_linear
 
 
 def llama_config(hidden=64, inter=128, layers=2, vocab=96) -> dict:
@@ -77,69 +72,22 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, qc
     return path
 
 
-def rtn_int(w: torch.Tensor, bits: int, group: int, sym: bool):
-    """Round-to-nearest unsigned ints, scales and zeros per (row, group) of w [N, K]."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    qmax = (1 << bits) - 1
-    if sym:
-        scale = g.abs().amax(-1) / (qmax / 2)
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
-    else:
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = (hi - lo) / qmax
-        zero = torch.round(-lo / scale)
-    scale = scale.clamp(min=1e-8).half().float()
-    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, qmax)
-    return q.reshape(n, k).to(torch.int32), scale.half(), zero.to(torch.int32)
-
-
 def gptq_tensors(name: str, w: torch.Tensor, bits=4, group=32, sym=True, act_order=False):
-    """A GPTQ v1 module from w [N, K]. With act_order, a random permutation assigns
-    columns to groups (column perm[j] is in group j // G) as desc_act does."""
-    mod = name.removesuffix(".weight")
+    """A GPTQ v1 module from w [N, K]; with act_order, a random column order (desc_act)."""
     n, k = w.shape
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(k + n)) if act_order else None
-    wp = w if perm is None else w[:, perm]
-    q, s, z = rtn_int(wp, bits, group, sym)
-    g_idx = torch.arange(k, dtype=torch.int32) // group
-    if perm is not None:
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(k)
-        q = q[:, inv]
-        g_idx = g_idx[inv]
-    return {
-        f"{mod}.qweight": pack_int32(q.t().contiguous(), bits, dim=0),
-        f"{mod}.qzeros": pack_int32((z - 1).t().contiguous(), bits, dim=1),
-        f"{mod}.scales": s.t().contiguous(),
-        f"{mod}.g_idx": g_idx,
-    }
+    return writers.gptq_tensors(name.removesuffix(".weight"), w, bits=bits, group=group, sym=sym, perm=perm)
 
 
 def awq_tensors(name: str, w: torch.Tensor, group=32):
-    mod = name.removesuffix(".weight")
-    q, s, z = rtn_int(w, 4, group, sym=False)
-    return {
-        f"{mod}.qweight": pack_int32(q.t().contiguous(), 4, dim=1, order=AWQ_ORDER),
-        f"{mod}.qzeros": pack_int32(z.t().contiguous(), 4, dim=1, order=AWQ_ORDER),
-        f"{mod}.scales": s.t().contiguous(),
-    }
+    return writers.awq_tensors(name.removesuffix(".weight"), w, group=group)
 
 
 def ct_fp8_tensors(name: str, w: torch.Tensor):
-    mod = name.removesuffix(".weight")
-    scale = w.float().abs().amax(1, keepdim=True) / 448.0
-    return {f"{mod}.weight": (w.float() / scale).to(torch.float8_e4m3fn), f"{mod}.weight_scale": scale}
+    return writers.fp8_tensors(name.removesuffix(".weight"), w)
 
 
-CT_FP8_QC = {
-    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
-                              "symmetric": True}}},
-    "ignore": ["lm_head"],
-}
+CT_FP8_QC = writers.quantization_config("fp8")
 
 
 def quantize_checkpoint(dense: dict[str, torch.Tensor], fmt: str, **kw) -> tuple[dict, dict]:

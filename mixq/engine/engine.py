@@ -114,7 +114,11 @@ class LLMEngine:
             mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
         self.plan = build_plan(mp, model_path=cfg.model_path)
         hf_cfg = self.plan.model_config
-        self.dtype = resolve_dtype(cfg.dtype, self.device, hf_cfg)
+        dtype, max_len = cfg.dtype, cfg.max_model_len
+        if mp is not None:  # the config's inference section fills what was left at default
+            dtype = mp.inference.dtype if dtype == "auto" else dtype
+            max_len = max_len or mp.inference.max_seq_length
+        self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
         t0 = time.perf_counter()
         self.model = build_model(hf_cfg, self.device)
         weights = iter_weights(self.plan, device=self.device)
@@ -131,7 +135,7 @@ class LLMEngine:
         tok_path = cfg.tokenizer_path or str(self.plan.base.path)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
         self.detok = IncrementalDetokenizer(self.tokenizer)
-        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position, self.model_config.max_position)
+        self.max_model_len = min(max_len or self.model_config.max_position, self.model_config.max_position)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

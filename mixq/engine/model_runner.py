@@ -83,6 +83,13 @@ class ModelRunner:
         return t(ids), batch
 
     @torch.inference_mode()
+    def score(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] float32 at every position of one sequence (perplexity)."""
+        ids, batch = self.prepare([SeqChunk(token_ids, 0, block_table)])
+        hidden = self.model(ids, batch)
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Logits [R, vocab] float32 for the chunks with sample=True, in order."""
         ids, batch = self.prepare(chunks)
