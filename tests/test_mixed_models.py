@@ -14,6 +14,7 @@ from mixq.errors import CheckpointError
 from mixq.formats import build_plan, load_weights
 from mixq.models import build_model, load_model_weights
 from tests.ckpt_utils import quantize_checkpoint, write_checkpoint
+from tests.devices import DEVICE
 from tests.test_models_hf import hf_logits, make_hf
 
 FORMATS = {"gptq": ("gptq", {"act_order": True, "group": 32}), "awq": ("awq", {"group": 32}),
@@ -37,9 +38,10 @@ def run_mix(root, cfg_json, mapping, family_hf_cls):
     mp = {"fp16_path": str(root / "bf16"), **{k: str(root / n) for n, k in PATH_KEYS.items()},
           "weight_mapping": mapping}
     plan = build_plan(MixedPrecisionConfig.from_dict({"mixed_precision": mp}))
-    weights = load_weights(plan)
-    model = build_model(plan.model_config)
+    weights = load_weights(plan, device=DEVICE)
+    model = build_model(plan.model_config, DEVICE)
     load_model_weights(model, weights.values(), torch.float32)
+    weights = {n: w.to('cpu') for n, w in weights.items()}
     # reference: HF transformers on the dequantized weights of exactly this mix
     ref_dir = root / "ref"
     ref_dir.mkdir(exist_ok=True)
@@ -50,15 +52,15 @@ def run_mix(root, cfg_json, mapping, family_hf_cls):
 
 
 def compare(model, ref, lengths=(9, 4)):
-    runner = ModelRunner(model, num_blocks=16, block_size=8, dtype=torch.float32)
+    runner = ModelRunner(model, num_blocks=16, block_size=8, dtype=torch.float32, device=DEVICE)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
     chunks = [SeqChunk(p, 0, [2 * i, 2 * i + 1]) for i, p in enumerate(prompts)]
-    logits = runner.forward(chunks)
+    logits = runner.forward(chunks).cpu()
     for i, p in enumerate(prompts):
         torch.testing.assert_close(logits[i], hf_logits(ref, p)[-1], rtol=1e-4, atol=1e-4)
     nxt = logits.argmax(-1).tolist()
-    logits = runner.forward([SeqChunk([t], len(p), c.block_table) for t, p, c in zip(nxt, prompts, chunks)])
+    logits = runner.forward([SeqChunk([t], len(p), c.block_table) for t, p, c in zip(nxt, prompts, chunks)]).cpu()
     for i, p in enumerate(prompts):
         torch.testing.assert_close(logits[i], hf_logits(ref, p + [nxt[i]])[-1], rtol=1e-4, atol=1e-4)
 
@@ -135,9 +137,10 @@ def test_real_checkpoints_mix_with_smoothing_compensation(tmp_path):
     assert sorted(plan.input_scales) == sorted(
         [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
         + [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up")])
-    weights = load_weights(plan)
-    model = build_model(plan.model_config)
+    weights = load_weights(plan, device=DEVICE)
+    model = build_model(plan.model_config, DEVICE)
     load_model_weights(model, weights.values(), torch.float32)
+    weights = {n: w.to('cpu') for n, w in weights.items()}
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     dense = {}

@@ -10,6 +10,7 @@ import transformers
 from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.formats import build_plan, load_weights
 from mixq.models import build_model, load_model_weights
+from tests.devices import DEVICE
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -53,8 +54,8 @@ def make_hf(family: str, path, dtype=torch.float32):
 
 def load_mixq(path, dtype=torch.float32):
     plan = build_plan(model_path=str(path))
-    model = build_model(plan.model_config)
-    load_model_weights(model, load_weights(plan).values(), dtype)
+    model = build_model(plan.model_config, DEVICE)
+    load_model_weights(model, load_weights(plan, device=DEVICE).values(), dtype)
     return model
 
 
@@ -67,16 +68,16 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 def test_logits_match_hf_prefill_chunked_and_decode(family, tmp_path):
     hf = make_hf(family, tmp_path / family)
     ours = load_mixq(tmp_path / family)
-    runner = ModelRunner(ours, num_blocks=32, block_size=4, dtype=torch.float32)
+    runner = ModelRunner(ours, num_blocks=32, block_size=4, dtype=torch.float32, device=DEVICE)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (7, 13, 1)]
     tables = [[3, 9, 1, 20, 21], [4, 5, 6, 7, 8, 10], [11, 12, 13, 14, 15]]  # scattered blocks
     # prefill: seq 0 whole, seq 1 in chunks of 5 (only the last samples), seq 2 whole
     logits = runner.forward([SeqChunk(prompts[0], 0, tables[0]), SeqChunk(prompts[1][:5], 0, tables[1], False),
-                             SeqChunk(prompts[2], 0, tables[2])])
+                             SeqChunk(prompts[2], 0, tables[2])]).cpu()
     assert logits.shape == (2, 128)
-    logits = torch.cat([logits[:1], runner.forward([SeqChunk(prompts[1][5:10], 5, tables[1], False)]),
-                        runner.forward([SeqChunk(prompts[1][10:], 10, tables[1])]), logits[1:]])
+    logits = torch.cat([logits[:1], runner.forward([SeqChunk(prompts[1][5:10], 5, tables[1], False)]).cpu(),
+                        runner.forward([SeqChunk(prompts[1][10:], 10, tables[1])]).cpu(), logits[1:]])
     seqs = [list(p) for p in prompts]
     for step in range(4):
         for i, s in enumerate(seqs):
@@ -88,15 +89,15 @@ def test_logits_match_hf_prefill_chunked_and_decode(family, tmp_path):
         chunks = [SeqChunk([t], len(s), tables[i]) for i, (s, t) in enumerate(zip(seqs, nxt))]
         for s, t in zip(seqs, nxt):
             s.append(t)
-        logits = runner.forward(chunks)
+        logits = runner.forward(chunks).cpu()
 
 
 def test_bf16_model_matches_hf_bf16(tmp_path):
     hf = make_hf("qwen3-moe", tmp_path / "m", dtype=torch.bfloat16)
     ours = load_mixq(tmp_path / "m", dtype=torch.bfloat16)
-    runner = ModelRunner(ours, num_blocks=8, block_size=16, dtype=torch.bfloat16)
+    runner = ModelRunner(ours, num_blocks=8, block_size=16, dtype=torch.bfloat16, device=DEVICE)
     ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    ours_logits = runner.forward([SeqChunk(ids, 0, [0, 1])])[0]
+    ours_logits = runner.forward([SeqChunk(ids, 0, [0, 1])])[0].cpu()
     ref = hf_logits(hf, ids)[-1]
     # bf16 keeps 8 bits of mantissa: two layers of rounding differences stay within a few
     # bf16 ulps of the logit scale

@@ -72,16 +72,17 @@ def serve(args: ServerArgs) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_args(args)
     model_path, cfg = args.model_path, args.mixed_precision_config
+    default_name = None
     if model_path is None and cfg is None:
-        from mixq.assets.default_model import default_config_path
+        from mixq.assets.default_model import NAME, default_config_path
 
-        cfg = str(default_config_path())
+        cfg, default_name = str(default_config_path()), NAME
     engine = LLMEngine(EngineConfig(
         model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True))
-    name = args.served_model_name or (model_path or cfg).rstrip("/").split("/")[-1]
+    name = args.served_model_name or default_name or engine.plan.base.path.name
     metrics = ServerMetrics(engine)
     aengine = AsyncEngine(engine, on_step=metrics.on_step)
     info = {k: v for k, v in vars(args).items() if k not in ("api_key", "extra")}

@@ -11,6 +11,7 @@ import transformers
 
 from mixq.engine.engine import LLM
 from mixq.engine.sampling_params import SamplingParams
+from tests.devices import DEVICE
 
 FIX = Path(__file__).parents[1] / "fixtures" / "tiny-llama"
 MIX = Path(__file__).parents[2] / "examples" / "tiny-llama-mix.yaml"
@@ -19,7 +20,7 @@ MIX = Path(__file__).parents[2] / "examples" / "tiny-llama-mix.yaml"
 @pytest.fixture(scope="module")
 def llm():
     return LLM(model_path=str(FIX / "bf16"), max_running_requests=64, max_total_tokens=4096, page_size=8,
-               chunked_prefill_size=64)
+               chunked_prefill_size=64, device=DEVICE, dtype="float32")
 
 
 def prompts(n, seed=0):
@@ -54,7 +55,8 @@ def test_batched_equals_unbatched_for_64_concurrent_requests(llm):
 
 
 def test_preemption_under_a_tiny_cache_keeps_outputs_identical():
-    small = LLM(model_path=str(FIX / "bf16"), max_total_tokens=96, page_size=8, chunked_prefill_size=16)
+    small = LLM(model_path=str(FIX / "bf16"), max_total_tokens=96, page_size=8, chunked_prefill_size=16,
+                device=DEVICE, dtype="float32")
     ps = prompts(6, seed=3)
     sp = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in small.generate(ps, sp)]
@@ -92,7 +94,7 @@ def test_prompt_too_long_is_refused(llm):
 
 
 def test_mixed_precision_engine_runs_the_example_mix():
-    mix = LLM(mixed_precision_config=str(MIX), max_total_tokens=512)
+    mix = LLM(mixed_precision_config=str(MIX), max_total_tokens=512, device=DEVICE)
     layouts = {w.spec.layout for w in mix.engine.weights.values()}
     assert layouts == {"dense", "fp8", "int8", "gptq", "awq", "ct-packed"}
     out = mix.generate(prompts(3), SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
