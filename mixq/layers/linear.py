@@ -19,6 +19,7 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
+from mixq.kernels.methods import WNA16Method
 
 
 class LinearMethod(Protocol):
@@ -72,8 +73,8 @@ class TorchDequantMethod:
         return F.linear(x, w, bias)
 
 
-# Tried in order. GPU kernels are inserted at the front by mixq.kernels when importable.
-METHODS: list[LinearMethod] = [DenseMethod(), TorchDequantMethod()]
+# Tried in order: the kernels made for a format first, the torch reference last.
+METHODS: list[LinearMethod] = [WNA16Method(), DenseMethod(), TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:

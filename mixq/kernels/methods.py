@@ -1,0 +1,96 @@
+"""LinearMethods backed by the Triton kernels, registered ahead of the torch reference.
+
+`prepare` turns each checkpoint layout into the kernel layout once after loading (still
+compressed); `apply` is one kernel launch (plus the activation reshape)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mixq.formats.packing import AWQ_ORDER, unpack_int32
+from mixq.formats.spec import QuantizedWeight, WeightSpec
+from mixq.kernels import wna16
+
+
+def canonical_int(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Any int layout -> (q [N, K] unsigned, scales [N, G], zeros [N, G] | None, g_idx [K] | None).
+    zeros None means symmetric around 2**(bits-1)."""
+    spec, (n, k) = qw.spec, qw.shape
+    t = qw.tensors
+    half = 1 << (spec.bits - 1)
+    if spec.layout == "gptq":
+        q = unpack_int32(t["qweight"], spec.bits, dim=0)[:k].t()
+        z = (unpack_int32(t["qzeros"], spec.bits, dim=1)[:, :n] + spec.zero_offset).t()
+        s, g_idx = t["scales"].t(), t.get("g_idx")
+    elif spec.layout == "awq":
+        q = unpack_int32(t["qweight"], 4, dim=1, order=AWQ_ORDER).t()
+        z = unpack_int32(t["qzeros"], 4, dim=1, order=AWQ_ORDER).t()
+        s, g_idx = t["scales"].t(), None
+    elif spec.layout == "ct-packed":
+        q = unpack_int32(t["weight_packed"], spec.bits, dim=1)[:, :k]  # stored as value + 2**(bits-1)
+        zp = t.get("weight_zero_point")
+        s = t["weight_scale"]
+        z = None if zp is None else unpack_int32(zp, spec.bits, dim=0)[:n]
+        g_idx = t.get("weight_g_idx")
+    else:
+        raise ValueError(f"{qw.name}: {spec.layout} is not an integer layout")
+    if z is not None and bool((z == half).all()):
+        z = None  # symmetric in fact: skip the zero-point loads
+    return q, s, z, g_idx
+
+
+def _groups(spec: WeightSpec, k: int) -> int:
+    return k if spec.group_size is None else spec.group_size
+
+
+class WNA16Method:
+    """GPTQ / AWQ / compressed-tensors int4 and int8 weight-only on CUDA (or under the
+    Triton interpreter when MIXQ_TRITON_INTERPRET_METHODS=1, for CPU tests)."""
+
+    name = "triton-wna16"
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        if wna16.triton is None:
+            return False, "triton is not installed"
+        if spec.layout not in ("gptq", "awq", "ct-packed"):
+            return False, f"layout {spec.layout} is not a packed int layout"
+        if spec.bits not in (4, 8):
+            return False, f"{spec.bits}-bit weights are not supported (4, 8)"
+        if spec.activation != "none":
+            return False, "activation quantization is not weight-only"
+        if device.type != "cuda" and os.environ.get("MIXQ_TRITON_INTERPRET_METHODS") != "1":
+            return False, f"needs a CUDA device (got {device.type})"
+        return True, ""
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        n, k = weight.shape
+        group = _groups(weight.spec, k)
+        if k % group or group % 16:
+            raise ValueError(f"{weight.name}: K={k} and group {group}: the kernel needs K % group == 0 and "
+                             "group % 16 == 0")
+        q, s, z, g_idx = canonical_int(weight)
+        perm = None
+        if g_idx is not None:
+            # act-order: order columns by group once, so each group is contiguous; the
+            # kernel then gathers activation columns through perm.
+            perm = torch.argsort(g_idx.long(), stable=True)
+            if not torch.equal(g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
+                raise ValueError(f"{weight.name}: g_idx does not assign exactly {group} columns per group")
+            q = q[:, perm]
+        p = wna16.pack_wna16(q.to(torch.uint8), s, z, weight.spec.bits, group, perm)
+        tensors = {"qweight": p.qweight, "scales": p.scales}
+        if p.zeros is not None:
+            tensors["zeros"] = p.zeros
+        if p.perm is not None:
+            tensors["perm"] = p.perm
+        return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
+
+    def apply(self, weight, x, bias):
+        t, (n, k) = weight.tensors, weight.shape
+        w = wna16.WNA16Weight(t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), weight.spec.bits,
+                              _groups(weight.spec, k), n, k)
+        shape = x.shape
+        y = wna16.wna16_gemm(x.reshape(-1, shape[-1]), w, bias)
+        return y.reshape(*shape[:-1], w.n)
