@@ -120,11 +120,50 @@ def bench_peers_fp8_int8(k, n, m):
     return out
 
 
+def sweep():
+    """Time candidate launch configs (to choose the heuristic in wna16._config)."""
+    import itertools
+
+    from mixq.kernels import wna16
+
+    group = 128
+    cases = [("gate_up", 4096, 28672, 1), ("gate_up", 4096, 28672, 16), ("down", 14336, 4096, 1),
+             ("down", 14336, 4096, 16), ("gate_up", 4096, 28672, 2048)]
+    for name, k, n, m in cases:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.int32).to(torch.uint8)
+        s = (torch.rand(n, k // group, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
+        ws = [pack_wna16(q, s, None, 4, group) for _ in range(copies(n * k // 2))]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if m <= 64:
+            space = itertools.product([16], [64, 128, 256], [128], [1, 2, 4, 8, 16], [4, 8], [3])
+        else:
+            space = itertools.product([64, 128], [128, 256], [32, 64], [1], [4, 8], [3, 4])
+        results = []
+        for cfg in space:
+            wna16.CONFIG_OVERRIDE = cfg
+            try:
+                t = time_us(lambda w, x=x: wna16_gemm(x, w), [(w,) for w in ws], reps=30)
+            except Exception as e:  # a config may not fit shared memory: skip it, say so
+                print(f"  {cfg}: {type(e).__name__}")
+                continue
+            results.append((t, cfg))
+        wna16.CONFIG_OVERRIDE = None
+        results.sort()
+        best = ", ".join(f"{c} {t:.1f}us" for t, c in results[:4])
+        print(f"sweep {name} M={m}: default {time_us(lambda w, x=x: wna16_gemm(x, w), [(w,) for w in ws]):.1f}us; "
+              f"best (BM,BN,BK,SPLIT,warps,stages): {best}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true", help="time candidate launch configs and exit")
     a = ap.parse_args()
+    if a.sweep:
+        sweep()
+        return
     dev = torch.cuda.get_device_name()
     bw, peak = copy_bandwidth(), matmul_peak()
     print(f"device {dev}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s; "

@@ -127,7 +127,8 @@ if triton is not None:
         t0 = pid_k * per_split
         t1 = tl.minimum(t0 + per_split, k_tiles)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        shifts = ((rk % PER) * BITS)[:, None]
+        rw = tl.arange(0, BK // PER)  # packed word rows of one K tile
+        shifts = (tl.arange(0, PER) * BITS)[None, :, None]
         for t in range(t0, t1):
             offs_k = t * BK + rk
             if HAS_PERM:
@@ -135,10 +136,12 @@ if triton is not None:
             else:
                 cols = offs_k
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
-            # weights are read exactly once: stream them past the cache
-            packed = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qk + offs_n[None, :], mask=n_ok[None, :],
-                             other=0, eviction_policy="evict_first")
-            q = ((packed >> shifts) & MASK).to(tl.float32)
+            # each packed word is loaded once (weights are read exactly once: stream them
+            # past the cache), then split into its PER values: row r*PER + j is k = r*PER + j
+            packed = tl.load(qw_ptr + (t * (BK // PER) + rw)[:, None] * stride_qk + offs_n[None, :],
+                             mask=n_ok[None, :], other=0, eviction_policy="evict_first")
+            q = (packed[:, None, :] >> shifts) & MASK  # [BK / PER, PER, BN]
+            q = tl.reshape(q, (BK, BN)).to(tl.float32)
             g = (t * BK) // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_ZP:
@@ -146,8 +149,8 @@ if triton is not None:
             else:
                 z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
             w = (q - z[None, :]) * s[None, :]
-            if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 is exact there
-                acc += tl.dot(a.to(tl.float32), w)
+            if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w.to(a.dtype))
         if HAS_BIAS:
@@ -161,27 +164,32 @@ if triton is not None:
             tl.atomic_add(ptrs, acc, mask=ok)
 
 
-def _config(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, SPLIT_K): small M streams the weight with split-K; large M tiles."""
+def _config(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages): small M streams the weight with
+    split-K so that ~4 programs per SM are in flight; large M tiles."""
     bk = min(group, 128)
     while group % bk:
         bk //= 2
     if interpreting():
-        return 16, 64, bk, 1 if k // bk < 2 else 2
+        return 16, 64, bk, 1 if k // bk < 2 else 2, 4, 1
     if m <= 16:
-        bm, bn = 16, 64
+        bm, bn, warps, stages = 16, 128, 4, 4
     elif m <= 64:
-        bm, bn = 32, 128
+        bm, bn, warps, stages = 64, 128, 4, 4
         bk = min(bk, 64)
     else:
-        bm, bn = 128, 128
+        bm, bn, warps, stages = 128, 128, 8, 3
         bk = min(bk, 64)
     programs = -(-m // bm) * -(-n // bn)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     split = 1
     if m <= 64:
         split = max(1, min(k // bk, (4 * sms) // programs))
-    return bm, bn, bk, split
+    return bm, bn, bk, split, warps, stages
+
+
+# bench/kernels.py --sweep sets this to time candidate configs; None = the heuristic
+CONFIG_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
 
 
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,7 +207,7 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
               n: int) -> torch.Tensor:
     m, k = x.shape
-    bm, bn, bk, split = _config(m, n, k, group_size, x.device)
+    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
     out = torch.zeros if split > 1 else torch.empty
     y = out((m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
@@ -210,7 +218,7 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         zeros.stride(0) if zeros is not None else 0, y.stride(0),
         BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split,
-        UPCAST=interpreting() or x.dtype == torch.float32,
+        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
     return y.to(x.dtype) if split > 1 else y
 
