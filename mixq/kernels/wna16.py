@@ -119,6 +119,7 @@ if triton is not None:
         MASK: tl.constexpr = (1 << BITS) - 1
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
         m_ok = offs_m < M
         n_ok = offs_n < N
         k_tiles = K // BK
@@ -127,31 +128,31 @@ if triton is not None:
         t1 = tl.minimum(t0 + per_split, k_tiles)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         rw = tl.arange(0, BK // PER)  # packed word rows of one K tile
+        shifts = (tl.arange(0, PER) * BITS)[None, :, None]
         for t in range(t0, t1):
+            offs_k = t * BK + rk
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + offs_k)
+            else:
+                cols = offs_k
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
+            # each packed word is loaded once (weights are read exactly once: stream them
+            # past the cache), then split into its PER values: row r*PER + j is k = r*PER + j
+            packed = tl.load(qw_ptr + (t * (BK // PER) + rw)[:, None] * stride_qk + offs_n[None, :],
+                             mask=n_ok[None, :], other=0, eviction_policy="evict_first")
+            q = (packed[:, None, :] >> shifts) & MASK  # [BK / PER, PER, BN]
+            q = tl.reshape(q, (BK, BN)).to(tl.float32)
             g = (t * BK) // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_ZP:
                 z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
             else:
                 z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-            # each packed word is loaded once; weights are read exactly once, so they are
-            # streamed past the cache
-            packed = tl.load(qw_ptr + (t * (BK // PER) + rw)[:, None] * stride_qk + offs_n[None, :],
-                             mask=n_ok[None, :], other=0, eviction_policy="evict_first")
-            # Slot j of word row r is k = r*PER + j: one dot per slot, with the activation
-            # columns of that slot (stride PER), so no register reshuffle is needed.
-            for j in tl.static_range(PER):
-                offs_k = t * BK + rw * PER + j
-                if HAS_PERM:
-                    cols = tl.load(perm_ptr + offs_k)
-                else:
-                    cols = offs_k
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
-                w = (((packed >> (j * BITS)) & MASK).to(tl.float32) - z[None, :]) * s[None, :]
-                if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
-                    acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w.to(a.dtype))
+            w = (q - z[None, :]) * s[None, :]
+            if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
