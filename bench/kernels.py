@@ -122,7 +122,6 @@ def bench_peers_fp8_int8(k, n, m):
 
 def sweep():
     """Time candidate launch configs (to choose the heuristic in wna16._config)."""
-    import itertools
 
     from mixq.kernels import wna16
 
@@ -135,10 +134,16 @@ def sweep():
         s = (torch.rand(n, k // group, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
         ws = [pack_wna16(q, s, None, 4, group) for _ in range(copies(n * k // 2))]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        if m <= 64:
-            space = itertools.product([16], [64, 128, 256], [128], [1, 2, 4, 8, 16], [4, 8], [3])
+        C = wna16.WNA16Config
+        if m == 1:
+            space = [C("gemv", 1, bn, 128, sk, w, 1) for bn in (64, 128, 256) for sk in (1, 2, 4, 8) for w in (2, 4)]
+        elif m <= 64:
+            space = [C("mm", 16 if m <= 16 else 64, bn, 128, sk, 4, st, sw) for bn in (64, 128) for sk in (1, 2, 4)
+                     for st in (3, 4) for sw in (False, True)]
         else:
-            space = itertools.product([64, 128], [128, 256], [32, 64], [1], [4, 8], [3, 4])
+            space = [C("mm", bm, bn, bk, 1, w, st, True) for bm, bn, bk, w in
+                     [(128, 128, 64, 8), (256, 128, 64, 8), (128, 256, 64, 8), (128, 128, 128, 8), (64, 128, 64, 4)]
+                     for st in (3, 4)]
         results = []
         for cfg in space:
             wna16.CONFIG_OVERRIDE = cfg
@@ -149,10 +154,10 @@ def sweep():
                 continue
             results.append((t, cfg))
         wna16.CONFIG_OVERRIDE = None
-        results.sort()
+        results.sort(key=lambda r: r[0])
         best = ", ".join(f"{c} {t:.1f}us" for t, c in results[:4])
         print(f"sweep {name} M={m}: default {time_us(lambda w, x=x: wna16_gemm(x, w), [(w,) for w in ws]):.1f}us; "
-              f"best (BM,BN,BK,SPLIT,warps,stages): {best}", flush=True)
+              f"best: {best}", flush=True)
 
 
 def main():

@@ -8,8 +8,10 @@ Kernel layout (made once by `pack_wna16`, never in forward):
   zeros   uint8 [G, N]      integer zero points, or None (symmetric: 2**(bits-1))
   perm    int32 [K]         act-order: kernel column j reads activation column perm[j]
 Every K tile lies inside one group (BLOCK_K divides the group size), so each iteration
-loads one scale row — no per-element gathers. Small M runs split-K with fp32 atomics so
-enough programs stream the weight to saturate HBM; large M runs plain tiles.
+loads one scale row — no per-element gathers. One row runs a GEMV kernel (no tensor
+cores, split-K); more rows run tensor-core tiles whose dequantization builds 16-bit floats
+from the bits (no int->float conversions), with the weight as the MMA's first operand.
+Split-K partials go to an fp32 buffer that is summed afterwards (deterministic).
 """
 
 from __future__ import annotations
@@ -104,92 +106,200 @@ def wna16_reference(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None =
     return y if bias is None else y + bias.double()
 
 
+@dataclass(frozen=True)
+class WNA16Config:
+    """A launch configuration. kind "gemv": no tensor cores, one activation row (BN
+    columns per program, split-K programs over K); kind "mm": tensor cores, BM x BN tiles,
+    `swap` computes out^T = W^T x^T so the dequantized weight is the MMA's first operand."""
+
+    kind: str
+    bm: int
+    bn: int
+    bk: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    swap: bool = True
+
+
 if triton is not None:
 
     @triton.jit
-    def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, M, N, K,
-                      stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
+    def _dequant(q, z, s, DT: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+        """Unsigned ints q [.., BN] (int32), zero z [BN] fp32, scale s [BN] -> q - z times s in DT.
+
+        MODE 0: fp32 math (fp32 activations, and the interpreter). MODE 1: 2**23 + q built
+        from the bits (no quarter-rate int->float conversion), fp32 math, one rounding to DT.
+        MODE 2: BASE + q as a 16-bit float bit pattern (BASE 128 for bf16, 1024 for fp16,
+        exact for every 4-bit value), q - z exact, times s: one rounding, all 16-bit math."""
+        if MODE == 0:
+            return ((q.to(tl.float32) - z[None, :]) * s.to(tl.float32)[None, :]).to(DT)
+        elif MODE == 1:
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+            return ((qf - (z + 8388608.0)[None, :]) * s.to(tl.float32)[None, :]).to(DT)
+        else:
+            if DT == tl.bfloat16:
+                qh = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                base = (z + 128.0).to(tl.bfloat16)
+            else:
+                qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                base = (z + 1024.0).to(tl.float16)
+            return (qh - base[None, :]) * s.to(DT)[None, :]
+
+    @triton.jit
+    def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, M, N, K, split_k,
+                         stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tensor-core tiles. Split s of split_k writes its fp32 partial at out + s * stride_os."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # grouped order: GROUP_M row blocks take each weight tile in turn while it is in L2
+        num_m = tl.cdiv(M, BM)
+        width = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // width) * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
         m_ok = offs_m < M
         n_ok = offs_n < N
         k_tiles = K // BK
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        per_split = tl.cdiv(k_tiles, split_k)
         t0 = pid_k * per_split
         t1 = tl.minimum(t0 + per_split, k_tiles)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rk = tl.arange(0, BK)
         rw = tl.arange(0, BK // PER)  # packed word rows of one K tile
         shifts = (tl.arange(0, PER) * BITS)[None, :, None]
+        DT: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for t in range(t0, t1):
             offs_k = t * BK + rk
             if HAS_PERM:
                 cols = tl.load(perm_ptr + offs_k)
             else:
                 cols = offs_k
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
+            g = (t * BK) // GROUP
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+            else:
+                z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
             # each packed word is loaded once (weights are read exactly once: stream them
-            # past the cache), then split into its PER values: row r*PER + j is k = r*PER + j
+            # past the cache) and split in registers: row r*PER + j of the tile is slot j
             packed = tl.load(qw_ptr + (t * (BK // PER) + rw)[:, None] * stride_qk + offs_n[None, :],
                              mask=n_ok[None, :], other=0, eviction_policy="evict_first")
-            q = (packed[:, None, :] >> shifts) & MASK  # [BK / PER, PER, BN]
-            q = tl.reshape(q, (BK, BN)).to(tl.float32)
+            q = tl.reshape((packed[:, None, :] >> shifts) & MASK, (BK, BN))
+            w = _dequant(q, z, s, DT, BITS, DQ)  # [BK, BN]
+            if SWAP:
+                a = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :], other=0.0)
+                if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
+                    acc += tl.dot(tl.trans(w), a.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(tl.trans(w), a)  # [BN, BK] x [BK, BM]
+            else:
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w)
+        if HAS_BIAS:
+            if pid_k == 0:
+                b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                acc += b[:, None] if SWAP else b[None, :]
+        out_ptr += pid_k * stride_os
+        if SWAP:  # store the transposed tile through transposed pointers (no layout shuffle)
+            ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+        else:
+            ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, N, K, split_k,
+                           stride_qk, stride_sg, stride_zg, stride_os,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One activation row, no tensor cores: per packed slot j a [BK/PER, BN] FMA into a
+        2-D accumulator (no 3-D tensors, no reshape), magic-number dequant, and the zero
+        point and scale applied once per tile: sum_k x (q - z) s = s (sum x q - z sum x)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        R: tl.constexpr = BK // PER
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        r = tl.arange(0, R)
+        k_tiles = K // BK
+        per_split = tl.cdiv(k_tiles, split_k)
+        t0 = pid_k * per_split
+        t1 = tl.minimum(t0 + per_split, k_tiles)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for t in range(t0, t1):
+            packed = tl.load(qw_ptr + (t * R + r)[:, None] * stride_qk + offs_n[None, :], mask=n_ok[None, :],
+                             other=0, eviction_policy="evict_first")
             g = (t * BK) // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_ZP:
                 z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
             else:
                 z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-            w = (q - z[None, :]) * s[None, :]
-            if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
-                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w.to(a.dtype))
+            part = tl.zeros((R, BN), dtype=tl.float32)
+            xs = tl.zeros((R,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                offs_k = t * BK + r * PER + j
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + offs_k)
+                else:
+                    cols = offs_k
+                xj = tl.load(x_ptr + cols).to(tl.float32)  # [R]
+                qj = (((packed >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part += xj[:, None] * qj
+                xs += xj
+            acc += s * (tl.sum(part, axis=0) - z * tl.sum(xs, axis=0))
         if HAS_BIAS:
             if pid_k == 0:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.atomic_add(ptrs, acc, mask=ok)
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid_k * stride_os + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _config(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages): small M streams the weight with
-    split-K so that ~4 programs per SM are in flight; large M tiles."""
-    bk = min(group, 128)
+def _bk_for(group: int, cap: int) -> int:
+    bk = min(group, cap)
     while group % bk:
         bk //= 2
-    if interpreting():
-        return 16, 64, bk, 1 if k // bk < 2 else 2, 4, 1
+    return bk
+
+
+def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Config:
+    """The launch heuristic, from timings on an H100 (bench/RESULTS.md, bench/kernels.py
+    --sweep): one row -> GEMV with split-K; up to 16 rows -> 16-row tiles, swapped, split-K
+    4; up to 64 -> 64-row tiles (swapped when N is large); beyond -> 256 x 128 tiles."""
+    if interpreting():  # few large blocks run fastest under the interpreter
+        bk = _bk_for(group, 128)
+        if m == 1:
+            return WNA16Config("gemv", 1, 64, bk, 2 if k // bk >= 2 else 1, 4, 1)
+        return WNA16Config("mm", 16 if m <= 16 else 32, 64, bk, 2 if k // bk >= 2 else 1, 4, 1, m <= 16)
+    if m == 1:
+        return WNA16Config("gemv", 1, 128, _bk_for(group, 128), 8 if k >= 8192 else 4, 4, 1)
     if m <= 16:
-        bm, bn, warps, stages = 16, 128, 4, 4
-    elif m <= 64:
-        bm, bn, warps, stages = 64, 128, 4, 4
-        bk = min(bk, 64)
-    else:
-        bm, bn, warps, stages = 128, 128, 8, 3
-        bk = min(bk, 64)
-    programs = -(-m // bm) * -(-n // bn)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    split = 1
+        return WNA16Config("mm", 16, 64, _bk_for(group, 128), 4, 4, 4, True)
     if m <= 64:
-        split = max(1, min(k // bk, (4 * sms) // programs))
-    return bm, bn, bk, split, warps, stages
+        if n >= 16384:
+            return WNA16Config("mm", 64, 128, _bk_for(group, 128), 1, 4, 4, True)
+        return WNA16Config("mm", 64, 64, _bk_for(group, 128), 2, 4, 4, False)
+    return WNA16Config("mm", 256, 128, _bk_for(group, 64), 1, 8, 3, True)
 
 
 # bench/kernels.py --sweep sets this to time candidate configs; None = the heuristic
-CONFIG_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
+CONFIG_OVERRIDE: WNA16Config | None = None
 
 
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,20 +317,32 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
               n: int) -> torch.Tensor:
     m, k = x.shape
-    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
-    out = torch.zeros if split > 1 else torch.empty
-    y = out((m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    c = CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
+    if k % c.bk or group_size % c.bk:
+        raise ValueError(f"wna16: BK={c.bk} must divide K={k} and the group size {group_size}")
+    split = max(1, min(c.split_k, k // c.bk))
+    # split-K: fp32 partials [split, M, N] summed afterwards (deterministic, no atomics)
+    y = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
     dummy = qweight
-    _wna16_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
-        bias if bias is not None else dummy, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0, y.stride(0),
-        BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
-    )
-    return y.to(x.dtype) if split > 1 else y
+    common = dict(BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
+                  HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
+    args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
+            bias if bias is not None else dummy, y)
+    if c.kind == "gemv":
+        if m != 1:
+            raise ValueError(f"wna16: the gemv config takes one row, got M={m}")
+        _wna16_gemv_kernel[(triton.cdiv(n, c.bn), split)](
+            *args, n, k, split, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
+            y.stride(0), **common)
+    else:
+        upcast = interpreting() or x.dtype == torch.float32
+        # 16-bit magic dequant is exact for 4-bit values in bf16 and for 4/8-bit in fp16
+        dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
+        _wna16_mm_kernel[(triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn), split)](
+            *args, m, n, k, split, x.stride(0), qweight.stride(0), scales.stride(0),
+            zeros.stride(0) if zeros is not None else 0, y.stride(0), y.stride(1),
+            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, **common)
+    return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
 
 @_wna16_op.register_fake

@@ -105,3 +105,29 @@ def test_refusals_name_the_reason():
     if not CUDA:
         ok, why = m.can_implement(WeightSpec(layout="gptq", bits=4, dtype=torch.int32, group_size=128), DEV)
         assert not ok and "needs a CUDA device" in why
+
+
+@pytest.mark.parametrize("cfg", [
+    wna16.WNA16Config("gemv", 1, 64, 32, 3, 4, 1),
+    wna16.WNA16Config("mm", 16, 64, 32, 2, 4, 1, swap=True),
+    wna16.WNA16Config("mm", 32, 64, 32, 1, 4, 1, swap=False),
+], ids=lambda c: f"{c.kind}-swap{int(c.swap)}-split{c.split_k}")
+def test_each_launch_path_matches_the_reference(cfg, monkeypatch):
+    """Every kernel path the heuristic can pick (GEMV, swapped and plain tiles, split-K
+    with a ragged last split), with zero points, act-order and a bias."""
+    gen = torch.Generator().manual_seed(11)
+    monkeypatch.setattr(wna16, "CONFIG_OVERRIDE", cfg)
+    for bits in (4, 8):
+        *_, w = make(72, 160, bits, 32, True, True, gen)
+        w = wna16.WNA16Weight(*(t.to(DEV) for t in (w.qweight, w.scales, w.zeros, w.perm)), w.bits, w.group_size,
+                              w.n, w.k)
+        bias = torch.randn(72, generator=gen).half().to(DEV)
+        for m in ((1,) if cfg.kind == "gemv" else (1, 5, 33)):
+            x = torch.randn(m, 160, generator=gen).half().to(DEV)
+            y = wna16_gemm(x, w, bias)
+            ref = wna16_reference(x, w, bias)
+            # fp16 weights and output (2**-11 relative each), fp32 sums: well under 2e-3
+            assert (y.double() - ref).norm() / ref.norm() < 2e-3, (bits, m)
+    if cfg.kind == "gemv":
+        with pytest.raises(ValueError, match="gemv config takes one row"):
+            wna16_gemm(torch.randn(2, 160, generator=gen).half().to(DEV), w)
