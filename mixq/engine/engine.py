@@ -38,6 +38,7 @@ class EngineConfig:
     max_total_tokens: int | None = None
     page_size: int = 16
     mem_fraction_static: float = 0.85
+    attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     show_progress: bool = False
 
 
@@ -142,7 +143,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
 
         num_blocks = self._num_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.dtype, self.device,
+                                  cfg.attention_backend)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,

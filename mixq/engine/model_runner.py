@@ -15,6 +15,25 @@ from torch import nn
 from mixq.layers.attention import PagedAttention
 from mixq.layers.forward_batch import ForwardBatch
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """SGLang's --attention-backend: "triton" (decode steps in one paged-attention launch;
+    the default on CUDA), "torch_native" (SDPA per sequence; the default elsewhere)."""
+    from mixq.kernels import paged_attention
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and paged_attention.triton is not None else "torch_native"
+    if name == "triton" and paged_attention.triton is None:
+        raise ValueError("attention backend 'triton' needs the triton package")
+    if name == "triton" and device.type != "cuda" and not paged_attention._interpreting():
+        raise ValueError(f"attention backend 'triton' needs a CUDA device (got {device.type}; TRITON_INTERPRET=1 "
+                         "runs it slowly on the CPU, for tests)")
+    return name
+
 
 @dataclass
 class SeqChunk:
@@ -34,11 +53,13 @@ class SeqChunk:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", attention_backend: str = "auto"):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         self.num_blocks = num_blocks
+        self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for m in self.attn_layers:
+            m.decode_kernel = self.attention_backend == "triton"
             shape = (num_blocks, block_size, m.num_kv_heads, m.head_dim)
             m.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             m.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -79,6 +100,7 @@ class ModelRunner:
             positions=t(pos), slot_mapping=t(slots), query_start=t(qstart), context_lens=t(ctx),
             block_tables=t(tables, torch.int32), logits_index=t(logits_index),
             query_start_list=qstart, context_lens_list=ctx, block_size=bs,
+            is_decode=all(len(c.token_ids) == 1 for c in chunks),
         )
         return t(ids), batch
 

@@ -3,8 +3,10 @@
 The cache of a layer is two tensors [num_blocks, block_size, kv_heads, head_dim]; a
 sequence's tokens live in the blocks its block table lists. Each step writes the new
 tokens' K/V at their slots, then every sequence attends to its whole context. The torch
-implementation here gathers a sequence's blocks and calls SDPA; it is the reference
-(and the CPU path) for the GPU paged-attention kernel.
+implementation here gathers a sequence's blocks and calls SDPA per sequence: the
+reference, the CPU path and the prefill path. With `decode_kernel` set (the model runner
+does so on CUDA), a pure decode step runs mixq.kernels.paged_attention instead: one launch
+for every sequence and head.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixq.kernels.paged_attention import paged_decode_attention
 from mixq.layers.forward_batch import ForwardBatch
 
 
@@ -22,6 +25,7 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache: torch.Tensor | None = None  # set by the model runner
         self.v_cache: torch.Tensor | None = None
+        self.decode_kernel = False  # set by the model runner (--attention-backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
@@ -29,6 +33,10 @@ class PagedAttention(nn.Module):
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         kc[batch.slot_mapping] = k.to(kc.dtype)
         vc[batch.slot_mapping] = v.to(vc.dtype)
+        if self.decode_kernel and batch.is_decode:
+            out = paged_decode_attention(q.to(self.k_cache.dtype), self.k_cache, self.v_cache, batch.block_tables,
+                                         batch.context_lens, self.scale)
+            return out.to(q.dtype).flatten(1)
         out = torch.empty_like(q)
         bs = batch.block_size
         qs = batch.query_start_list

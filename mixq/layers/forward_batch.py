@@ -19,6 +19,7 @@ class ForwardBatch:
     block_tables  [S, B] int32 KV block ids of each sequence (padded with 0)
     logits_index  [R] int64   rows whose logits are needed (last token of sampling seqs)
     The host copies (`*_list`) let the reference attention loop without device syncs.
+    is_decode: every sequence has exactly one new token (a pure decode step).
     """
 
     positions: torch.Tensor
@@ -30,6 +31,7 @@ class ForwardBatch:
     query_start_list: list[int]
     context_lens_list: list[int]
     block_size: int
+    is_decode: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -12,6 +12,7 @@ from mixq.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ServerArgs:
     allow_auto_truncate: bool = False
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    attention_backend: str = "auto"
     dist_init_addr: str | None = None
     nnodes: int = 1
     node_rank: int = 0
@@ -61,6 +63,9 @@ class ServerArgs:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         if self.enable_mixed_precision and not self.mixed_precision_config:
             raise ConfigError("--enable-mixed-precision needs --mixed-precision-config")
         if self.mixed_precision_config and not os.path.isfile(self.mixed_precision_config):
@@ -111,6 +116,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
     ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
     ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
+    ("--attention-backend", dict(help="triton (decode steps in one paged-attention launch; default on CUDA) or "
+                                      "torch_native (SDPA per sequence; default on CPU)")),
     ("--dist-init-addr", dict(help="HOST:PORT of rank 0 for multi-node")),
     ("--nnodes", dict(type=int, help="number of nodes")),
     ("--node-rank", dict(type=int, help="this node's rank")),

@@ -81,7 +81,8 @@ def serve(args: ServerArgs) -> int:
         model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
-        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True))
+        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
+        attention_backend=args.attention_backend, show_progress=True))
     name = args.served_model_name or default_name or engine.plan.base.path.name
     metrics = ServerMetrics(engine)
     aengine = AsyncEngine(engine, on_step=metrics.on_step)
