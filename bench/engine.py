@@ -1,0 +1,170 @@
+"""End-to-end decode benchmark: mixq's engine against HF transformers on the same weights.
+
+Builds a random Llama-3.2-1B-shaped model (or --layers/--hidden/--inter for another size)
+with transformers, saves it in BF16, writes GPTQ-INT4 and FP8 checkpoints of it with
+mixq's RTN writers, then measures, for batch sizes B:
+
+  HF transformers  `generate` on the BF16 model (greedy, static cache off: its default)
+  mixq bf16        the same BF16 checkpoint through the engine
+  mixq int4        every decoder Linear GPTQ-INT4 (W4A16 kernels)
+  mixq mix         attention BF16, MLP gate/up INT4, down FP8 (the README's kind of mix)
+
+Reports output tokens/s of the decode phase (prefill timed separately), weight memory and
+HBM bytes per decode step, and checks that greedy tokens of mixq bf16 equal HF's for one
+prompt (same weights, same math; a differing argmax on a near-tie is reported, not hidden).
+
+    python bench/engine.py [--out results.json] [--batches 1,16,64] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def build_model(root: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, vocab: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(root / "bf16")
+    # the engine loads a tokenizer: one word per id, so every id decodes
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2").save_pretrained(
+        root / "bf16")
+    return root / "bf16"
+
+
+def hf_decode(path: Path, prompts: list[list[int]], new: int) -> tuple[float, float, list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor(prompts, device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    prefill = t1 - t0
+    decode = (t2 - t1) - prefill
+    first = out[0, ids.shape[1]:].tolist()
+    del model
+    torch.cuda.empty_cache()
+    return prefill, decode, first
+
+
+def mixq_decode(model_path: str | None, cfg: str | None, prompts: list[list[int]], new: int):
+    from mixq.engine.engine import LLM
+    from mixq.engine.sampling_params import SamplingParams
+
+    llm = LLM(model_path=model_path, mixed_precision_config=cfg, max_running_requests=max(64, len(prompts)),
+              max_total_tokens=len(prompts) * (len(prompts[0]) + new + 32), dtype="bfloat16")
+    eng = llm.engine
+    held = sum(w.nbytes for w in eng.weights.values())
+    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    full = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    llm.generate([p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, one)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    outs = llm.generate(prompts, full)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    prefill = t1 - t0
+    decode = (t2 - t1) - prefill
+    first = outs[0].outputs[0].token_ids
+    del llm, eng
+    torch.cuda.empty_cache()
+    return prefill, decode, first, held
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+
+    from mixq.formats.writers import quantize_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="mixq-bench-"))
+    t = time.perf_counter()
+    bf16 = build_model(root, a.layers, a.hidden, a.inter, a.heads, a.kv_heads, a.vocab)
+    quantize_checkpoint(bf16, root / "int4", "gptq", group_size=128)
+    quantize_checkpoint(bf16, root / "fp8", "fp8", scheme="channel")
+    print(f"model + checkpoints written in {time.perf_counter() - t:.0f}s", flush=True)
+    configs = {
+        "int4": {"mixed_precision": {"fp16_path": str(bf16), "int4_path": str(root / "int4"),
+                                     "weight_mapping": {"re:model\\.layers\\.\\d+\\..*_proj\\.weight": "int4"}}},
+        "mix": {"mixed_precision": {"fp16_path": str(bf16), "int4_path": str(root / "int4"),
+                                    "fp8_path": str(root / "fp8"),
+                                    "weight_mapping": {"model.layers.*.mlp.gate_proj.weight": "int4",
+                                                       "model.layers.*.mlp.up_proj.weight": "int4",
+                                                       "model.layers.*.mlp.down_proj.weight": "fp8"}}},
+    }
+    paths = {}
+    for name, c in configs.items():
+        paths[name] = root / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(c))
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    dev = torch.cuda.get_device_name()
+    for b in [int(x) for x in a.batches.split(",")]:
+        prompts = torch.randint(3, a.vocab, (b, a.prompt_len), generator=g).tolist()
+        hp, hd, hf_first = hf_decode(bf16, prompts, a.new_tokens)
+        rows.append({"engine": "HF transformers bf16", "batch": b, "prefill_s": hp, "decode_s": hd, "weights_gb": None})
+        for name, (mp, cfg) in {"mixq bf16": (str(bf16), None), "mixq int4": (None, str(paths["int4"])),
+                                "mixq mix": (None, str(paths["mix"]))}.items():
+            p, d, first, held = mixq_decode(mp, cfg, prompts, a.new_tokens)
+            row = {"engine": name, "batch": b, "prefill_s": p, "decode_s": d, "weights_gb": held / 2**30}
+            if name == "mixq bf16":
+                same = sum(x == y for x, y in zip(first, hf_first))
+                row["greedy_match_hf"] = f"{same}/{len(hf_first)}"
+            rows.append(row)
+        print(f"batch {b} done", flush=True)
+    print(f"\ndevice {dev}; torch {torch.__version__}; model {a.layers}L h{a.hidden} i{a.inter} "
+          f"heads {a.heads}/{a.kv_heads} vocab {a.vocab}; prompt {a.prompt_len}, {a.new_tokens} new tokens")
+    print("\n| engine | batch | decode tok/s | prefill tok/s | weights GiB | greedy = HF |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        tps = r["batch"] * (a.new_tokens - 1) / r["decode_s"]
+        pps = r["batch"] * a.prompt_len / r["prefill_s"]
+        w = "-" if r["weights_gb"] is None else f"{r['weights_gb']:.2f}"
+        print(f"| {r['engine']} | {r['batch']} | {tps:.0f} | {pps:.0f} | {w} | {r.get('greedy_match_hf', '')} |")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": dev, "args": vars(a), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
