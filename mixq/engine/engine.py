@@ -39,6 +39,7 @@ class EngineConfig:
     page_size: int = 16
     mem_fraction_static: float = 0.85
     show_progress: bool = False
+    enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
 
 
 @dataclass
@@ -152,6 +153,11 @@ class LLMEngine:
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
         self.finish_hooks: list = []  # called with (request_id, input_len, output_len) when a request ends
+        self.expert_tracker = None
+        if cfg.enable_expert_tracking:  # off: nothing is installed, the forward is the untracked one
+            from mixq.tracking.experts import install_expert_tracking
+
+            self.expert_tracker = install_expert_tracking(self)
 
     def _num_blocks(self) -> int:
         bs = self.cfg.page_size
