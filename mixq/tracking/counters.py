@@ -8,7 +8,8 @@ used: on CUDA it reads the max back to the host to size its output, a sync per l
 
 Forward passes ("steps") are delimited on the host by `begin_pass`, which the engine calls
 before each forward: it folds the finished pass into the per-expert "passes with >= 1
-token" counter and stamps its wall-clock time (five small kernels per step, not per layer).
+token" counter, stamps its wall-clock time and moves the padding mask (about six small
+kernels per step, not per layer).
 Counters are read (one device-to-host copy each) only by `snapshot`, on request.
 """
 
@@ -57,6 +58,7 @@ class ExpertCounters:
         self._base = (torch.arange(L)[:, None] * (k * E) + torch.arange(k)[None, :] * E).to(self.device)
         # What each routed pair adds: 1 for rows that are real tokens, 0 for padding rows.
         self._src = torch.ones(256, k, dtype=torch.int64, **z)
+        self._ones = 256  # rows [0, _ones) of _src are 1
         self._valid: int | None = None  # real rows of the current pass (None: all of them)
         self._pass_open = False
         self._pass_time = 0.0
@@ -107,13 +109,13 @@ class ExpertCounters:
         self._pass_open = False
 
     def _set_valid(self, n: int | None) -> None:
-        if n == self._valid:
-            return
-        cap = self._src.shape[0]
-        upto = cap if n is None else min(n, cap)
-        self._src[:upto].fill_(1)
-        self._src[upto:].fill_(0)
-        self._valid = n
+        # invariant: rows [0, _ones) of _src are 1, the rest 0; move the boundary only
+        new = self._src.shape[0] if n is None else min(n, self._src.shape[0])
+        if new > self._ones:
+            self._src[self._ones : new].fill_(1)
+        elif new < self._ones:
+            self._src[new : self._ones].fill_(0)
+        self._ones, self._valid = new, n
 
     @torch.inference_mode()
     def reserve(self, rows: int) -> None:
@@ -122,7 +124,8 @@ class ExpertCounters:
         if rows <= self._src.shape[0]:
             return
         new = torch.zeros(max(rows, 2 * self._src.shape[0]), self.top_k, dtype=torch.int64, device=self.device)
-        new[: new.shape[0] if self._valid is None else self._valid].fill_(1)
+        self._ones = new.shape[0] if self._valid is None else min(self._valid, new.shape[0])
+        new[: self._ones].fill_(1)
         self._src = new
 
     # -- reads and resets (call from the thread that runs the forwards) ------------------

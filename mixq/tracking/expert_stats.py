@@ -187,8 +187,11 @@ class ExpertTable:
             t.activations[r, e], t.tokens[r, e] = a, n
             t.last_time[r, e] = float(last) if last is not None else 0.0
         for lid, mat in slot_doc.items():
-            m = torch.tensor(mat, dtype=torch.int64).reshape(-1, E) if mat else torch.zeros(0, E, dtype=torch.int64)
-            t.slot_tokens[t.row(int(lid)), : m.shape[0]] = m
+            try:
+                m = torch.tensor(mat, dtype=torch.int64).reshape(-1, E) if mat else torch.zeros(0, E, dtype=torch.int64)
+                t.slot_tokens[t.row(int(lid)), : m.shape[0]] = m
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"{source}: tokens_by_slot[{lid!r}] is not a [top_k, {E}] matrix: {e}") from None
         t.num_passes = int(meta.get("num_forward_passes", 0))
         if doc.get("requests"):
             t.requests = merge_requests(empty_requests(), doc["requests"])

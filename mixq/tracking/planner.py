@@ -162,7 +162,10 @@ def make_plan(stats: list[dict], paths: dict[str, str], budget_bytes: int, out_p
     header = (f"# written by `mixq plan`: weights {total / 2**30:.4f} GiB predicted for a budget of "
               f"{budget_bytes / 2**30:.4f} GiB\n# share of routed expert tokens by format: "
               + ", ".join(f"{f} {100 * s:.1f}%" for f, s in share.items()) + "\n")
-    Path(out_path).write_text(header + yaml.safe_dump(doc, sort_keys=False, width=4096))
+    try:
+        Path(out_path).write_text(header + yaml.safe_dump(doc, sort_keys=False, width=4096))
+    except OSError as e:
+        raise ConfigError(f"-o {out_path}: cannot write: {e.strerror}") from None
 
     final = build_plan(MixedPrecisionConfig.from_yaml(out_path))
     stats_final = MemoryStats.from_plan(final)
