@@ -62,6 +62,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--enable-expert-tracking", action="store_true", help="count MoE expert activations")
+    p.add_argument("--expert-stats-out", metavar="PATH", help="write the expert stats JSON here (implies tracking)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -73,8 +75,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from mixq.tracking.memory import get_mixed_precision_memory_stats
 
     model_path, cfg = _model_args(args)
+    track = args.enable_expert_tracking or args.expert_stats_out is not None
     llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-              show_progress=True)
+              show_progress=True, enable_expert_tracking=track)
     prompts = args.prompt or ["The capital of France is"]
     tok = llm.engine.tokenizer
     if args.chat:
@@ -94,6 +97,97 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"{n_tok} tokens in {dt:.2f} s ({n_tok / dt:.1f} tokens/s) on {llm.engine.device}")
     print(f"weights {s['memory_mb']:.1f} MB ({fmts}); saved {s['memory_saved_mb']:.1f} MB vs BF16, "
           f"compression {s['compression_ratio']:.2f}x")
+    if track:
+        doc = llm.engine.expert_tracker.stats(top_k=5)
+        for lid, b in doc["load_balance"].items():
+            if b["max_over_mean"] is not None:
+                print(f"MoE layer {lid}: max/mean load {b['max_over_mean']:.2f}, "
+                      f"normalized entropy {b['normalized_entropy']:.3f}")
+        print("top experts: " + ", ".join(f"L{t['layer_id']}/E{t['expert_id']} {t['total_tokens_processed']} tokens"
+                                          for t in doc["top_experts"]))
+        if args.expert_stats_out:
+            llm.engine.expert_tracker.export_stats(args.expert_stats_out)
+            print(f"expert stats written to {args.expert_stats_out}")
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="write a mixed-precision config from expert activation stats and a memory budget",
+        description="Rank experts by the tokens routed to them (stats from --enable-expert-tracking) and write a "
+        "mixed-precision YAML that fits --budget-gb of weights: attention, dense MLPs and shared experts get the "
+        "best format first, then routed experts from the most to the least loaded. Checkpoint paths come from "
+        "--mixed-precision-config (its mapping is ignored) and/or the --*-path flags.")
+    p.add_argument("--stats", action="append", required=True, metavar="JSON",
+                   help="expert stats file (exported by the server or mixq generate); repeat to sum several")
+    p.add_argument("--budget-gb", type=float, required=True, help="weight memory budget in GiB (2^30 bytes), "
+                   "as mixq inspect reports it")
+    p.add_argument("-o", "--output", required=True, help="the YAML config to write")
+    p.add_argument("--mixed-precision-config", help="take the checkpoint paths (and inference/server sections) "
+                   "from this config")
+    p.add_argument("--model-path", help="the base (BF16/FP16) checkpoint (default: the config's fp16_path)")
+    for key in ("fp8", "int8", "int4", "gptq-int4", "awq-int4"):
+        p.add_argument(f"--{key}-path", help=f"the {key.upper().replace('-', ' ')} checkpoint")
+    p.add_argument("--formats", nargs="+", help="precisions to use, e.g. 'bf16,fp8,int4' (default: the base and "
+                   "one per checkpoint given)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from mixq.config.schema import MixedPrecisionConfig
+    from mixq.tracking.expert_stats import read_stats
+    from mixq.tracking.planner import make_plan, render_plan
+
+    paths, sections = {}, {}
+    if args.mixed_precision_config:
+        cfg = MixedPrecisionConfig.from_yaml(args.mixed_precision_config, model_path=args.model_path)
+        paths = cfg.mixed_precision.paths()
+        sections = {k: v for k, v in (("inference", cfg.inference.model_dump(exclude_defaults=True)),
+                                      ("server", cfg.server.model_dump(exclude_defaults=True))) if v}
+    for key in ("model", "fp8", "int8", "int4", "gptq_int4", "awq_int4"):
+        value = getattr(args, f"{key}_path")
+        if value is not None:
+            paths["fp16_path" if key == "model" else f"{key}_path"] = str(Path(value).resolve())
+    if "fp16_path" not in paths:
+        raise MixqError("plan: give --model-path (the base checkpoint) or a --mixed-precision-config with fp16_path")
+    if args.budget_gb <= 0:
+        raise MixqError(f"--budget-gb must be > 0, got {args.budget_gb}")
+    formats = [f for item in args.formats for f in item.split(",") if f] if args.formats else None
+    try:
+        stats = [read_stats(p) for p in args.stats]
+    except ValueError as e:
+        raise MixqError(f"--stats {e}") from None
+    result = make_plan(stats, paths, int(args.budget_gb * 2**30), args.output, formats, sections)
+    print(json.dumps(asdict(result), indent=2) if args.json else render_plan(result))
+    return 0
+
+
+def _add_plot_experts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot-experts", help="draw the layer x expert activation heatmap of a stats file",
+                       description="Heatmap of an expert stats JSON: one row per MoE layer, one column per expert.")
+    p.add_argument("stats", help="expert stats JSON")
+    p.add_argument("-o", "--output", default="experts.png", help="image to write (png, svg, pdf)")
+    p.add_argument("--metric", choices=("tokens", "activations"), default="tokens",
+                   help="tokens routed (default) or forward passes with >= 1 token")
+    p.add_argument("--absolute", action="store_true", help="raw counts instead of each layer's share")
+    p.set_defaults(func=_cmd_plot_experts)
+
+
+def _cmd_plot_experts(args: argparse.Namespace) -> int:
+    from mixq.tracking.expert_stats import read_stats
+    from mixq.tracking.plot import plot_expert_heatmap
+
+    try:
+        doc = read_stats(args.stats)
+    except ValueError as e:
+        raise MixqError(str(e)) from None
+    plot_expert_heatmap(doc, args.output, metric=args.metric, normalize=not args.absolute)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -146,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_generate(sub)
     _add_eval_ppl(sub)
+    _add_plan(sub)
+    _add_plot_experts(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible server (SGLang's launch flags)", add_help=False)
     serve.set_defaults(func=None)
     return parser

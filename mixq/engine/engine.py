@@ -40,6 +40,7 @@ class EngineConfig:
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     show_progress: bool = False
+    enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
 
 
 @dataclass
@@ -154,6 +155,11 @@ class LLMEngine:
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
         self.finish_hooks: list = []  # called with (request_id, input_len, output_len) when a request ends
+        self.expert_tracker = None
+        if cfg.enable_expert_tracking:  # off: nothing is installed, the forward is the untracked one
+            from mixq.tracking.experts import install_expert_tracking
+
+            self.expert_tracker = install_expert_tracking(self)
 
     def _num_blocks(self) -> int:
         bs = self.cfg.page_size

@@ -32,7 +32,8 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 
 def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: str, server_info: dict,
-              api_key: str | None = None, allow_auto_truncate: bool = False) -> FastAPI:
+              api_key: str | None = None, allow_auto_truncate: bool = False,
+              expert_stats_dir: str | None = None) -> FastAPI:
     engine = aengine.engine
     tok = engine.tokenizer
     app = FastAPI(title="mixq", version="0.1.0")
@@ -278,4 +279,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
     async def _pyd(_, e: ValidationError):
         return _error(400, str(e))
 
+    from mixq.server.expert_routes import add_expert_routes
+
+    add_expert_routes(app, aengine, expert_stats_dir)  # /expert_stats*, SGLang's expert distribution record
     return app

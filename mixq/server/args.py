@@ -82,6 +82,11 @@ class ServerArgs:
             self.enable_ep_moe = True  # SGLang: --ep-size > 1 means EP MoE
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ConfigError(f"--chunked-prefill-size must be > 0 or -1 (off), got {self.chunked_prefill_size}")
+        if self.expert_stats_dir is not None:
+            if not self.enable_expert_tracking:
+                raise ConfigError("--expert-stats-dir needs --enable-expert-tracking")
+            if not os.path.isdir(self.expert_stats_dir):
+                raise ConfigError(f"--expert-stats-dir {self.expert_stats_dir}: no such directory")
         if gpu_count is not None and self.device != "cpu":
             per_node = self.tp_size * self.dp_size // self.nnodes
             if per_node > gpu_count:
@@ -123,7 +128,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--node-rank", dict(type=int, help="this node's rank")),
     ("--log-level", dict(help="debug, info, warning, error")),
     ("--enable-expert-tracking", dict(action="store_true", default=None, help="count MoE expert activations")),
-    ("--expert-stats-dir", dict(help="directory /expert_stats/export may write to")),
+    ("--expert-stats-dir", dict(help="directory /expert_stats/export and /dump_expert_distribution_record "
+                                 "may write to (nothing outside it)")),
 ]
 
 

@@ -71,6 +71,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
 
+    async def call(self, fn):
+        """Run `fn()` on the engine thread between two steps and return its result (or
+        raise its exception): for state the engine thread owns, e.g. device counters."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        done: Future = Future()
+        self._cmds.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
+
     # -- engine-thread side -----------------------------------------------------------
 
     def _deliver(self, request_id: str, item) -> None:
@@ -90,6 +99,12 @@ class AsyncEngine:
                 done.set_result(None)
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
+        elif cmd[0] == "call":
+            _, fn, done = cmd
+            try:
+                done.set_result(fn())
+            except Exception as e:  # handed to the caller; the engine keeps serving
+                done.set_exception(e)
 
     def _run(self) -> None:
         try:
@@ -118,3 +133,10 @@ class AsyncEngine:
         finally:
             for rid in list(self.engine.requests):
                 self.engine.abort(rid)
+            while True:  # nobody will run what is still queued: fail its waiters
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] in ("add", "call") and not cmd[-1].done():
+                    cmd[-1].set_exception(RuntimeError("the engine stopped"))

@@ -82,12 +82,14 @@ def serve(args: ServerArgs) -> int:
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
-        attention_backend=args.attention_backend, show_progress=True))
+        attention_backend=args.attention_backend, show_progress=True,
+        enable_expert_tracking=args.enable_expert_tracking))
     name = args.served_model_name or default_name or engine.plan.base.path.name
     metrics = ServerMetrics(engine)
     aengine = AsyncEngine(engine, on_step=metrics.on_step)
     info = {k: v for k, v in vars(args).items() if k not in ("api_key", "extra")}
-    app = build_app(aengine, metrics, name, info, api_key=args.api_key, allow_auto_truncate=args.allow_auto_truncate)
+    app = build_app(aengine, metrics, name, info, api_key=args.api_key, allow_auto_truncate=args.allow_auto_truncate,
+                    expert_stats_dir=args.expert_stats_dir)
     aengine.start()
     url = f"http://{args.host}:{args.port}"
     print(f"mixq: serving {name!r} at {url} (OpenAI API at {url}/v1)\n"
