@@ -100,7 +100,11 @@ class GemmConfig:
 # optional): "bm": int, "combine": "atomic" | "store", and per launch "w13" / "w2" /
 # "w13_int" / "w13_float" / "w2_int" / "w2_float": dict of GemmConfig fields.
 CONFIG_OVERRIDE: dict | None = None
-# pairs (T * top_k) up to which w2 combines with fp32 atomics rather than store + sum
+# "dispatch": "direct" | "sorted", "streams": bool.
+# pairs (T * top_k) up to which programs take one pair each, unsorted (no align launch);
+# beyond, experts hit by several pairs would stream their weights several times
+DIRECT_MAX_PAIRS = 16
+# pairs up to which (sorted) w2 combines with fp32 atomics rather than store + sum
 ATOMIC_MAX_PAIRS = 512
 
 
@@ -119,15 +123,19 @@ def choose_bm(pairs: int, fids: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
-def choose_config(launch: Launch, pairs: int, fids: int, bm: int, device: torch.device) -> GemmConfig:
+def choose_config(launch: Launch, pairs: int, fids: int, bm: int, device: torch.device,
+                  direct: bool = False) -> GemmConfig:
     """Heuristic tile for one launch: memory-bound at small M, so enough programs must
     stream the weights (~2 per SM, counting the blocks the routing is expected to fill)."""
     op = launch.ops[0]
     bk = max(min_bk(op), 128 if op.is_int or op.sbk == 0 else min(128, op.sbk))
     if interpreting():
         return GemmConfig(64, bk, 1, 4, 1)
-    hit = launch.experts * (1 - (1 - 1 / max(fids, 1)) ** pairs)  # expected experts with tokens
-    blocks = max(1.0, hit + pairs * launch.experts / max(fids, 1) / bm)
+    if direct:  # one block per pair of this group's experts
+        blocks = max(1.0, pairs * launch.experts / max(fids, 1))
+    else:
+        hit = launch.experts * (1 - (1 - 1 / max(fids, 1)) ** pairs)  # expected experts with tokens
+        blocks = max(1.0, hit + pairs * launch.experts / max(fids, 1) / bm)
     target = 2 * _sms(device)
     big = pairs / max(1, min(fids, pairs)) > 32
     bn = 64 if big else 16
@@ -168,13 +176,23 @@ def check_config(launch: Launch, cfg: GemmConfig) -> None:
 
 @dataclass
 class Aligned:
-    """Output of moe_align for BM rows per block (see module docstring)."""
+    """How programs find their rows: the output of moe_align (BM rows per block, see the
+    module docstring), or `direct` (no sort: program i takes pair i; ids/fid_map give its
+    expert), which costs no launch and wins when there are only a few pairs."""
 
-    sorted_ids: torch.Tensor  # int32 [blocks * BM]: pair index t*k + j, or -1 (padding)
-    block_fid: torch.Tensor  # int32 [blocks]
-    block_start: torch.Tensor  # int32 [F + 1]
+    sorted_ids: torch.Tensor | None  # int32 [blocks * BM]: pair index t*k + j, or -1 (padding)
+    block_fid: torch.Tensor | None  # int32 [blocks]
+    block_start: torch.Tensor | None  # int32 [F + 1]
     bm: int
     pairs: int
+    ids: torch.Tensor  # [T*k] expert ids
+    fid_map: torch.Tensor
+    direct: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of the intermediate: one per pair (direct) or per padded slot."""
+        return self.pairs if self.direct else self.sorted_ids.numel()
 
 
 def max_blocks(pairs: int, experts: int, bm: int) -> int:
@@ -201,7 +219,7 @@ def moe_align(topk_ids: torch.Tensor, fid_map: torch.Tensor, fids: int, bm: int,
     _align_kernel[grid](topk_ids.reshape(-1), fid_map, scratch, scratch[fb:], sorted_ids, block_fid, block_start,
                         zero if zero is not None else scratch, pairs, fids, nblk * bm, nblk, zn, BM=bm, FB=fb,
                         CH=256 if pairs > 128 else 128, ZCH=zch, num_warps=4)
-    return Aligned(sorted_ids, block_fid, block_start, bm, pairs)
+    return Aligned(sorted_ids, block_fid, block_start, bm, pairs, topk_ids.reshape(-1), fid_map)
 
 
 def launch_gemm(launch: Launch, a: torch.Tensor, al: Aligned, topk_weights: torch.Tensor, out: torch.Tensor,
@@ -209,16 +227,17 @@ def launch_gemm(launch: Launch, a: torch.Tensor, al: Aligned, topk_weights: torc
     """One grouped GEMM launch (`a`: x [T, K] for w13, the intermediate for w2)."""
     op0 = launch.ops[0]
     op1 = launch.ops[1] if launch.mode == PAIR else op0
-    dummy = al.sorted_ids
+    dummy = launch.slots
     w, s = op0.w, op0.scales if op0.scales is not None else dummy
     scale_last = (not op0.is_int) and op0.scales is not None and op0.sbk >= op0.k
-    grid = (max_blocks(al.pairs, launch.f1 - launch.f0, al.bm), triton.cdiv(op0.n, cfg.bn), cfg.split_k)
+    blocks = al.pairs if al.direct else max_blocks(al.pairs, launch.f1 - launch.f0, al.bm)
+    grid = (blocks, triton.cdiv(op0.n, cfg.bn), cfg.split_k)
 
     def t(x):
         return x if x is not None else dummy
 
     _moe_gemm_kernel[grid](
-        a, al.sorted_ids, al.block_fid, al.block_start, launch.slots, topk_weights, out,
+        a, t(al.sorted_ids), t(al.block_fid), t(al.block_start), launch.slots, topk_weights, out, al.ids, al.fid_map,
         w, s, t(op0.zeros), t(op0.perm), t(op0.iscale),
         op1.w, t(op1.scales), t(op1.zeros), t(op1.perm), t(op1.iscale),
         op0.n, op0.k, launch.f0, launch.f1, a.stride(0), out.stride(0), w.stride(0), w.stride(1),
@@ -228,8 +247,8 @@ def launch_gemm(launch: Launch, a: torch.Tensor, al: Aligned, topk_weights: torc
         GROUP=op0.group or 1, HAS_ZP=op0.zeros is not None, HAS_PERM=op0.perm is not None,
         HAS_IS=op0.iscale is not None, SCALE_TILE=(not op0.is_int) and op0.scales is not None and not scale_last,
         SCALE_LAST=scale_last, SBN=op0.sbn or 1, SBK=op0.sbk or 1, BM=al.bm, BN=cfg.bn, BK=cfg.bk,
-        SPLIT_K=cfg.split_k, UPCAST=interpreting() or a.dtype == torch.float32, num_warps=cfg.warps,
-        num_stages=cfg.stages,
+        SPLIT_K=cfg.split_k, UPCAST=interpreting() or a.dtype == torch.float32, DIRECT=al.direct,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -274,33 +293,79 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 
 
 def run_plan(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
-    """The launches of fused_moe (align, w13 groups, w2 groups, cast or sum)."""
+    """The launches of fused_moe: [align], the w13 groups, the w2 groups, a cast or a sum.
+    Format groups are independent: on CUDA each group's launches go to its own stream
+    (fork/join, graph-capturable), so small groups overlap instead of queueing."""
     tokens, top_k = topk_ids.shape
     pairs = tokens * top_k
     if pairs == 0:
         return torch.zeros_like(x)
     o = CONFIG_OVERRIDE or {}
-    bm = o.get("bm") or choose_bm(pairs, plan.fids)
-    atomic = o.get("combine", "atomic" if pairs <= ATOMIC_MAX_PAIRS else "store") == "atomic"
-    if atomic:
-        out = torch.empty(tokens, plan.hidden, dtype=torch.float32, device=x.device)
+    dev = x.device
+    direct = o.get("dispatch", "direct" if pairs <= DIRECT_MAX_PAIRS else "sorted") == "direct"
+    atomic = not direct and o.get("combine", "atomic" if pairs <= ATOMIC_MAX_PAIRS else "store") == "atomic"
+    if atomic:  # zero-filled by the align launch
+        out = torch.empty(tokens, plan.hidden, dtype=torch.float32, device=dev)
+    else:  # every pair row is written once, unless its expert is not held here
+        out = (torch.zeros if direct and plan.partial else torch.empty)(pairs, plan.hidden, dtype=x.dtype, device=dev)
+    if direct:
+        bm = 16  # the smallest dot; one valid row per program
+        al = Aligned(None, None, None, bm, pairs, topk_ids.reshape(-1), plan.fid_map, direct=True)
     else:
-        out = torch.empty(pairs, plan.hidden, dtype=x.dtype, device=x.device)
-    al = moe_align(topk_ids, plan.fid_map, plan.fids, bm, zero=out if atomic or plan.partial else None)
-    inter = torch.empty(al.sorted_ids.numel(), plan.inter, dtype=x.dtype, device=x.device)
-    for launch in plan.w13:
-        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, x.device).__dict__, **_override(launch)})
+        bm = o.get("bm") or choose_bm(pairs, plan.fids)
+        al = moe_align(topk_ids, plan.fid_map, plan.fids, bm, zero=out if atomic or plan.partial else None)
+    inter = torch.empty(al.rows, plan.inter, dtype=x.dtype, device=dev)
+    parallel = o.get("streams", dev.type == "cuda")
+
+    def run13(launch: Launch) -> None:
+        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch)})
         check_config(launch, cfg)
         launch_gemm(launch, x, al, topk_weights, inter, top_k, cfg)
-    for launch in plan.w2:
+
+    def run2(launch: Launch) -> None:
         launch = Launch(launch.kind, COMBINE_ATOMIC if atomic else COMBINE_STORE, launch.f0, launch.f1,
                         launch.slots, launch.ops, launch.experts)
-        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, x.device).__dict__, **_override(launch)})
+        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch)})
         check_config(launch, cfg)
         launch_gemm(launch, inter, al, topk_weights, out, top_k, cfg)
+
+    _run_groups(plan.w13, run13, parallel)
+    _run_groups(plan.w2, run2, parallel)
     if atomic:
         return out.to(x.dtype)
     return out.view(tokens, top_k, plan.hidden).sum(1)
+
+
+_STREAMS: dict[torch.device, list] = {}
+
+
+def _run_groups(launches: list[Launch], run, parallel: bool) -> None:
+    """Run launches; those of one format group (same fid range) in order. With `parallel`,
+    groups after the first run on side streams forked from and joined to the current one."""
+    chains: list[list[Launch]] = []
+    for launch in launches:
+        if chains and (chains[-1][-1].f0, chains[-1][-1].f1) == (launch.f0, launch.f1):
+            chains[-1].append(launch)
+        else:
+            chains.append([launch])
+    if not parallel or len(chains) == 1:
+        for launch in launches:
+            run(launch)
+        return
+    dev = launches[0].slots.device
+    pool = _STREAMS.setdefault(dev, [])
+    while len(pool) < len(chains) - 1:
+        pool.append(torch.cuda.Stream(dev))
+    main = torch.cuda.current_stream(dev)
+    for chain, side in zip(chains[1:], pool):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for launch in chain:
+                run(launch)
+    for launch in chains[0]:
+        run(launch)
+    for side in pool[: len(chains) - 1]:
+        main.wait_stream(side)
 
 
 _ROLES = ("w", "scales", "zeros", "perm", "iscale")

@@ -114,7 +114,7 @@ if triton is not None:
         return acc + part
 
     @triton.jit
-    def _moe_gemm_kernel(a_ptr, sorted_ptr, bfid_ptr, bstart_ptr, slot_ptr, topw_ptr, out_ptr,
+    def _moe_gemm_kernel(a_ptr, sorted_ptr, bfid_ptr, bstart_ptr, slot_ptr, topw_ptr, out_ptr, ids_ptr, fmap_ptr,
                          w0_ptr, s0_ptr, z0_ptr, p0_ptr, i0_ptr, w1_ptr, s1_ptr, z1_ptr, p1_ptr, i1_ptr,
                          N, K, F0, F1, stride_am, stride_om, stride_we, stride_wr, stride_se, stride_sr,
                          stride_pe, stride_ie,
@@ -122,20 +122,29 @@ if triton is not None:
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                          HAS_IS: tl.constexpr, SCALE_TILE: tl.constexpr, SCALE_LAST: tl.constexpr,
                          SBN: tl.constexpr, SBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
+                         BK: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        blk = tl.load(bstart_ptr + F0) + pid_m
-        if blk >= tl.load(bstart_ptr + F1):  # the grid is a bound; the real block count is on device
-            return
-        slot = tl.load(slot_ptr + tl.load(bfid_ptr + blk))
+        if DIRECT:  # one pair per program, no sort: row 0 of the tile is pair pid_m
+            fid = tl.load(fmap_ptr + tl.load(ids_ptr + pid_m))
+            if fid < 0:  # an expert not held here
+                return
+            slot = tl.load(slot_ptr + fid)
+            pair = pid_m + tl.zeros((BM,), tl.int32)
+            row_ok = tl.arange(0, BM) == 0
+            rows = pair  # the intermediate is indexed by pair
+        else:
+            blk = tl.load(bstart_ptr + F0) + pid_m
+            if blk >= tl.load(bstart_ptr + F1):  # the grid is a bound; the real block count is on device
+                return
+            slot = tl.load(slot_ptr + tl.load(bfid_ptr + blk))
+            rows = blk * BM + tl.arange(0, BM)
+            pair = tl.load(sorted_ptr + rows)
+            row_ok = pair >= 0
         if slot < 0:  # a block of an expert in another format group
             return
         e = slot.to(tl.int64)
-        rows = blk * BM + tl.arange(0, BM)
-        pair = tl.load(sorted_ptr + rows)
-        row_ok = pair >= 0
         token = pair // TOPK
         if A_BY_TOKEN:
             a_rows = a_ptr + token.to(tl.int64) * stride_am

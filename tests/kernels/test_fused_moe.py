@@ -42,12 +42,12 @@ def check(y, ref, dtype, what):
     assert float(err.max()) < tol(dtype), (what, float(err.max()))
 
 
-def run_layer(formats, ms, top_ks, dtype, combine=None, monkeypatch=None):
+def run_layer(formats, ms, top_ks, dtype, override=None, monkeypatch=None):
     fused, dense = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV)
     ref_layer, _ = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV, fused=False)
     assert fused.fused_plan is not None and ref_layer.fused_plan is None
-    if combine:
-        monkeypatch.setattr(fm, "CONFIG_OVERRIDE", {"combine": combine})
+    if override:
+        monkeypatch.setattr(fm, "CONFIG_OVERRIDE", override)
     g = torch.Generator().manual_seed(len(formats))
     for i, m in enumerate(ms):
         k = top_ks[i % len(top_ks)]
@@ -70,10 +70,11 @@ def test_two_formats(formats):
     run_layer(formats, MS if CUDA else (3, 16), (1, 2, 8), torch.bfloat16 if CUDA else torch.float32)
 
 
-@pytest.mark.parametrize("combine", ["atomic", "store"])
-def test_three_formats_every_m_and_top_k(combine, monkeypatch):
+@pytest.mark.parametrize("mode", [{"combine": "atomic"}, {"combine": "store"}, {"dispatch": "direct"}])
+def test_three_formats_every_m_and_top_k(mode, monkeypatch):
     formats = ["bf16", "fp8-channel", "gptq4", "gptq4-act", "fp8-block", "int8", "awq", "gptq4-asym"]
-    run_layer(formats, MS, (1, 2, 8), torch.bfloat16 if CUDA else torch.float32, combine, monkeypatch)
+    ms = MS if CUDA or "dispatch" not in mode else (1, 2, 3, 7)  # direct: one program per pair
+    run_layer(formats, ms, (1, 2, 8), torch.bfloat16 if CUDA else torch.float32, mode, monkeypatch)
 
 
 def test_bf16_activations_and_gate_up_in_different_formats():
@@ -94,10 +95,10 @@ def test_zero_token_experts_and_all_tokens_to_one_expert():
         check(y, moe_float64(x, ids, w, dense), torch.float32, ids[0].tolist())
 
 
-@pytest.mark.parametrize("combine", ["atomic", "store"])
-def test_subset_of_experts_as_under_expert_parallel(combine, monkeypatch):
+@pytest.mark.parametrize("mode", [{"combine": "atomic"}, {"combine": "store"}, {"dispatch": "direct"}])
+def test_subset_of_experts_as_under_expert_parallel(mode, monkeypatch):
     """Experts 1 and 4 are not held here: their pairs add nothing; the rest is exact."""
-    monkeypatch.setattr(fm, "CONFIG_OVERRIDE", {"combine": combine})
+    monkeypatch.setattr(fm, "CONFIG_OVERRIDE", mode)
     moe, dense = make_moe(H, INTER, E, 4, ["awq", "fp8-block"], device=DEV, skip={1, 4})
     assert moe.fused_plan.partial and moe.fused_plan.fids == E - 2
     g = torch.Generator().manual_seed(4)
@@ -115,7 +116,8 @@ def test_subset_of_experts_as_under_expert_parallel(combine, monkeypatch):
     ([("gptq4", "gptq4", "fp8-channel"), "gptq4"], 1, 2),  # same w13 format, two w2 formats
     (["gptq4", "ct4", "gptq4-asym"], 2, 2),  # gptq (fp16 scales) and compressed-tensors int4 g32 sym share one
 ])
-def test_launch_count_is_per_format_group_not_per_expert(formats, w13, w2, monkeypatch):
+@pytest.mark.parametrize("tokens", [16, 2])  # 32 pairs: sorted (one align launch); 4 pairs: direct (none)
+def test_launch_count_is_per_format_group_not_per_expert(formats, w13, w2, tokens, monkeypatch):
     moe, _ = make_moe(H, INTER, E, 2, formats, device=DEV)
     calls = {"align": 0, "w13": 0, "w2": 0}
     align, gemm = fm.moe_align, fm.launch_gemm
@@ -130,10 +132,10 @@ def test_launch_count_is_per_format_group_not_per_expert(formats, w13, w2, monke
 
     monkeypatch.setattr(fm, "moe_align", count_align)
     monkeypatch.setattr(fm, "launch_gemm", count_gemm)
-    x = torch.randn(16, H, generator=torch.Generator().manual_seed(5)).to(DEV)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(5)).to(DEV)
     r = route(moe.gate(x), 2, True)
     moe.compute(moe.experts, x, r, dispatch(r, E))
-    assert calls == {"align": 1, "w13": w13, "w2": w2}
+    assert calls == {"align": int(tokens * 2 > fm.DIRECT_MAX_PAIRS), "w13": w13, "w2": w2}
 
 
 def test_stacked_weights_are_held_once():
