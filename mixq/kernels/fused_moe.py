@@ -315,7 +315,7 @@ def run_plan(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         bm = o.get("bm") or choose_bm(pairs, plan.fids)
         al = moe_align(topk_ids, plan.fid_map, plan.fids, bm, zero=out if atomic or plan.partial else None)
     inter = torch.empty(al.rows, plan.inter, dtype=x.dtype, device=dev)
-    parallel = o.get("streams", dev.type == "cuda")
+    parallel = o.get("streams", True) and dev.type == "cuda"
 
     def run13(launch: Launch) -> None:
         cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch)})

@@ -213,3 +213,27 @@ def test_refusals_name_the_tensor_and_the_reason(monkeypatch):
         monkeypatch.delenv("MIXQ_TRITON_INTERPRET_METHODS")
         ok, why = moe_pack.can_implement(WeightSpec("fp8", 8, torch.float8_e4m3fn, "channel"), torch.device("cpu"))
         assert not ok and "needs a CUDA device" in why
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs and CUDA graphs exist on CUDA only")
+def test_fused_forward_has_no_host_sync_and_replays_in_a_cuda_graph():
+    moe, dense = make_moe(H, INTER, E, 2, ["gptq4", "fp8-channel", "bf16"], dtype=torch.bfloat16, device=DEV)
+    g = torch.Generator().manual_seed(8)
+    for m in (1, 33):  # direct and sorted dispatch
+        x = torch.randn(m, H, generator=g).to(torch.bfloat16).to(DEV)
+        moe(x)  # compile outside the checks
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            moe(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        static = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe(static)
+        x2 = torch.randn(m, H, generator=g).to(torch.bfloat16).to(DEV)
+        static.copy_(x2)
+        graph.replay()
+        r = route(moe.gate(x2), 2, True)
+        check(out, moe_float64(x2, r.topk_ids, r.topk_weights, dense), torch.bfloat16, ("graph", m))
