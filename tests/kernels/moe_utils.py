@@ -83,8 +83,9 @@ def make_moe(hidden: int, inter: int, experts: int, top_k: int, formats, seed=0,
         for proj, fmt, (o, i) in zip(("gate_proj", "up_proj", "down_proj"), f3,
                                      ((inter, hidden), (inter, hidden), (hidden, inter))):
             w = torch.randn(o, i, generator=g) / i**0.5
-            qw = make_weight(fmt, f"experts.{e}.{proj}.weight", w).to(device)
-            dense[(e, proj)] = qw.dequantize(torch.float64).cpu()
+            qw = make_weight(fmt, f"experts.{e}.{proj}.weight", w)
+            dense[(e, proj)] = qw.dequantize(torch.float64)  # the reference reads the CPU copy
+            qw = qw.to(device)
             if e not in skip:
                 getattr(moe.experts[e], proj).load(qw, dtype)
     if fused is False and torch.device(device).type == "cpu":
