@@ -44,7 +44,8 @@ def build_model(hf_config: dict, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dtype: torch.dtype) -> None:
-    """Place each weight on its module (by name); every module weight must be filled."""
+    """Place each weight on its module (by name); every module weight must be filled. Then
+    call `process_weights_after_loading()` on every module that has one."""
     modules = dict(model.named_modules())
     seen = set()
     for qw in weights:
@@ -66,6 +67,10 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
     missing = [n for n, m in modules.items() if hasattr(m, "load") and getattr(m, "weight", 0) is None]
     if missing:
         raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
+    # post-load repacks that need several weights at once (MoE experts stacked per format)
+    for mod in model.modules():
+        if hasattr(mod, "process_weights_after_loading"):
+            mod.process_weights_after_loading()
 
 
 
