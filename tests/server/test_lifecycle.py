@@ -176,9 +176,14 @@ def test_truncation_queue_and_graceful_sigterm_with_streams_in_flight():
 
 def test_forced_shutdown_aborts_streams_cleanly():
     """SIGTERM then SIGINT (as a second Ctrl-C): uvicorn stops waiting; in-flight requests
-    are aborted, their clients see the stream end, and the process exits 0."""
-    proc, url = start("--model-path", str(MODEL), "--max-total-tokens", "4096", "--page-size", "8")
+    are aborted, their clients see the stream end, and the process exits 0. The server
+    runs the example mix (--enable-mixed-precision --mixed-precision-config)."""
+    mix = ROOT / "examples" / "tiny-llama-mix.yaml"
+    proc, url = start("--enable-mixed-precision", "--mixed-precision-config", str(mix), "--max-total-tokens", "4096",
+                      "--page-size", "8")
     try:
+        mem = httpx.get(f"{url}/memory_stats").json()
+        assert set(mem["by_format"]) == {"bf16", "fp8", "int8", "int4"}  # the config is applied (dtype bf16)
         streams = Streams(url, 3, 480)
         assert wait_for(lambda: all(len(e) >= 2 for e in streams.events))
         children = descendants(proc.pid)
