@@ -82,7 +82,7 @@ def serve(args: ServerArgs) -> int:
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
-        attention_backend=args.attention_backend, show_progress=True,
+        attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype, show_progress=True,
         enable_expert_tracking=args.enable_expert_tracking))
     name = args.served_model_name or default_name or engine.plan.base.path.name
     metrics = ServerMetrics(engine)

@@ -183,3 +183,21 @@ def test_seeded_sampling_is_the_exponential_race_on_hfs_distribution_in_any_batc
         race = torch.empty(probs.shape[0], device=DEVICE).exponential_(generator=g).cpu().double()
         want.append(int((probs / race).argmax()))
     assert got == want
+
+
+def test_kv_cache_dtype_is_honoured(llm):
+    """--kv-cache-dtype: the paged cache holds K/V in that dtype, sized by it; attention
+    reads them back into the compute dtype (here: bf16 cache under a float32 model)."""
+    from mixq.layers.attention import PagedAttention
+
+    half = LLM(model_path=str(FIX / "bf16"), max_total_tokens=256, page_size=8, device=DEVICE, dtype="float32",
+               kv_cache_dtype="bfloat16")
+    caches = [(m.k_cache, m.v_cache) for m in half.engine.model.modules() if isinstance(m, PagedAttention)]
+    assert caches and all(k.dtype == v.dtype == torch.bfloat16 for k, v in caches)
+    assert half.engine.runner.num_blocks == 256 // 8
+    ids = llm.engine.tokenizer.encode("the cat sat on the mat and then ran to the house")
+    full = llm.engine.runner.score(ids, [0, 1])
+    rounded = half.engine.runner.score(ids, [0, 1])
+    # K/V rounded to bf16 (2**-9 relative) move the logits a little, never a lot
+    assert not torch.equal(full, rounded)
+    torch.testing.assert_close(rounded, full, rtol=0, atol=0.02 * float(full.abs().max()))
