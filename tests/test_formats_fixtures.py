@@ -120,3 +120,44 @@ def test_gptq_legacy_and_compressed_tensors_round_trip_the_same_dense_model():
         err = (cat.read(name).dequantize() - dense).norm() / dense.norm()
         bound = 0.5 if variant.startswith("awq") else 0.15  # AWQ also rescales columns
         assert err < bound, (variant, float(err))
+
+
+def test_compressed_tensors_pack_quantized_with_g_idx(tmp_path):
+    """pack-quantized with `weight_g_idx` (actorder "group", written by compressed-tensors
+    <= 0.11; today's library no longer writes or reads it). Built from GPTQModel's
+    desc_act checkpoint by moving the same 4-bit codes, scales and g_idx into the
+    compressed-tensors layout: our dequantization must equal GPTQModel's own."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mixq.formats.packing import pack_int32, unpack_int32
+
+    src = FIX / "tiny-llama" / "gptq-legacy-4bit-desc-act"
+    cat = CheckpointCatalog(src)
+    ref = load_file(str(src / "reference.safetensors"))
+    tensors = {}
+    for name in ref:
+        w = cat.read(name)
+        mod = name.removesuffix(".weight")
+        n, k = w.shape
+        q = unpack_int32(w.tensors["qweight"], 4, dim=0)[:k].t()  # [N, K], symmetric around 8
+        assert not torch.equal(w.tensors["g_idx"].long(), torch.arange(k) // 32)  # a real act-order
+        tensors.update({f"{mod}.weight_packed": pack_int32(q, 4, dim=1), f"{mod}.weight_scale": w.tensors["scales"].t().contiguous(),
+                        f"{mod}.weight_g_idx": w.tensors["g_idx"], f"{mod}.weight_shape": torch.tensor([n, k])})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32, "actorder": "group"}}},
+        "ignore": ["lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ct = CheckpointCatalog(tmp_path)
+    for name, theirs in ref.items():
+        w = ct.read(name)
+        assert w.spec.layout == "ct-packed" and w.spec.act_order and "weight_g_idx" in w.tensors
+        torch.testing.assert_close(w.dequantize(), theirs.float(), rtol=0, atol=0)  # small ints x fp16: exact
+        # without g_idx the columns would take the wrong groups' scales
+        plain = CheckpointCatalog(tmp_path).read(name)
+        del plain.tensors["weight_g_idx"]
+        assert not torch.equal(plain.dequantize(), theirs.float())

@@ -122,8 +122,9 @@ class PrecisionResolver:
             return Resolution(BASE_PRECISION, None)
         return Resolution(best.precision, best.key)
 
-    def resolve_all(self, names: Iterable[str]) -> dict[str, Resolution]:
-        """Resolve every name; a key that matched none of them is a ConfigError."""
+    def resolve_all(self, names: Iterable[str], base: str = "the base checkpoint") -> dict[str, Resolution]:
+        """Resolve every name; a key that matched none of them is a ConfigError naming
+        `base` (where the names come from)."""
         names = list(names)
         out = {n: self.resolve(n) for n in names}
         known = set(names)
@@ -131,12 +132,12 @@ class PrecisionResolver:
             if key not in known:
                 raise ConfigError(
                     f"mixed-precision config {self.source}: weight_mapping[{key!r}]: "
-                    "no such tensor in the base checkpoint"
+                    f"no such tensor in {base}"
                 )
         for r in self.patterns:
             if not any(r.matches(n) for n in names):
                 raise ConfigError(
                     f"mixed-precision config {self.source}: weight_mapping[{r.key!r}]: "
-                    "pattern matches no tensor in the base checkpoint"
+                    f"pattern matches no tensor in {base}"
                 )
         return out

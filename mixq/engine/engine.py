@@ -39,6 +39,7 @@ class EngineConfig:
     page_size: int = 16
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
     show_progress: bool = False
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
 
@@ -121,6 +122,8 @@ class LLMEngine:
             dtype = mp.inference.dtype if dtype == "auto" else dtype
             max_len = max_len or mp.inference.max_seq_length
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
+        self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, self.device,
+                                                                                        hf_cfg)
         t0 = time.perf_counter()
         self.model = build_model(hf_cfg, self.device)
         weights = iter_weights(self.plan, device=self.device)
@@ -144,7 +147,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
 
         num_blocks = self._num_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.dtype, self.device,
+        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
                                   cfg.attention_backend)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
@@ -168,7 +171,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * self.cfg.mem_fraction_static - (total - free)
-            per = ModelRunner.kv_bytes_per_block(self.model, bs, self.dtype)
+            per = ModelRunner.kv_bytes_per_block(self.model, bs, self.kv_dtype)
             if budget < per * (-(-self.max_model_len // bs)):
                 raise RuntimeError(
                     f"not enough GPU memory for the KV cache of one {self.max_model_len}-token sequence at "
@@ -176,7 +179,7 @@ class LLMEngine:
                 )
             return int(budget // per)
         # CPU: room for every running request at full length, within 4 GiB
-        per = ModelRunner.kv_bytes_per_block(self.model, bs, self.dtype)
+        per = ModelRunner.kv_bytes_per_block(self.model, bs, self.kv_dtype)
         want = self.cfg.max_running_requests * -(-self.max_model_len // bs)
         return max(-(-self.max_model_len // bs), min(want, int(4 * 2**30 // per)))
 

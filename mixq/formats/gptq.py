@@ -87,7 +87,10 @@ class GPTQReader(FormatReader):
                     f"expected {(want_groups, n)} for K={k}, group_size={spec.group_size}"
                 )
             unclaimed -= {r.tensor for r in roles.values()}
-            entries.append(Entry(f"{mod}.weight", spec, (n, k), roles, stored_bytes(ckpt, roles)))
+            # without desc_act a stored g_idx is only checked, then dropped (see `check`):
+            # the weight costs what its other roles hold
+            held = {r: v for r, v in roles.items() if spec.act_order or r != "g_idx"}
+            entries.append(Entry(f"{mod}.weight", spec, (n, k), roles, stored_bytes(ckpt, held)))
         return entries
 
     def check(self, qw: QuantizedWeight, ckpt: Checkpoint) -> None:

@@ -142,7 +142,7 @@ def build_plan(cfg: MixedPrecisionConfig | None = None, model_path: str | None =
         )
     mp = cfg.mixed_precision
     resolutions = PrecisionResolver(mp.weight_mapping, source=src).resolve_all(
-        sorted(base.entries, key=natural_key)
+        sorted(base.entries, key=natural_key), base=f"the base checkpoint {base.path}"
     )
     tensors: dict[str, PlannedTensor] = {}
     warnings: list[str] = []

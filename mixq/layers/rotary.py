@@ -63,23 +63,40 @@ def _yarn(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, f
     return inv_freq, float(attn)
 
 
+def rope_frequencies(head_dim: int, cfg: dict) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2] float64, cos/sin scale) for a config.json's rope settings."""
+    p = rope_params(cfg)
+    base, kind = float(p["rope_theta"]), p["rope_type"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if kind == "llama3":
+        return _llama3(inv_freq, p), 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, base, p, cfg.get("max_position_embeddings", 4096))
+    if kind == "linear":
+        return inv_freq / p["factor"], 1.0
+    if kind != "default":
+        raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+    return inv_freq, 1.0
+
+
+def rope_max_position(cfg: dict) -> int:
+    """Positions the model serves. YaRN as Qwen documents it leaves max_position_embeddings
+    at the pretraining length and extends it by `factor` (vLLM does the same). Other
+    schedules (Llama-3) already state the long length there."""
+    n = cfg.get("max_position_embeddings", 4096)
+    p = rope_params(cfg)
+    if p["rope_type"] == "yarn" and p.get("factor"):
+        orig = p.get("original_max_position_embeddings") or n
+        return max(n, int(orig * p["factor"]))
+    return n
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to q [T, H, D] and k [T, Hkv, D] at given positions."""
 
     def __init__(self, head_dim: int, max_position: int, cfg: dict):
         super().__init__()
-        p = rope_params(cfg)
-        base, kind = float(p["rope_theta"]), p["rope_type"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        scale = 1.0
-        if kind == "llama3":
-            inv_freq = _llama3(inv_freq, p)
-        elif kind == "yarn":
-            inv_freq, scale = _yarn(head_dim, base, p, max_position)
-        elif kind == "linear":
-            inv_freq = inv_freq / p["factor"]
-        elif kind != "default":
-            raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+        inv_freq, scale = rope_frequencies(head_dim, cfg)
         t = torch.arange(max_position, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq.double())
         # float32 tables, computed in float64 so long contexts keep their precision.
@@ -96,3 +113,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+_SHARED: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(head_dim: int, max_position: int, cfg: dict) -> RotaryEmbedding:
+    """One RotaryEmbedding per (schedule, length, device), shared by every layer: the
+    tables are [max_position, head_dim/2] each (64 MiB for a 131072-token Llama-3), so a
+    copy per layer would cost gigabytes. Builds on the current default device."""
+    p = rope_params(cfg)
+    key = (head_dim, max_position, repr(sorted(p.items())), str(torch.get_default_device()))
+    rope = _SHARED.get(key)
+    if rope is None:
+        rope = _SHARED[key] = RotaryEmbedding(head_dim, max_position, cfg)
+    return rope
+

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mixq.layers.rotary import rope_max_position
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -51,7 +53,7 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab_size=cfg["vocab_size"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_position=cfg.get("max_position_embeddings", 4096),
+            max_position=rope_max_position(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", mt in ("qwen2", "qwen2_moe"))),
             qk_norm=mt in ("qwen3", "qwen3_moe"),

@@ -11,7 +11,7 @@ from mixq.layers.embedding import Embedding
 from mixq.layers.forward_batch import ForwardBatch
 from mixq.layers.linear import MixedPrecisionLinear
 from mixq.layers.norm import RMSNorm
-from mixq.layers.rotary import RotaryEmbedding
+from mixq.layers.rotary import get_rope
 from mixq.models.config import ModelConfig
 
 
@@ -26,7 +26,7 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.d, c.rms_norm_eps), RMSNorm(self.d, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
-        self.rotary = RotaryEmbedding(self.d, c.max_position, c.raw)
+        self.rotary = get_rope(self.d, c.max_position, c.raw)  # shared by all layers
         self.attn = PagedAttention(self.h, self.kv, self.d, self.d**-0.5)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -82,7 +82,7 @@ def serve(args: ServerArgs) -> int:
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
-        attention_backend=args.attention_backend, show_progress=True,
+        attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype, show_progress=True,
         enable_expert_tracking=args.enable_expert_tracking))
     name = args.served_model_name or default_name or engine.plan.base.path.name
     metrics = ServerMetrics(engine)
@@ -111,13 +111,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from mixq.server.args import add_server_flags, from_namespace
 
-    p = argparse.ArgumentParser(prog="mixq serve", description="OpenAI-compatible mixed-precision LLM server "
-                                "(SGLang's launch flags).")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line naming the problem, not a screen of usage
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    p = Parser(prog="mixq serve", description="OpenAI-compatible mixed-precision LLM server "
+               "(SGLang's launch flags).")
     add_server_flags(p)
     ns = p.parse_args(argv)
     try:
         args = from_namespace(ns)
         check_args(args)
+        if ns.model_path is None and ns.mixed_precision_config is None:
+            # the embedded default: its config's server/inference sections are defaults
+            # under the flags, as for any config (prepared on first use, after the checks)
+            from mixq.assets.default_model import NAME, default_config_path
+
+            ns.mixed_precision_config = str(default_config_path())
+            ns.served_model_name = ns.served_model_name or NAME
+            args = from_namespace(ns)
         return serve(args)
     except MixqError as e:
         print(f"mixq serve: error: {e}", file=sys.stderr)

@@ -18,6 +18,23 @@ MIX = Path(__file__).parents[2] / "examples" / "tiny-llama-mix.yaml"
 
 
 @pytest.fixture(scope="module")
+def hf():
+    return transformers.AutoModelForCausalLM.from_pretrained(FIX / "bf16", dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def assert_greedy_per_hf(hf, prompt_ids: list[int], out_ids: list[int]) -> None:
+    """Each generated token is HF's argmax given the tokens before it (one teacher-forced
+    forward). Positions whose top two logits are within 1e-4 are near-ties that float32
+    rounding may break either way; they are not judged."""
+    logits = hf(torch.tensor([prompt_ids + out_ids])).logits[0, len(prompt_ids) - 1 : -1]
+    top = logits.topk(2)
+    for j, t in enumerate(out_ids):
+        if top.values[j, 0] - top.values[j, 1] >= 1e-4:
+            assert t == int(top.indices[j, 0]), f"token {j}: got {t}, HF's argmax is {int(top.indices[j, 0])}"
+
+
+@pytest.fixture(scope="module")
 def llm():
     return LLM(model_path=str(FIX / "bf16"), max_running_requests=64, max_total_tokens=4096, page_size=8,
                chunked_prefill_size=64, device=DEVICE, dtype="float32")
@@ -29,8 +46,7 @@ def prompts(n, seed=0):
     return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
-def test_greedy_matches_hf_generate(llm):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(FIX / "bf16", dtype=torch.float32).eval()
+def test_greedy_matches_hf_generate(llm, hf):
     tok = llm.engine.tokenizer
     for p in prompts(4, seed=1):
         ids = tok.encode(p)
@@ -40,11 +56,13 @@ def test_greedy_matches_hf_generate(llm):
         assert out.outputs[0].token_ids == ref
 
 
-def test_batched_equals_unbatched_for_64_concurrent_requests(llm):
+def test_batched_equals_unbatched_for_64_concurrent_requests(llm, hf):
     ps = prompts(64, seed=2)
     params = [SamplingParams(max_new_tokens=random.Random(i).randint(1, 24), temperature=0, ignore_eos=True)
               for i in range(64)]
     batched = llm.generate(ps, params)
+    for o in batched:  # every one of the 64 is correct, not only the ones rerun alone below
+        assert_greedy_per_hf(hf, o.prompt_token_ids, o.outputs[0].token_ids)
     for i in (0, 5, 17, 33, 63):
         alone = llm.generate(ps[i], params[i])[0]
         assert batched[i].outputs[0].token_ids == alone.outputs[0].token_ids
@@ -120,3 +138,66 @@ def test_triton_decode_attention_gives_the_same_tokens_and_logits(llm):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         # fp32 everywhere; the online softmax sums in another order: ~1e-6 relative
         assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
+
+
+def test_stop_token_ids_end_the_sequence_and_stay_out_of_the_text(llm):
+    p = "the cat sat on"
+    tok = llm.engine.tokenizer
+    base = llm.generate(p, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    k = next(i for i in range(2, len(base)) if base[i] not in base[:i])  # first occurrence of its token
+    out = llm.generate(p, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True,
+                                         stop_token_ids=[base[k]]))[0].outputs[0]
+    assert out.token_ids == base[: k + 1] and out.finish_reason == "stop"
+    assert out.text == tok.decode(base[:k], skip_special_tokens=True)
+
+
+def test_n_samples_are_the_separately_seeded_requests_and_greedy_n_repeats(llm):
+    p = "the cat sat on"
+    sp = dict(max_new_tokens=8, temperature=0.8, top_k=20)
+    many = llm.generate(p, SamplingParams(**sp, seed=5, n=3))[0].outputs
+    assert [o.index for o in many] == [0, 1, 2]
+    for i, o in enumerate(many):  # sample i draws from seed + i
+        assert o.token_ids == llm.generate(p, SamplingParams(**sp, seed=5 + i))[0].outputs[0].token_ids
+    g = llm.generate(p, SamplingParams(max_new_tokens=8, temperature=0, n=3, ignore_eos=True))[0].outputs
+    one = llm.generate(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert [o.token_ids for o in g] == [one.token_ids] * 3
+
+
+@torch.no_grad()
+def test_seeded_sampling_is_the_exponential_race_on_hfs_distribution_in_any_batch(llm, hf):
+    """A seeded request draws E ~ Exp(1) per step from its own generator (seed + index) and
+    takes argmax(p / E), p = softmax(logits / T): recomputed here on HF's logits, with the
+    request batched among unseeded and greedy ones (their draws must not disturb it)."""
+    tok = llm.engine.tokenizer
+    p, temp, seed, n_new = "the blue sky and the house", 1.3, 42, 12
+    others = [("a cat ran", SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True)),
+              ("then to the mat", SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))]
+    sp = SamplingParams(max_new_tokens=n_new, temperature=temp, seed=seed, ignore_eos=True)
+    outs = llm.generate([others[0][0], p, others[1][0]], [others[0][1], sp, others[1][1]])
+    got = outs[1].outputs[0].token_ids
+    ids = tok.encode(p)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    want = []
+    for _ in range(n_new):
+        probs = torch.softmax(hf(torch.tensor([ids + want])).logits[0, -1].double() / temp, -1)
+        race = torch.empty(probs.shape[0], device=DEVICE).exponential_(generator=g).cpu().double()
+        want.append(int((probs / race).argmax()))
+    assert got == want
+
+
+def test_kv_cache_dtype_is_honoured(llm):
+    """--kv-cache-dtype: the paged cache holds K/V in that dtype, sized by it; attention
+    reads them back into the compute dtype (here: bf16 cache under a float32 model)."""
+    from mixq.layers.attention import PagedAttention
+
+    half = LLM(model_path=str(FIX / "bf16"), max_total_tokens=256, page_size=8, device=DEVICE, dtype="float32",
+               kv_cache_dtype="bfloat16")
+    caches = [(m.k_cache, m.v_cache) for m in half.engine.model.modules() if isinstance(m, PagedAttention)]
+    assert caches and all(k.dtype == v.dtype == torch.bfloat16 for k, v in caches)
+    assert half.engine.runner.num_blocks == 256 // 8
+    ids = llm.engine.tokenizer.encode("the cat sat on the mat and then ran to the house")
+    full = llm.engine.runner.score(ids, [0, 1])
+    rounded = half.engine.runner.score(ids, [0, 1])
+    # K/V rounded to bf16 (2**-9 relative) move the logits a little, never a lot
+    assert not torch.equal(full, rounded)
+    torch.testing.assert_close(rounded, full, rtol=0, atol=0.02 * float(full.abs().max()))

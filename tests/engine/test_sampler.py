@@ -60,7 +60,8 @@ def exact_dist(logits, temperature, top_k, top_p, min_p):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=5),
-                                dict(temperature=1.0, min_p=0.2), dict(temperature=0.9)])
+                                dict(temperature=1.0, min_p=0.2), dict(temperature=0.9),
+                                dict(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05)])
 def test_sampling_distribution_matches_the_exact_filtered_distribution(kw):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 12, generator=g) * 1.5

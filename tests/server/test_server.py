@@ -211,3 +211,109 @@ def test_config_with_errors_is_refused_before_loading(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mixq", "serve", "--mixed-precision-config", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown precision 'fp9'" in r.stderr
+
+
+H = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_requests_without_the_bearer_key_get_401(server):
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": "Bearer nope"}):
+        r = httpx.post(f"{server}/v1/completions", headers=headers, json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 401
+        err = r.json()["error"]
+        assert err["type"] == "authentication_error" and "API key" in err["message"]
+    for path in ("/v1/models", "/get_model_info", "/get_server_info", "/memory_stats"):
+        assert httpx.get(f"{server}{path}").status_code == 401, path
+        assert httpx.get(f"{server}{path}", headers=H).status_code == 200, path
+
+
+def test_server_info_and_memory_stats(server, reference):
+    from mixq.tracking.memory import MemoryStats
+
+    info = httpx.get(f"{server}/get_server_info", headers=H).json()
+    assert (info["served_model_name"], info["page_size"], info["max_model_len"], info["max_total_tokens"]) == (
+        "tiny", 8, 512, 2048)
+    assert info["kv_blocks"] == 2048 // 8 and info["device"] == "cpu" and info["dtype"] == "float32"
+    assert KEY not in json.dumps(info)  # the API key is never echoed
+    mem = httpx.get(f"{server}/memory_stats", headers=H).json()
+    # the same checkpoint loaded the same way in this process holds the same bytes
+    want = MemoryStats.from_weights(reference.engine.weights).as_dict()
+    assert mem == json.loads(json.dumps(want))
+
+
+def test_native_generate_text_ids_stream_and_errors(server, reference):
+    tok = reference.engine.tokenizer
+    ids = tok.encode("the blue sky")
+    want = greedy(reference, ids, 6)
+    sp = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server}/generate", headers=H, json={"input_ids": ids, "sampling_params": sp}).json()
+    assert r["text"] == want and len(r["output_ids"]) == 6 and r["meta_info"]["prompt_tokens"] == len(ids)
+    assert r["meta_info"]["finish_reason"] == {"type": "length"}
+    with httpx.stream("POST", f"{server}/generate", headers=H,
+                      json={"text": "the blue sky", "sampling_params": sp, "stream": True}, timeout=30) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["text"] == want and [len(c["output_ids"]) for c in chunks] == sorted(len(c["output_ids"]) for c in chunks)
+    for body, status, msg in [({"text": "a", "input_ids": [1]}, 400, "exactly one of 'text' or 'input_ids'"),
+                              ({"text": "a", "sampling_params": {"temprature": 1}}, 400, "temprature"),
+                              ({"text": "a", "sampling_params": {"top_p": 0}}, 400, "top_p"),
+                              ({"input_ids": [999999]}, 400, "token ids must be in")]:
+        r = httpx.post(f"{server}/generate", headers=H, json=body)
+        assert r.status_code == status and msg in r.json()["error"]["message"], (body, r.text)
+
+
+def test_metrics_count_one_request_exactly(server, reference):
+    def snap():
+        text = httpx.get(f"{server}/metrics").text
+        vals = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                vals[name] = float(value)
+        return vals
+
+    assert metric(server, "mixq_num_running_requests") == 0 and metric(server, "mixq_num_queue_requests") == 0
+    before = snap()
+    prompt = "the cat sat on a mat"
+    r = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=7, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 7
+    time.sleep(0.2)  # metrics are updated by the engine thread right after the step
+    after = snap()
+
+    def d(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert d("mixq_time_to_first_token_seconds_count") == 1
+    assert d("mixq_inter_token_latency_seconds_count") == 6  # between 7 tokens
+    assert d("mixq_e2e_request_latency_seconds_count") == 1
+    assert d("mixq_generation_tokens_total") == 7
+    assert d("mixq_prompt_tokens_total") == r.usage.prompt_tokens
+    assert d('mixq_requests_total{reason="length"}') == 1
+    assert d("mixq_time_to_first_token_seconds_sum") > 0 and after["mixq_kv_cache_usage"] == 0
+
+
+def test_stop_strings_chat_logprobs_and_chat_errors(server, reference):
+    c = client(server)
+    tok = reference.engine.tokenizer
+    prompt = "the cat sat on the mat"
+    full = greedy(reference, tok.encode(prompt), 12)
+    stop = full[3:6]
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                  temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(x.top_logprobs) == 2 for x in content)
+    assert all(x.logprob == pytest.approx(x.top_logprobs[0].logprob, abs=1e-5) for x in content)  # greedy
+    for body, status, msg in [("{oops", 400, "malformed JSON"),
+                              (json.dumps({"model": "tiny", "messages": []}), 400, "messages"),
+                              (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404,
+                               "The model 'nope' does not exist"),
+                              (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                           "max_tokens": 0}), 400, "max_tokens")]:
+        r = httpx.post(f"{server}/v1/chat/completions", content=body,
+                       headers={**H, "Content-Type": "application/json"})
+        assert r.status_code == status and msg in r.json()["error"]["message"], (body, r.text)

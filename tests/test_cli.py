@@ -1,0 +1,142 @@
+"""`mixq generate` and `mixq eval-ppl`: what they print, against the engine and HF."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mixq.cli import main as cli_main
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "tests" / "fixtures" / "tiny-llama" / "bf16"
+MIX = ROOT / "examples" / "tiny-llama-mix.yaml"
+
+
+def _memory_line(s: dict) -> str:
+    fmts = ", ".join(f"{k} {v['memory_mb']:.1f} MB" for k, v in s["by_format"].items())
+    return (f"weights {s['memory_mb']:.1f} MB ({fmts}); saved {s['memory_saved_mb']:.1f} MB vs BF16, "
+            f"compression {s['compression_ratio']:.2f}x")
+
+
+def test_generate_prints_completion_speed_memory_and_a_progress_bar(capfd):
+    from mixq.engine.engine import LLM
+    from mixq.engine.sampling_params import SamplingParams
+    from mixq.formats import build_plan
+    from mixq.tracking.memory import get_mixed_precision_memory_stats
+
+    prompts = ["the cat sat on the", "a blue house"]
+    argv = ["generate", "--mixed-precision-config", str(MIX), "--max-new-tokens", "7", "--device", "cpu",
+            "--dtype", "float32"]
+    for p in prompts:
+        argv += ["--prompt", p]
+    assert cli_main(argv) == 0
+    out, err = capfd.readouterr()
+    stats = get_mixed_precision_memory_stats()  # the model the command loaded
+    llm = LLM(mixed_precision_config=str(MIX), device="cpu", dtype="float32", max_total_tokens=256)
+    want = llm.generate(prompts, SamplingParams(max_new_tokens=7, temperature=0))
+    lines = out.splitlines()
+    for p, o in zip(prompts, want):
+        assert f"{p}{o.outputs[0].text}" in lines
+    n_tok = sum(len(o.outputs[0].token_ids) for o in want)
+    speed = re.search(r"^(\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\) on cpu$", out, re.M)
+    assert speed and int(speed.group(1)) == n_tok
+    assert float(speed.group(3)) == pytest.approx(n_tok / float(speed.group(2)), rel=0.1)  # both rounded
+    assert _memory_line(stats) in lines
+    assert stats["by_format"].keys() == {"fp32", "fp8", "int4", "int8"}
+    n = len(build_plan(_config(MIX)).tensors)
+    assert "loading weights" in err and f"{n}/{n}" in err  # tqdm's bar, on stderr
+
+
+def _config(path):
+    from mixq.config.schema import MixedPrecisionConfig
+
+    return MixedPrecisionConfig.from_yaml(path)
+
+
+@torch.no_grad()
+def _hf_perplexity(path, ids: list[int], window: int) -> float:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    nll, count = 0.0, 0
+    for s in range(0, len(ids), window):
+        chunk = ids[s : s + window]
+        if len(chunk) < 2:
+            break
+        logp = torch.log_softmax(hf(torch.tensor([chunk])).logits[0, :-1], -1)
+        nll -= logp.gather(1, torch.tensor(chunk[1:])[:, None]).sum().item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def test_eval_ppl_matches_hf_on_the_same_text(capsys):
+    from transformers import AutoTokenizer
+
+    from mixq.assets.text import load_eval_text
+
+    assert cli_main(["eval-ppl", "--model-path", str(TINY), "--max-tokens", "300", "--window", "64",
+                     "--device", "cpu", "--dtype", "float32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["model"]
+    ids = AutoTokenizer.from_pretrained(TINY).encode(load_eval_text())[:300]
+    assert r["tokens"] == 300 - math.ceil(300 / 64) and r["window"] == 64
+    # float32 engine vs float64 HF over 295 tokens: the mean NLL agrees to ~1e-6
+    assert r["perplexity"] == pytest.approx(_hf_perplexity(TINY, ids, 64), rel=1e-5)
+
+
+def test_eval_ppl_with_no_flags_runs_every_default_config(monkeypatch, tmp_path, capsys):
+    """With no model flags eval-ppl reports each entry of default_eval_configs(); here that
+    list is pointed at the tiny model (the real one is checked below, headers only)."""
+    import mixq.assets.default_model as dm
+
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(yaml.safe_dump({"mixed_precision": {"fp16_path": str(TINY)}}))
+    monkeypatch.setattr(dm, "default_eval_configs", lambda: {"bf16": str(bf16), "example-mix": str(MIX)})
+    assert cli_main(["eval-ppl", "--max-tokens", "130", "--window", "64", "--device", "cpu", "--dtype",
+                     "float32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["bf16", "example-mix"]
+    ppl = [float(line.split()[2]) for line in out]
+    assert all(math.isfinite(p) and p > 1 for p in ppl) and ppl[0] != ppl[1]  # a random tiny model
+
+
+def test_default_eval_configs_put_every_linear_in_its_format(default_model_root):
+    from mixq.assets.default_model import default_eval_configs
+    from mixq.formats import build_plan
+    from tests.ckpt_utils import is_linear
+
+    cfgs = default_eval_configs()
+    assert list(cfgs) == ["bf16", "fp8", "int8", "gptq-int4", "awq-int4", "default-mix"]
+    want = {"bf16": {"dense"}, "fp8": {"fp8"}, "int8": {"int8"}, "gptq-int4": {"gptq"}, "awq-int4": {"awq"},
+            "default-mix": {"dense", "fp8", "int8", "gptq", "awq"}}
+    for name, path in cfgs.items():
+        plan = build_plan(_config(path))
+        layouts = {t.spec.layout for n, t in plan.tensors.items() if is_linear(n)}
+        assert layouts == want[name], name
+
+
+def test_readme_main_command_on_the_default_model(default_model_root):
+    """README: `mixq generate --chat --prompt "What is the capital of France?"` (no model
+    flags: the embedded default mix) prints an answer naming Paris, the speed and the
+    memory line, with a progress bar while loading."""
+    readme = (ROOT / "README.md").read_text()
+    cmd = re.search(r'&& (mixq generate [^\n`]*)', readme).group(1)
+    assert cmd == 'mixq generate --chat --prompt "What is the capital of France?"'
+    env = {**os.environ, "MIXQ_CACHE": str(default_model_root.parent), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "mixq", "generate", "--chat", "--prompt",
+                        "What is the capital of France?"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    assert re.search(r"^\d+ tokens in [\d.]+ s \([\d.]+ tokens/s\) on cpu$", r.stdout, re.M)
+    mem = re.search(r"^weights [\d.]+ MB \((.*)\); saved [\d.]+ MB vs BF16, compression ([\d.]+)x$", r.stdout, re.M)
+    assert mem and {f.split()[0] for f in mem.group(1).split(", ")} == {"bf16", "fp8", "int8", "int4"}
+    assert float(mem.group(2)) > 1.5  # the default mix is mostly 4- and 8-bit
+    assert "loading weights" in r.stderr
