@@ -1,0 +1,225 @@
+"""8-bit weight-only GEMM in Triton (FP8 E4M3 or INT8 weights, BF16/FP16 activations):
+y = x @ dequant(W)^T, the weight upcast in registers, the activation never quantized.
+
+It serves INT8 W8A16 checkpoints at every M, and the small-M (decode) path of the FP8 and
+INT8 W8A8 linears: there the GEMM is bound by reading the weight, an activation-quant
+launch would only add time, and unquantized activations are more accurate.
+
+Layout (the checkpoint's own, kept as stored; `prepare` only normalises the scales):
+  w      float8_e4m3fn | int8 [N, K]   K contiguous: a tile row is one coalesced read
+  scale  fp32 [N]                       per output channel (a per-tensor scale is expanded)
+         or fp32 [ceil(N/SBN), ceil(K/SBK)] on a grid: 128x128 blocks, or (1, G) groups
+  zero   int32 [N] or None              INT8 asymmetric: w = (q - zero[n]) * scale
+Per-channel scales are applied once in the epilogue; grid scales once per K tile to the
+fp32 partial product (BK divides SBK, so a tile meets one scale per column). The upcast
+8-bit value is exact in bf16/fp16 (int8 and e4m3 both fit), so the only rounding is the
+fp32 accumulation and the output.
+
+M == 1 runs a GEMV (elementwise products kept per lane in fp32, one reduction at the end);
+M > 1 runs tl.dot tiles. Small M splits K across programs (fp32 atomics) so that enough
+weight bytes are in flight to saturate HBM; large M uses plain tiles in grouped order so
+weight tiles are reused from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixq.kernels.wna16 import interpreting, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Float64 reference: x [M, K] @ ((w - zero) * scale)^T (+ bias); scale per channel [N]
+    or on a `block` = (SBN, SBK) grid."""
+    n, k = w.shape
+    wd = w.double()
+    if zero is not None:
+        wd = wd - zero.double().reshape(n, 1)
+    if block is None:
+        s = scale.double().reshape(n, 1)
+    else:
+        s = scale.double().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    y = x.double() @ (wd * s).t()
+    return y if bias is None else y + bias.double()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w8a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K,
+                      stride_xm, stride_wn, stride_sn, stride_om,
+                      SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, GEMV: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        # grouped order: GROUP_M row tiles walk the same weight columns together (L2 reuse)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rk = tl.arange(0, BK)
+        k_tiles = tl.cdiv(K, BK)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t0 = pid_k * per_split
+        t1 = tl.minimum(t0 + per_split, k_tiles)
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if GEMV:  # M == 1 (BM == 1): [BN, BK] products summed per lane, reduced once
+            acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+            for t in range(t0, t1):
+                offs_k = t * BK + rk
+                k_ok = offs_k < K
+                xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                # weights are read exactly once: stream them past the cache
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                w = w.to(tl.float32)
+                if HAS_ZP:
+                    w = w - z[:, None]
+                if GRID_SCALE:
+                    s = tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)
+                    w = w * s[:, None]
+                acc2 += w * xk[None, :]
+            acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
+            offs_m = tl.arange(0, 1)
+        else:
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            m_ok = offs_m < M
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for t in range(t0, t1):
+                offs_k = t * BK + rk
+                k_ok = offs_k < K
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BK, BN]
+                if HAS_ZP:  # q - z spans [-255, 255]: still exact in bf16/fp16
+                    w = w.to(tl.float32) - z[None, :]
+                if UPCAST:  # fp32 activations, or the interpreter (its bf16 dot is wrong)
+                    part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(a, w.to(a.dtype))
+                if GRID_SCALE:
+                    s = tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)
+                    acc += part * s[None, :]
+                else:
+                    acc += part
+        if not GRID_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        ok = (offs_m[:, None] < M) & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(ptrs, acc, mask=ok)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _config(m: int, n: int, k: int, sbk: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages). BM == 1 selects the GEMV. Small M
+    splits K until ~4 programs per SM stream the weight; large M tiles for the tensor cores."""
+    if interpreting():  # few, large blocks run fastest under the interpreter
+        bm, bn, bk, warps, stages = (1, 32, 64, 4, 1) if m == 1 else (16, 32, 64, 4, 1)
+    elif m == 1:
+        bm, bn, bk, warps, stages = 1, 16, 512, 4, 3
+    elif m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+    elif m <= 256:
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if sbk:
+        bk = min(bk, sbk)  # a K tile must lie inside one scale block
+    k_tiles = -(-k // bk)
+    programs = -(-m // bm) * -(-n // bn)
+    split = 1
+    if not interpreting() and m <= 64:
+        split = max(1, min(k_tiles, -(-4 * _sms(device) // programs)))
+        split = -(-k_tiles // -(-k_tiles // split))  # no empty splits
+    elif interpreting():
+        split = 1 if k_tiles < 2 else 2
+    return bm, bn, bk, split, warps, stages
+
+
+# bench/kernels.py --sweep sets this to time candidate configs; None = the heuristic
+CONFIG_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
+
+
+@torch.library.custom_op("mixq::w8a16_gemm", mutates_args=())
+def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              bias: torch.Tensor | None, sbn: int, sbk: int) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, sbk, x.device)
+    if bm == 1 and m != 1:
+        bm = 16  # a GEMV config only fits M == 1
+    if sbk and sbk % bk:
+        raise ValueError(f"w8a16_gemm: BK={bk} does not divide the scale block {sbk}")
+    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device,
+                                                    dtype=torch.float32 if split > 1 else x.dtype)
+    if m == 0:
+        return y.to(x.dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    _w8a16_kernel[grid](
+        x, w, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, m, n, k,
+        x.stride(0), w.stride(0), scale.stride(0) if sbk else 0, y.stride(0),
+        SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None, HAS_BIAS=bias is not None,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8, GEMV=bm == 1,
+        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return y.to(x.dtype) if split > 1 else y
+
+
+@_w8a16_op.register_fake
+def _(x, w, scale, zero, bias, sbn, sbk):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [M, K] bf16/fp16 (fp32 too) @ dequant(w)^T -> [M, N] in x's dtype.
+
+    w      float8_e4m3fn or int8 [N, K], K contiguous
+    scale  fp32 [N] (per channel) when block is None, else fp32 [ceil(N/SBN), ceil(K/SBK)]
+           contiguous for block = (SBN, SBK), SBK a power of two >= 32
+    zero   int32 [N] or None (int8 weights only); bias [N] any float dtype or None
+    """
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"w8a16_gemm: x must be [M, {k}], got {list(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w8a16_gemm: x dtype {x.dtype} not supported")
+    if w.dtype not in (torch.float8_e4m3fn, torch.int8) or w.stride(1) != 1:
+        raise ValueError(f"w8a16_gemm: w must be float8_e4m3fn or int8 with K contiguous, got {w.dtype}")
+    if zero is not None and (w.dtype != torch.int8 or zero.shape != (n,) or zero.dtype != torch.int32):
+        raise ValueError("w8a16_gemm: zero must be int32 [N] and only for int8 weights")
+    if block is None:
+        if scale.shape != (n,) or scale.dtype != torch.float32:
+            raise ValueError(f"w8a16_gemm: per-channel scale must be fp32 [{n}], got {scale.dtype} {list(scale.shape)}")
+        sbn = sbk = 0
+    else:
+        sbn, sbk = block
+        want = (-(-n // sbn), -(-k // sbk))
+        if sbk < 32 or sbk & (sbk - 1) or scale.shape != want or scale.dtype != torch.float32 \
+                or not scale.is_contiguous():
+            raise ValueError(f"w8a16_gemm: block {block} needs SBK a power of two >= 32 and fp32 scales {list(want)}, "
+                             f"got {scale.dtype} {list(scale.shape)}")
+    return torch.ops.mixq.w8a16_gemm(x.contiguous(), w, scale, zero, bias, sbn, sbk)
