@@ -70,15 +70,16 @@ if triton is not None:
         return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
     @triton.jit
-    def _round_sat(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                   out_ty: tl.constexpr):
+    def _round_sat(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, EMULATE_FP8: tl.constexpr):
+        """x / scale, saturated and (int8) rounded; the caller's cast to the code type does
+        fp8's round-to-nearest-even."""
         y = tl.math.div_rn(x, scale)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         if IS_INT:
             y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
         elif EMULATE_FP8:
             y = _fp8_rne(y)
-        return y.to(out_ty)
+        return y
 
     @triton.jit
     def _quant_token_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm,
@@ -102,7 +103,8 @@ if triton is not None:
         for c in range(0, K, BLOCK):
             ok = c + cols < K
             x = tl.load(x_row + c + cols, mask=ok, other=0.0).to(tl.float32)
-            tl.store(q_row + c + cols, _round_sat(x, scale, QMAX, IS_INT, EMULATE_FP8, q_ptr.dtype.element_ty), mask=ok)
+            q = _round_sat(x, scale, QMAX, IS_INT, EMULATE_FP8).to(q_ptr.dtype.element_ty)
+            tl.store(q_row + c + cols, q, mask=ok)
 
     @triton.jit
     def _quant_group_kernel(x_ptr, q_ptr, s_ptr, K, G, stride_xm, stride_qm, stride_sm,
@@ -116,7 +118,7 @@ if triton is not None:
         x = tl.load(x_ptr + m * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / QMAX  # [GPP]
         tl.store(s_ptr + m * stride_sm + g, scale, mask=g < G)
-        q = _round_sat(x, scale[:, None], QMAX, False, EMULATE_FP8, q_ptr.dtype.element_ty)
+        q = _round_sat(x, scale[:, None], QMAX, False, EMULATE_FP8).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + m * stride_qm + offs, q, mask=ok)
 
 

@@ -50,11 +50,54 @@ def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero:
 if triton is not None:
 
     @triton.jit
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                        SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K,
+                        ATOMIC: tl.constexpr):
+        # M == 1: [BN, BK] products accumulated per lane in fp32, reduced once at the end
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rk = tl.arange(0, BK)
+        k_tiles = tl.cdiv(K, BK)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t0 = pid_k * per_split
+        t1 = tl.minimum(t0 + per_split, k_tiles)
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        for t in range(t0, t1):
+            offs_k = t * BK + rk
+            k_ok = offs_k < K
+            xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            # weights are read exactly once: stream them past the cache
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            w = w.to(tl.float32)
+            if HAS_ZP:
+                w = w - z[:, None]
+            if GRID_SCALE:
+                w = w * tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)[:, None]
+            acc2 += w * xk[None, :]
+        acc = tl.sum(acc2, axis=1)  # [BN]
+        if not GRID_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if not ATOMIC:
+            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.atomic_add(out_ptr + offs_n, acc, mask=n_ok)
+
+    # M changes every call: do not compile a variant per M % 16
+    @triton.jit(do_not_specialize=["M"])
     def _w8a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K,
                       stride_xm, stride_wn, stride_sn, stride_om,
                       SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, GEMV: tl.constexpr, UPCAST: tl.constexpr):
+                      SPLIT_K, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BM)
@@ -65,7 +108,9 @@ if triton is not None:
         rows = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % rows
         pid_n = (pid % width) // rows
+        offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
+        m_ok = offs_m < M
         n_ok = offs_n < N
         rk = tl.arange(0, BK)
         k_tiles = tl.cdiv(K, BK)
@@ -74,54 +119,33 @@ if triton is not None:
         t1 = tl.minimum(t0 + per_split, k_tiles)
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-        if GEMV:  # M == 1 (BM == 1): [BN, BK] products summed per lane, reduced once
-            acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-            for t in range(t0, t1):
-                offs_k = t * BK + rk
-                k_ok = offs_k < K
-                xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                # weights are read exactly once: stream them past the cache
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                w = w.to(tl.float32)
-                if HAS_ZP:
-                    w = w - z[:, None]
-                if GRID_SCALE:
-                    s = tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)
-                    w = w * s[:, None]
-                acc2 += w * xk[None, :]
-            acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
-            offs_m = tl.arange(0, 1)
-        else:
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            m_ok = offs_m < M
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for t in range(t0, t1):
-                offs_k = t * BK + rk
-                k_ok = offs_k < K
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BK, BN]
-                if HAS_ZP:  # q - z spans [-255, 255]: still exact in bf16/fp16
-                    w = w.to(tl.float32) - z[None, :]
-                if UPCAST:  # fp32 activations, or the interpreter (its bf16 dot is wrong)
-                    part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    part = tl.dot(a, w.to(a.dtype))
-                if GRID_SCALE:
-                    s = tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)
-                    acc += part * s[None, :]
-                else:
-                    acc += part
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for t in range(t0, t1):
+            offs_k = t * BK + rk
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BK, BN]
+            if HAS_ZP:  # q - z spans [-255, 255]: still exact in bf16/fp16
+                w = w.to(tl.float32) - z[None, :]
+            if UPCAST:  # fp32 activations, or the interpreter (its bf16 dot is wrong)
+                part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, w.to(a.dtype))
+            if GRID_SCALE:
+                acc += part * tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok,
+                                      other=0.0)[None, :]
+            else:
+                acc += part
         if not GRID_SCALE:
             acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        ok = (offs_m[:, None] < M) & n_ok[None, :]
-        if SPLIT_K == 1:
+        ok = m_ok[:, None] & n_ok[None, :]
+        if not ATOMIC:
             tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
         else:
             tl.atomic_add(ptrs, acc, mask=ok)
@@ -177,14 +201,18 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
                                                     dtype=torch.float32 if split > 1 else x.dtype)
     if m == 0:
         return y.to(x.dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-    _w8a16_kernel[grid](
-        x, w, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, m, n, k,
-        x.stride(0), w.stride(0), scale.stride(0) if sbk else 0, y.stride(0),
-        SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None, HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8, GEMV=bm == 1,
-        UPCAST=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
-    )
+    zz = zero if zero is not None else scale  # placeholders for absent tensors (never read)
+    bb = bias if bias is not None else scale
+    flags = dict(SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None,
+                 HAS_BIAS=bias is not None, BN=bn, BK=bk, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+    s_stride = scale.stride(0) if sbk else 0
+    if bm == 1:
+        _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, n, k, w.stride(0), s_stride,
+                                                      SPLIT_K=split, **flags)
+    else:
+        _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+            x, w, scale, zz, bb, y, m, n, k, x.stride(0), w.stride(0), s_stride, y.stride(0), BM=bm, SPLIT_K=split,
+            GROUP_M=8, UPCAST=interpreting() or x.dtype == torch.float32, **flags)
     return y.to(x.dtype) if split > 1 else y
 
 

@@ -51,12 +51,13 @@ def w8a8_reference(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch
 
 if triton is not None:
 
-    @triton.jit
+    # M changes every call: do not compile a variant per M % 16
+    @triton.jit(do_not_specialize=["M"])
     def _w8a8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_am, stride_sam, stride_bn, stride_sbn, stride_om,
                      AG: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, IS_INT: tl.constexpr,
                      INT_EXACT: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr):
         # INT_EXACT: int8 with no scale varying along K, so the int32 sum runs over all of K
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -121,7 +122,7 @@ if triton is not None:
                 accf += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
+        if not ATOMIC:
             tl.store(ptrs, accf.to(out_ptr.dtype.element_ty), mask=ok)
         else:
             tl.atomic_add(ptrs, accf, mask=ok)
@@ -174,7 +175,7 @@ def _w8a8_op(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
         a.stride(0), sa.stride(0), b.stride(0), sb.stride(0) if sbk else 0, y.stride(0),
         AG=act_group, SBN=max(sbn, 1), SBK=sbk, IS_INT=a.dtype == torch.int8,
         INT_EXACT=a.dtype == torch.int8 and not act_group and not sbk, HAS_ZP=zb is not None,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8, num_warps=warps,
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split, ATOMIC=split > 1, GROUP_M=8, num_warps=warps,
         num_stages=stages,
     )
     return y.to(out_dtype) if split > 1 else y
