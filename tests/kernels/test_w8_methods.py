@@ -126,7 +126,8 @@ def test_method_traces_without_graph_breaks(monkeypatch):
     gen = torch.Generator().manual_seed(8)
     for m in (1, 3):
         x = torch.randn(m, qw.shape[1], generator=gen).bfloat16().to(DEV)
-        assert torch.equal(compiled(x), lin(x))
+        # the same kernels either way; split-K fp32 atomics may order sums differently (GPU)
+        assert rel_err(compiled(x), lin(x)) < 4e-3
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -147,7 +148,7 @@ def test_cuda_graph_capture_matches_eager():
             out = lin(x)
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+        assert rel_err(out, eager) < 4e-3  # split-K atomics may order the fp32 sums differently
 
 
 def test_refusals_name_the_reason(monkeypatch):
