@@ -124,7 +124,8 @@ def test_w8a16_matches_float64_reference(wdt, kind, zp, dtype):
             assert rel_err(y, w8a16_reference(x, w, s, z, bias, blk)) < OUT_TOL[dtype], (m, n, k)
 
 
-W8A8_CASES = [(FP8, "channel", 0, False), (FP8, "block", -1, False), (FP8, "group", -1, False),
+# act_group -1: the weight's K block (block-scaled FP8's 1x128 groups); 0: per token
+W8A8_CASES = [(FP8, "channel", 0, False), (FP8, "block", -1, False), (FP8, "block", 0, False), (FP8, "group", -1, False),
               (FP8, "channel", 64, False), (torch.int8, "channel", 0, False), (torch.int8, "channel", 0, True),
               (torch.int8, "group", 0, False)]
 
