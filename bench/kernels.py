@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 from kernels_w8 import bench_w8, sweep_w8
@@ -119,7 +120,7 @@ def _f(v, fmt="{:.1f}") -> str:
 
 
 def print_w4(rows, bw, peak):
-    print("\n### W4A16 (wna16) vs cuBLAS BF16 and tinygemm\n")
+    print("\nW4A16 (wna16) vs cuBLAS BF16 and tinygemm:\n")
     print("| shape | M | ours W4A16 us | GB/s | % copy BW | % bf16 peak | cuBLAS BF16 us | tinygemm us | "
           "vs tinygemm | vs cuBLAS | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -144,12 +145,12 @@ CHOICES = [("FP8 per-channel", "fp8_wo", "fp8_w8a8", "fp8"), ("FP8 block 128", "
 
 
 def print_w8(rows, bw, peak16, peak8):
-    print("\n### FP8 / INT8: every path and peer (us; peers on pre-quantized inputs)\n")
+    print("\nFP8 / INT8, every path and peer (us; peers on pre-quantized inputs):\n")
     print("| shape | M | " + " | ".join(c for _, c in W8_COLS) + " |")
     print("|---|---|" + "---|" * len(W8_COLS))
     for r in rows:
         print(f"| {r['shape']} | {r['M']} | " + " | ".join(_f(r.get(k)) for k, _ in W8_COLS) + " |")
-    print(f"\n### FP8 / INT8 as the methods run them (weight-only up to M = {WEIGHT_ONLY_MAX_M})\n")
+    print(f"\nFP8 / INT8 as the methods run them (weight-only up to M = {WEIGHT_ONLY_MAX_M}):\n")
     print("| shape | M | format | path | us | weight GB/s | % copy BW | TFLOP/s | % peak | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -198,27 +199,28 @@ def main():
           "TFLOP/s", flush=True)
     shapes = dict(list(SHAPES.items())[2:4]) if a.quick else SHAPES
     rows4, rows8 = [], []
-    for name, (k, n) in shapes.items():
-        rows4 += bench_shape(name, k, n, MS)
+    for name, (k, n) in shapes.items():  # tables per shape as it completes: a timeout keeps the rest
+        r4 = bench_shape(name, k, n, MS)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         r8 = bench_w8(name, k, n, MS, w)
-        for r, r4 in zip(r8, rows4[-len(MS):]):
-            r["cublas_bf16_us"] = r4["cublas_bf16_us"]
+        for r, w4 in zip(r8, r4):
+            r["cublas_bf16_us"] = w4["cublas_bf16_us"]
+        rows4 += r4
         rows8 += r8
         del w
         torch.cuda.empty_cache()
-        print(f"done {name}", flush=True)
-    print_w4(rows4, bw, peak16)
-    print_w8(rows8, bw, peak16, peak8)
+        print(f"\n### {name}")
+        print_w4(r4, bw, peak16)
+        print_w8(r8, bw, peak16, peak8)
+        sys.stdout.flush()
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "copy_bw": bw, "bf16_peak": peak16,
+                           "fp8_peak": peak8, "weight_only_max_m": WEIGHT_ONLY_MAX_M, "w4a16": rows4, "w8": rows8,
+                           "eager_fallbacks": EAGER_FALLBACKS}, f, indent=2)
     print_targets(rows8, bw)
     if EAGER_FALLBACKS:
         print(f"\ntimed eagerly (graph capture failed): {'; '.join(EAGER_FALLBACKS)}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "copy_bw": bw, "bf16_peak": peak16,
-                       "fp8_peak": peak8, "weight_only_max_m": WEIGHT_ONLY_MAX_M, "w4a16": rows4, "w8": rows8,
-                       "eager_fallbacks": EAGER_FALLBACKS}, f, indent=2)
-
 
 if __name__ == "__main__":
     main()

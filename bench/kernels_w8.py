@@ -36,11 +36,11 @@ def quantize(w: torch.Tensor) -> dict[str, tuple]:
     n, k = w.shape
     wf = w.float()
     s_ch = wf.abs().amax(1).clamp(min=1e-8) / 448
-    fp8_ch = ((wf / s_ch[:, None]).to(FP8), s_ch)
+    fp8_ch = ((wf / s_ch[:, None]).clamp(-448, 448).to(FP8), s_ch)
     nb, kb = -(-n // 128), -(-k // 128)
     pad = torch.nn.functional.pad(wf, (0, kb * 128 - k, 0, nb * 128 - n))
     s_blk = pad.reshape(nb, 128, kb, 128).abs().amax((1, 3)).clamp(min=1e-8) / 448
-    q_blk = (pad / s_blk.repeat_interleave(128, 0).repeat_interleave(128, 1))[:n, :k].to(FP8)
+    q_blk = (pad / s_blk.repeat_interleave(128, 0).repeat_interleave(128, 1))[:n, :k].clamp(-448, 448).to(FP8)
     s_i8 = wf.abs().amax(1).clamp(min=1e-8) / 127
     q_i8 = (wf / s_i8[:, None]).round().clamp(-127, 127).to(torch.int8)
     return {"fp8": fp8_ch, "blk": (q_blk, s_blk.contiguous()), "i8": (q_i8, s_i8)}
