@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/mixq-kernels}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
+# compiled kernels in an ignored folder of the tree: the device keeps it between calls, and
+# the benchmark reuses what the tests compiled (Triton keys its cache by source and options)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
