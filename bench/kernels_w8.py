@@ -137,7 +137,8 @@ def sweep_w8(cases=None):
     import itertools
 
     cases = cases or [("w8a16", 4096, 28672, 1), ("w8a16", 14336, 4096, 1), ("w8a16", 4096, 4096, 1),
-                      ("w8a16", 4096, 28672, 16), ("w8a8", 4096, 28672, 2048), ("w8a8", 4096, 4096, 256)]
+                      ("w8a16", 4096, 2048, 1), ("w8a16", 4096, 28672, 16), ("w8a8", 4096, 28672, 2048),
+                      ("w8a8", 4096, 4096, 256)]
     for kind, k, n, m in cases:
         fmt = "fp8" if kind == "w8a16" else "blk"  # per-channel for the GEMV, blocks for the GEMM
         q, s = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)[fmt]
@@ -147,7 +148,7 @@ def sweep_w8(cases=None):
             mod = w8a16
             fn = lambda q, s, x=x: w8a16_gemm(x, q, s)  # noqa: E731
             if m == 1:
-                space = itertools.product([1], [16, 32, 64], [256, 512], [1, 2, 4], [4, 8], [2, 4])
+                space = itertools.product([1], [8, 16, 32, 64], [256, 512, 1024], [1, 2, 4], [4, 8], [2, 4])
             else:
                 space = itertools.product([16], [32, 64, 128], [128, 256], [1, 2, 4, 8], [4], [3, 4])
         else:

@@ -11,7 +11,8 @@ Layout (the checkpoint's own, kept as stored; `prepare` only normalises the scal
          or fp32 [ceil(N/SBN), ceil(K/SBK)] on a grid: 128x128 blocks, or (1, G) groups
   zero   int32 [N] or None              INT8 asymmetric: w = (q - zero[n]) * scale
 Per-channel scales are applied once in the epilogue; grid scales once per K tile to the
-fp32 partial product (BK divides SBK, so a tile meets one scale per column). The upcast
+fp32 partial product (BK divides SBK, so a tile meets one scale per column), or, in the
+GEMV, to the activation vector when the tile's rows share one block row. The upcast
 8-bit value is exact in bf16/fp16 (int8 and e4m3 both fit), so the only rounding is the
 fp32 accumulation and the output.
 
@@ -51,10 +52,12 @@ if triton is not None:
 
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
-                        SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K,
+                        SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, SCALE_X: tl.constexpr,
+                        HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K,
                         ATOMIC: tl.constexpr):
-        # M == 1: [BN, BK] products accumulated per lane in fp32, reduced once at the end
+        # M == 1: [BN, BK] products accumulated per lane in fp32, reduced once at the end.
+        # SCALE_X: the tile's rows share one block row of scales (BN divides SBN), so the
+        # block scales multiply the BK activations instead of the BN x BK weights.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -77,7 +80,9 @@ if triton is not None:
             w = w.to(tl.float32)
             if HAS_ZP:
                 w = w - z[:, None]
-            if GRID_SCALE:
+            if SCALE_X:
+                xk = xk * tl.load(s_ptr + (pid_n * BN // SBN) * stride_sn + offs_k // SBK, mask=k_ok, other=0.0)
+            elif GRID_SCALE:  # BK divides SBK: one scale per row of the tile
                 w = w * tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)[:, None]
             acc2 += w * xk[None, :]
         acc = tl.sum(acc2, axis=1)  # [BN]
@@ -155,13 +160,19 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _config(m: int, n: int, k: int, sbk: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages). BM == 1 selects the GEMV. Small M
-    splits K until ~4 programs per SM stream the weight; large M tiles for the tensor cores."""
+def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages); BM == 1 selects the GEMV.
+
+    M == 1: 8 KiB weight tiles (BN x BK), BN as wide as still gives two programs per SM,
+    split-K only when even BN = 8 leaves SMs idle (a split costs a zero-fill and a cast
+    launch, a few microseconds next to a 5-50 us GEMV). 1 < M <= 64: split K until ~4
+    programs per SM stream the weight. Larger M: tensor-core tiles, no split."""
+    sms = _sms(device)
     if interpreting():  # few, large blocks run fastest under the interpreter
         bm, bn, bk, warps, stages = (1, 32, 64, 4, 1) if m == 1 else (16, 32, 64, 4, 1)
     elif m == 1:
-        bm, bn, bk, warps, stages = 1, 16, 512, 4, 3
+        bn = next((b for b in (32, 16) if -(-n // b) >= 2 * sms), 8)
+        bm, bk, warps, stages = 1, 8192 // bn, 4, 3
     elif m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -170,16 +181,18 @@ def _config(m: int, n: int, k: int, sbk: int, device: torch.device) -> tuple[int
         bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    if sbk:
-        bk = min(bk, sbk)  # a K tile must lie inside one scale block
+    if sbk and not (bm == 1 and sbn % bn == 0):
+        bk = min(bk, sbk)  # a K tile must lie inside one scale block (unless scales go on x)
     k_tiles = -(-k // bk)
     programs = -(-m // bm) * -(-n // bn)
     split = 1
-    if not interpreting() and m <= 64:
-        split = max(1, min(k_tiles, -(-4 * _sms(device) // programs)))
-        split = -(-k_tiles // -(-k_tiles // split))  # no empty splits
-    elif interpreting():
+    if interpreting():
         split = 1 if k_tiles < 2 else 2
+    elif m == 1 and programs < sms:
+        split = min(k_tiles, -(-2 * sms // programs))
+    elif 1 < m <= 64:
+        split = max(1, min(k_tiles, -(-4 * sms // programs)))
+    split = -(-k_tiles // -(-k_tiles // split))  # no empty splits
     return bm, bn, bk, split, warps, stages
 
 
@@ -192,10 +205,11 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
               bias: torch.Tensor | None, sbn: int, sbk: int) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
-    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, sbk, x.device)
+    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, sbn, sbk, x.device)
     if bm == 1 and m != 1:
         bm = 16  # a GEMV config only fits M == 1
-    if sbk and sbk % bk:
+    scale_x = bm == 1 and sbk > 0 and sbn % bn == 0
+    if sbk and sbk % bk and not scale_x:
         raise ValueError(f"w8a16_gemm: BK={bk} does not divide the scale block {sbk}")
     y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device,
                                                     dtype=torch.float32 if split > 1 else x.dtype)
@@ -208,7 +222,7 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
     s_stride = scale.stride(0) if sbk else 0
     if bm == 1:
         _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, n, k, w.stride(0), s_stride,
-                                                      SPLIT_K=split, **flags)
+                                                      SCALE_X=scale_x, SPLIT_K=split, **flags)
     else:
         _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
             x, w, scale, zz, bb, y, m, n, k, x.stride(0), w.stride(0), s_stride, y.stride(0), BM=bm, SPLIT_K=split,
