@@ -137,8 +137,8 @@ def sweep_w8(cases=None):
     import itertools
 
     cases = cases or [("w8a16", 4096, 28672, 1), ("w8a16", 14336, 4096, 1), ("w8a16", 4096, 4096, 1),
-                      ("w8a16", 4096, 2048, 1), ("w8a16", 4096, 28672, 16), ("w8a8", 4096, 28672, 2048),
-                      ("w8a8", 4096, 4096, 256)]
+                      ("w8a16", 4096, 2048, 1), ("w8a16", 4096, 28672, 16), ("w8a16", 4096, 28672, 2048),
+                      ("w8a8", 4096, 28672, 2048), ("w8a8", 4096, 4096, 256)]
     for kind, k, n, m in cases:
         fmt = "fp8" if kind == "w8a16" else "blk"  # per-channel for the GEMV, blocks for the GEMM
         q, s = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)[fmt]
@@ -147,10 +147,15 @@ def sweep_w8(cases=None):
         if kind == "w8a16":
             mod = w8a16
             fn = lambda q, s, x=x: w8a16_gemm(x, q, s)  # noqa: E731
-            if m == 1:
-                space = itertools.product([1], [8, 16, 32, 64], [256, 512, 1024], [1, 2, 4], [4, 8], [2, 4])
+            if m == 1:  # (BM, BN, BK, SPLIT, warps, stages, swap)
+                space = itertools.product([1], [8, 16, 32, 64], [256, 512, 1024], [1, 2, 4], [4, 8], [2, 4], [False])
+            elif m <= 64:
+                space = itertools.product([16 if m <= 16 else 64], [64, 128], [128], [1, 2, 4, 8], [4], [3, 4],
+                                          [True, False])
             else:
-                space = itertools.product([16], [32, 64, 128], [128, 256], [1, 2, 4, 8], [4], [3, 4])
+                space = [(bm, bn, bk, 1, w, st, sw) for bm, bn, bk, w in
+                         [(128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8), (64, 128, 64, 4)]
+                         for st in (3, 4) for sw in (True, False)]
         else:
             mod = w8a8
             a, sa = quant_fp8(x, 128)
@@ -168,4 +173,4 @@ def sweep_w8(cases=None):
         results.sort()
         best = ", ".join(f"{c} {t:.1f}us" for t, c in results[:4])
         print(f"sweep {kind} K={k} N={n} M={m} ({fmt} weights): default {default:.1f}us; "
-              f"best (BM,BN,BK,SPLIT,warps,stages): {best}", flush=True)
+              f"best (BM,BN,BK,SPLIT,warps,stages[,swap]): {best}", flush=True)

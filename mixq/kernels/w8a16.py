@@ -17,9 +17,11 @@ GEMV, to the activation vector when the tile's rows share one block row. The upc
 fp32 accumulation and the output.
 
 M == 1 runs a GEMV (elementwise products kept per lane in fp32, one reduction at the end);
-M > 1 runs tl.dot tiles. Small M splits K across programs (fp32 atomics) so that enough
-weight bytes are in flight to saturate HBM; large M uses plain tiles in grouped order so
-weight tiles are reused from L2.
+M > 1 runs tl.dot tiles, "swapped" at small M (W @ x^T: the upcast weight is the MMA's
+register operand, the few tokens its narrow side). Small M splits K across programs
+(deterministic: fp32 partials, summed afterwards) so that enough weight bytes are in
+flight to saturate HBM; large M walks tiles in grouped order so weight tiles are reused
+from L2.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ if triton is not None:
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
                         SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, SCALE_X: tl.constexpr,
                         HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K,
-                        ATOMIC: tl.constexpr):
+                        stride_os):
         # M == 1: [BN, BK] products accumulated per lane in fp32, reduced once at the end.
         # SCALE_X: the tile's rows share one block row of scales (BN divides SBN), so the
         # block scales multiply the BK activations instead of the BN x BK weights.
@@ -91,18 +93,19 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if not ATOMIC:
-            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.atomic_add(out_ptr + offs_n, acc, mask=n_ok)
+        tl.store(out_ptr + pid_k * stride_os + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     # M changes every call: do not compile a variant per M % 16
     @triton.jit(do_not_specialize=["M"])
     def _w8a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K,
-                      stride_xm, stride_wn, stride_sn, stride_om,
+                      stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+                      SPLIT_K, GROUP_M: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+        # SWAP computes the transposed tile, W [BN, BK] @ x^T [BK, BM]: the upcast weight is
+        # the MMA's first operand, which Hopper's wgmma reads straight from registers (as the
+        # second operand it would go back through shared memory), and a few tokens fill the
+        # MMA's narrow N side instead of padding its 64-row M side.
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BM)
@@ -124,63 +127,89 @@ if triton is not None:
         t1 = tl.minimum(t0 + per_split, k_tiles)
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for t in range(t0, t1):
             offs_k = t * BK + rk
             k_ok = offs_k < K
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BK, BN]
-            if HAS_ZP:  # q - z spans [-255, 255]: still exact in bf16/fp16
-                w = w.to(tl.float32) - z[None, :]
-            if UPCAST:  # fp32 activations, or the interpreter (its bf16 dot is wrong)
-                part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            if SWAP:
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BN, BK]
+                a = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                            mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # [BK, BM]
+                if HAS_ZP:  # q - z spans [-255, 255]: still exact in bf16/fp16
+                    w = w.to(tl.float32) - z[:, None]
+                if UPCAST:  # fp32 activations, or the interpreter (its bf16 dot is wrong)
+                    part = tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w.to(a.dtype), a)
             else:
-                part = tl.dot(a, w.to(a.dtype))
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")  # [BK, BN]
+                if HAS_ZP:
+                    w = w.to(tl.float32) - z[None, :]
+                if UPCAST:
+                    part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(a, w.to(a.dtype))
             if GRID_SCALE:
-                acc += part * tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok,
-                                      other=0.0)[None, :]
+                s = tl.load(s_ptr + (offs_n // SBN) * stride_sn + (t * BK) // SBK, mask=n_ok, other=0.0)
+                if SWAP:
+                    acc += part * s[:, None]
+                else:
+                    acc += part * s[None, :]
             else:
                 acc += part
-        if not GRID_SCALE:
-            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        # per-channel scale and bias along N; output [SPLIT, M, N], this split's slice
+        if GRID_SCALE:
+            s = tl.full((BN,), 1.0, tl.float32)
+        else:
+            s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        bias = tl.zeros((BN,), dtype=tl.float32)
         if HAS_BIAS:
             if pid_k == 0:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        if not ATOMIC:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+                bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        out = out_ptr + pid_k * stride_os
+        if SWAP:
+            acc = acc * s[:, None] + bias[:, None]
+            tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
         else:
-            tl.atomic_add(ptrs, acc, mask=ok)
+            acc = acc * s[None, :] + bias[None, :]
+            tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages); BM == 1 selects the GEMV.
+def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) -> tuple:
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages, SWAP); BM == 1 selects the GEMV.
 
     M == 1: 8 KiB weight tiles (BN x BK), BN as wide as still gives two programs per SM,
-    split-K only when even BN = 8 leaves SMs idle (a split costs a zero-fill and a cast
-    launch, a few microseconds next to a 5-50 us GEMV). 1 < M <= 64: split K until ~4
-    programs per SM stream the weight. Larger M: tensor-core tiles, no split."""
+    split-K only when even BN = 8 leaves SMs idle (a split adds a sum-and-cast pass over
+    [SPLIT, M, N] fp32 partials). 1 < M <= 64: swapped tiles (the tokens on the MMA's
+    narrow side), K split until ~4 programs per SM stream the weight. Larger M: plain
+    tensor-core tiles up to 256 rows, swapped beyond (both stay compiled and tested)."""
     sms = _sms(device)
     if interpreting():  # few, large blocks run fastest under the interpreter
-        bm, bn, bk, warps, stages = (1, 32, 64, 4, 1) if m == 1 else (16, 32, 64, 4, 1)
+        bm, bn, bk, warps, stages, swap = (1, 32, 64, 4, 1, False) if m == 1 else (16, 32, 64, 4, 1, m <= 16)
     elif m == 1:
         bn = next((b for b in (32, 16) if -(-n // b) >= 2 * sms), 8)
-        bm, bk, warps, stages = 1, 8192 // bn, 4, 3
+        bm, bk, warps, stages, swap = 1, 8192 // bn, 4, 3, False
     elif m <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+        bm, bn, bk, warps, stages, swap = 16, 64, 128, 4, 4, True
     elif m <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+        bm, bn, bk, warps, stages, swap = 64, 128, 128, 4, 4, True
     elif m <= 256:
-        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+        bm, bn, bk, warps, stages, swap = 64, 128, 64, 4, 4, False
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+        bm, bn, bk, warps, stages, swap = 128, 128, 64, 8, 3, True
     if sbk and not (bm == 1 and sbn % bn == 0):
         bk = min(bk, sbk)  # a K tile must lie inside one scale block (unless scales go on x)
     k_tiles = -(-k // bk)
@@ -193,11 +222,11 @@ def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) ->
     elif 1 < m <= 64:
         split = max(1, min(k_tiles, -(-4 * sms // programs)))
     split = -(-k_tiles // -(-k_tiles // split))  # no empty splits
-    return bm, bn, bk, split, warps, stages
+    return bm, bn, bk, split, warps, stages, swap
 
 
 # bench/kernels.py --sweep sets this to time candidate configs; None = the heuristic
-CONFIG_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
+CONFIG_OVERRIDE: tuple | None = None
 
 
 @torch.library.custom_op("mixq::w8a16_gemm", mutates_args=())
@@ -205,29 +234,30 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
               bias: torch.Tensor | None, sbn: int, sbk: int) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
-    bm, bn, bk, split, warps, stages = CONFIG_OVERRIDE or _config(m, n, k, sbn, sbk, x.device)
+    bm, bn, bk, split, warps, stages, swap = CONFIG_OVERRIDE or _config(m, n, k, sbn, sbk, x.device)
     if bm == 1 and m != 1:
         bm = 16  # a GEMV config only fits M == 1
     scale_x = bm == 1 and sbk > 0 and sbn % bn == 0
     if sbk and sbk % bk and not scale_x:
         raise ValueError(f"w8a16_gemm: BK={bk} does not divide the scale block {sbk}")
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device,
-                                                    dtype=torch.float32 if split > 1 else x.dtype)
+    split = max(1, min(split, triton.cdiv(k, bk)))
+    # split-K: fp32 partials [SPLIT, M, N] summed afterwards (deterministic, no atomics)
+    y = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
     if m == 0:
-        return y.to(x.dtype)
+        return y.sum(0).to(x.dtype)
     zz = zero if zero is not None else scale  # placeholders for absent tensors (never read)
     bb = bias if bias is not None else scale
     flags = dict(SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None,
-                 HAS_BIAS=bias is not None, BN=bn, BK=bk, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+                 HAS_BIAS=bias is not None, BN=bn, BK=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
     s_stride = scale.stride(0) if sbk else 0
     if bm == 1:
         _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, n, k, w.stride(0), s_stride,
-                                                      SCALE_X=scale_x, SPLIT_K=split, **flags)
+                                                      stride_os=y.stride(0), SCALE_X=scale_x, **flags)
     else:
         _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-            x, w, scale, zz, bb, y, m, n, k, x.stride(0), w.stride(0), s_stride, y.stride(0), BM=bm, SPLIT_K=split,
-            GROUP_M=8, UPCAST=interpreting() or x.dtype == torch.float32, **flags)
-    return y.to(x.dtype) if split > 1 else y
+            x, w, scale, zz, bb, y, m, n, k, x.stride(0), w.stride(0), s_stride, y.stride(0), y.stride(1), BM=bm,
+            GROUP_M=8, SWAP=swap, UPCAST=interpreting() or x.dtype == torch.float32, **flags)
+    return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
 
 @_w8a16_op.register_fake

@@ -54,10 +54,10 @@ if triton is not None:
     # M changes every call: do not compile a variant per M % 16
     @triton.jit(do_not_specialize=["M"])
     def _w8a8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
-                     stride_am, stride_sam, stride_bn, stride_sbn, stride_om,
+                     stride_am, stride_sam, stride_bn, stride_sbn, stride_os, stride_om,
                      AG: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, IS_INT: tl.constexpr,
                      INT_EXACT: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K, GROUP_M: tl.constexpr):
         # INT_EXACT: int8 with no scale varying along K, so the int32 sum runs over all of K
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -120,12 +120,9 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 accf += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        if not ATOMIC:
-            tl.store(ptrs, accf.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.atomic_add(ptrs, accf, mask=ok)
+        # output [SPLIT, M, N]: this split's slice (partials are summed afterwards)
+        ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, accf.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _config(m: int, n: int, k: int, kblock: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
@@ -163,20 +160,20 @@ def _w8a8_op(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
                                                                  a.device)
     if (act_group and act_group % bk) or (sbk and sbk % bk):
         raise ValueError(f"w8a8_gemm: BK={bk} must divide the activation group {act_group} and scale block {sbk}")
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=a.device,
-                                                    dtype=torch.float32 if split > 1 else out_dtype)
+    # split-K: fp32 partials [SPLIT, M, N] summed afterwards (deterministic, no atomics)
+    y = torch.empty((split, m, n), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
     if m == 0:
-        return y.to(out_dtype)
+        return y.sum(0).to(out_dtype)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     _w8a8_kernel[grid](
         a, sa, b, sb, zb if zb is not None else sb, bias if bias is not None else sb, y, m, n, k,
-        a.stride(0), sa.stride(0), b.stride(0), sb.stride(0) if sbk else 0, y.stride(0),
+        a.stride(0), sa.stride(0), b.stride(0), sb.stride(0) if sbk else 0, y.stride(0), y.stride(1),
         AG=act_group, SBN=max(sbn, 1), SBK=sbk, IS_INT=a.dtype == torch.int8,
         INT_EXACT=a.dtype == torch.int8 and not act_group and not sbk, HAS_ZP=zb is not None,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split, ATOMIC=split > 1, GROUP_M=8, num_warps=warps,
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8, num_warps=warps,
         num_stages=stages,
     )
-    return y.to(out_dtype) if split > 1 else y
+    return y[0] if split == 1 else y.sum(0).to(out_dtype)
 
 
 @_w8a8_op.register_fake
