@@ -20,6 +20,7 @@ from torch import nn
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 from mixq.kernels.methods import WNA16Method
+from mixq.kernels.w8_methods import FP8Method, Int8Method
 
 
 class LinearMethod(Protocol):
@@ -74,7 +75,7 @@ class TorchDequantMethod:
 
 
 # Tried in order: the kernels made for a format first, the torch reference last.
-METHODS: list[LinearMethod] = [WNA16Method(), DenseMethod(), TorchDequantMethod()]
+METHODS: list[LinearMethod] = [WNA16Method(), FP8Method(), Int8Method(), DenseMethod(), TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:
