@@ -20,6 +20,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="the base checkpoint (default: the config's fp16_path)")
     p.add_argument("--mixed-precision-config", help="mixed-precision YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tp-size", type=int, default=1, help="also predict each TP rank's weight bytes")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size inside the TP group (SGLang's)")
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -34,7 +36,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.mixed_precision_config is not None:
         cfg = MixedPrecisionConfig.from_yaml(args.mixed_precision_config, model_path=args.model_path)
     plan = build_plan(cfg, model_path=args.model_path)
-    report = plan_report(plan)
+    parallel = None
+    if args.tp_size > 1 or args.ep_size > 1:
+        from mixq.distributed.config import ParallelConfig
+
+        parallel = ParallelConfig(tp_size=args.tp_size, ep_size=args.ep_size)
+    report = plan_report(plan, parallel)
     print(render_json(report) if args.json else render_text(report))
     return 0
 

@@ -89,6 +89,15 @@ def compute_experts(experts: nn.ModuleList, x: torch.Tensor, r: Routing, d: Disp
     return out.to(x.dtype)
 
 
+class LocalDispatch:
+    """Every expert lives in this process: group the pairs by expert, compute, combine.
+    Expert parallelism swaps in a dispatcher that sends tokens to the ranks owning their
+    experts and calls `moe.compute` on the local ones (mixq.distributed.moe)."""
+
+    def __call__(self, moe: SparseMoE, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        return moe.compute(moe.experts, x, r, dispatch(r, moe.num_experts))
+
+
 class SparseMoE(nn.Module):
     """Router + experts (+ optional shared expert with a sigmoid gate, Qwen2-MoE)."""
 
@@ -102,12 +111,13 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = MixedPrecisionLinear(hidden, 1) if shared_inter else None
         self.route_hooks: list[Callable[[Routing], None]] = []
         self.compute: Callable = compute_experts
+        self.dispatcher: Callable[[SparseMoE, torch.Tensor, Routing], torch.Tensor] = LocalDispatch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = route(self.gate(x), self.top_k, self.renormalize)  # [T, k]
         for hook in self.route_hooks:
             hook(r)
-        out = self.compute(self.experts, x, r, dispatch(r, self.num_experts))  # [T, hidden]
+        out = self.dispatcher(self, x, r)  # [T, hidden]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
