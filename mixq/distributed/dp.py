@@ -65,7 +65,6 @@ def replica_main(conn, cfg: EngineConfig) -> None:
             except EOFError:
                 return
             if method == "close":
-                conn.send(("ok", None, None))
                 return
             try:
                 result = getattr(engine, method)(*args)
@@ -121,6 +120,7 @@ class RemoteEngine:
         self.tokenizer = tokenizer
         self.requests: dict[str, None] = {}
         self._unfinished = False
+        self._closing = False
 
     def wait_ready(self) -> None:
         try:
@@ -172,14 +172,19 @@ class RemoteEngine:
         b = self.scheduler.blocks
         return b.num_used / b.num_blocks
 
-    def close(self, timeout: float = 30.0) -> None:
-        if self.proc.is_alive():
+    def ask_to_close(self) -> None:
+        """Tell the replica to stop (it closes its engine and TP ranks, then exits)."""
+        if self.proc.is_alive() and not self._closing:
+            self._closing = True
             try:
                 self.conn.send(("close", ()))
-                self.conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
+            except (OSError, BrokenPipeError):
                 pass
-            self.proc.join(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """ask_to_close, then reap the process (terminated if it does not exit in time)."""
+        self.ask_to_close()
+        self.proc.join(timeout)
         if self.proc.is_alive():
             log.warning("replica %d did not exit; terminating it", self.index)
             self.proc.terminate()
@@ -207,6 +212,8 @@ class DataParallelEngine:
                 r.wait_ready()
         except BaseException:
             for r in self.replicas:
+                r.ask_to_close()
+            for r in self.replicas:
                 r.close(5.0)
             raise
         self.engine = self.replicas[0]  # what the API reads: tokenizer, limits, model info
@@ -221,6 +228,8 @@ class DataParallelEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         for a in self.async_engines:
             a.shutdown(timeout)
+        for r in self.replicas:  # all at once: each replica's exit takes a while
+            r.ask_to_close()
         for r in self.replicas:
             r.close()
 
