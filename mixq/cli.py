@@ -69,19 +69,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (this process is rank 0)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size inside the TP group")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     from mixq.engine.engine import LLM
-    from mixq.engine.sampling_params import SamplingParams
-    from mixq.tracking.memory import get_mixed_precision_memory_stats
 
     model_path, cfg = _model_args(args)
     llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-              show_progress=True)
+              show_progress=True, tp_size=args.tp_size, ep_size=args.ep_size)
+    try:
+        return _generate(llm, args)
+    finally:
+        llm.close()
+
+
+def _generate(llm, args: argparse.Namespace) -> int:
+    import time
+
+    from mixq.engine.sampling_params import SamplingParams
+    from mixq.tracking.memory import get_mixed_precision_memory_stats
+
     prompts = args.prompt or ["The capital of France is"]
     tok = llm.engine.tokenizer
     if args.chat:
@@ -96,6 +106,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for p, o in zip(args.prompt or prompts, outs):
         print(f"{p}{o.outputs[0].text}")
         print("-" * 40)
+    if llm.engine.dist is not None:  # tensor/expert parallel: what each rank holds
+        from mixq.distributed.report import format_layout
+
+        print(format_layout(llm.engine.dist.layout, llm.engine.dist.rank_stats))
     s = get_mixed_precision_memory_stats()
     fmts = ", ".join(f"{k} {v['memory_mb']:.1f} MB" for k, v in s["by_format"].items())
     print(f"{n_tok} tokens in {dt:.2f} s ({n_tok / dt:.1f} tokens/s) on {llm.engine.device}")

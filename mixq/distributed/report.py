@@ -8,15 +8,19 @@ from mixq.distributed.layout import ShardLayout
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def layout_summary(layout: ShardLayout) -> str:
     mc, pc = layout.mc, layout.pc
     kv = mc.num_kv_heads
-    kv_note = f"{kv // pc.tp_size} KV heads" if pc.tp_size <= kv else f"1 KV head (replicated {pc.tp_size // kv}x)"
+    kv_note = (f"{kv // pc.tp_size} KV head(s)" if pc.tp_size <= kv
+               else f"1 KV head (each on {pc.tp_size // kv} ranks)")
     parts = [f"--tp-size {pc.tp_size}", f"{pc.nnodes} node(s)",
-             f"each rank: all {mc.num_layers} layers, {mc.num_heads // pc.tp_size} attention heads, {kv_note}, "
+             f"each rank: all {mc.num_layers} layers, {mc.num_heads // pc.tp_size} attention head(s), {kv_note}, "
              f"1/{pc.tp_size} of each dense MLP and of the vocabulary"]
     if mc.num_experts:
         parts.insert(1, f"--ep-size {pc.ep_size} (moe tp {pc.moe_tp_size}, {pc.moe_dispatch})")
