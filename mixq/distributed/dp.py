@@ -219,7 +219,8 @@ class DataParallelEngine:
         self.engine = self.replicas[0]  # what the API reads: tokenizer, limits, model info
         hooks = [on_step_factory(r) if on_step_factory else None for r in self.replicas]
         self.async_engines = [AsyncEngine(r, on_step=h) for r, h in zip(self.replicas, hooks)]
-        self.in_flight = [0] * dp_size
+        self.in_flight = [0] * dp_size  # requests sent to each replica and not finished
+        self.owner: dict[str, int] = {}
 
     def start(self) -> None:
         for a in self.async_engines:
@@ -241,16 +242,18 @@ class DataParallelEngine:
         """The replica with the fewest requests in flight (shortest queue) serves it."""
         i = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
         self.in_flight[i] += 1
+        self.owner[request_id] = i
         try:
             async for o in self.async_engines[i].generate(request_id, prompt, params):
                 yield o
         finally:
             self.in_flight[i] -= 1
+            self.owner.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
-        for a in self.async_engines:
-            if request_id in a.engine.requests:
-                a.abort(request_id)
+        i = self.owner.get(request_id)
+        if i is not None:
+            self.async_engines[i].abort(request_id)
 
 
 class _Relabel:

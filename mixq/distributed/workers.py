@@ -186,6 +186,7 @@ class Driver:
             raise
         log.info("%s", format_layout(layout, self.rank_stats))
         atexit.register(_close_at_exit, weakref.ref(self))
+        threading.Thread(target=_watch_ranks, args=(weakref.ref(self),), name="mixq-rank-watch", daemon=True).start()
         return self
 
     def runner(self, page_size: int, dtype: torch.dtype) -> DistributedRunner:
@@ -193,16 +194,32 @@ class Driver:
 
     def close(self) -> None:
         """Tell the other ranks to stop, leave the group, reap the processes."""
-        if self.group is None:
+        group, self.group = self.group, None  # first: the rank watcher stops watching
+        if group is None:
             return
         try:
-            self.group.ctl.send(("stop",))
+            group.ctl.send(("stop",))
         except Exception as e:  # a rank already gone: the others exit on their own
             log.warning("could not stop the other ranks cleanly: %s", e)
-        self.group.close()
-        self.group = None
+        group.close()
         _stop(self.procs)
         torch.set_num_threads(self.threads)
+
+
+def _watch_ranks(ref) -> None:
+    """Name a rank process that dies while the group is up: the next collective fails
+    (gloo at once, NCCL after its timeout) and this says which rank it was."""
+    while True:
+        time.sleep(1.0)
+        driver = ref()
+        if driver is None or driver.group is None:
+            return
+        for p in driver.procs:
+            if p.exitcode is not None:
+                log.error("rank process %s (pid %s) exited with status %s; the tensor-parallel group cannot "
+                          "continue", p.name, p.pid, p.exitcode)
+                return
+        del driver
 
 
 def _close_at_exit(ref) -> None:

@@ -85,7 +85,7 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], time
 @pytest.fixture(scope="module")
 def reference():
     ps = prompts(7, 6)
-    with LLM(mixed_precision_config=MIX, **KW) as llm:
+    with LLM(mixed_precision_config=MIX, **{**KW, "device": "cpu"}) as llm:  # the servers run on the CPU
         outs = llm.generate(ps, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
     return ps, [o.outputs[0].token_ids for o in outs]
 

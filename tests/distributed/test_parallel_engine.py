@@ -26,7 +26,8 @@ from tests.devices import DEVICE
 
 HERE = Path(__file__).parent
 # MIXQ_TEST_DEVICE=cuda runs the same checks over NCCL, one GPU per rank
-KW = dict(device=DEVICE, dtype="float32", max_total_tokens=512, page_size=8, chunked_prefill_size=32)
+KW = dict(device=DEVICE, dtype="float32", max_total_tokens=512, page_size=8, chunked_prefill_size=32,
+          dist_timeout_s=120)  # a stuck collective fails the test instead of hanging it
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 
 
