@@ -45,11 +45,15 @@ def _info(engine) -> dict:
             "weights": {n: w.to("meta") for n, w in engine.weights.items()}}  # shapes and dtypes only
 
 
-def replica_main(conn, cfg: EngineConfig) -> None:
+def replica_main(conn, cfg: EngineConfig, cpu_threads: int) -> None:
     """A replica: load the engine, then serve the server's calls until it says close (or
     goes away: the pipe closes and the replica exits with it)."""
-    from mixq.engine.engine import LLMEngine
+    import torch
 
+    from mixq.engine.engine import LLMEngine, resolve_device
+
+    if resolve_device(cfg.device).type == "cpu":  # replicas share the CPU's cores
+        torch.set_num_threads(cpu_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s dp %(name)s: %(message)s")
     try:
         engine = LLMEngine(cfg)
@@ -109,12 +113,12 @@ class RemoteEngine:
     """LLMEngine's step interface for a replica in another process (one caller at a time:
     the replica's AsyncEngine thread)."""
 
-    def __init__(self, index: int, cfg: EngineConfig, tokenizer):
+    def __init__(self, index: int, cfg: EngineConfig, tokenizer, cpu_threads: int = 1):
         ctx = multiprocessing.get_context("spawn")
         self.index = index
         self.conn, child = ctx.Pipe()
         # not a daemon: a replica starts its own TP rank processes
-        self.proc = ctx.Process(target=replica_main, args=(child, cfg), name=f"mixq-dp{index}")
+        self.proc = ctx.Process(target=replica_main, args=(child, cfg, cpu_threads), name=f"mixq-dp{index}")
         self.proc.start()
         child.close()
         self.tokenizer = tokenizer
@@ -196,6 +200,7 @@ class DataParallelEngine:
     """The server's engine when --dp-size > 1: AsyncEngine's interface over D replicas."""
 
     def __init__(self, cfg: EngineConfig, dp_size: int, on_step_factory=None):
+        import torch
         from transformers import AutoTokenizer
 
         from mixq.engine.engine import load_plan
@@ -205,8 +210,9 @@ class DataParallelEngine:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or str(plan.base.path))
         tp = cfg.tp_size
         # one progress bar per replica would interleave: replicas load quietly
-        self.replicas = [RemoteEngine(i, replace(cfg, base_gpu_id=cfg.base_gpu_id + i * tp, show_progress=False), tokenizer)
-                         for i in range(dp_size)]
+        threads = max(1, torch.get_num_threads() // dp_size)
+        self.replicas = [RemoteEngine(i, replace(cfg, base_gpu_id=cfg.base_gpu_id + i * tp, show_progress=False),
+                                      tokenizer, threads) for i in range(dp_size)]
         try:
             for r in self.replicas:
                 r.wait_ready()

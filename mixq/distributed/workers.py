@@ -46,6 +46,7 @@ class WorkerSpec:
     pc: ParallelConfig
     rank: int
     parent_pid: int | None = None  # exit when this process is gone (no orphans)
+    cpu_threads: int | None = None  # intra-op threads of a CPU rank
 
 
 def load_rank(plan, layout: ShardLayout, group: RankGroup, dtype: torch.dtype):
@@ -103,21 +104,18 @@ def _check_devices(pc: ParallelConfig, device_type: str) -> None:
                           f"(from GPU {pc.base_gpu_id}) but {have} are visible")
 
 
-def _share_cpu(pc: ParallelConfig, device: torch.device) -> int:
-    """CPU ranks of one node split its cores: each rank's intra-op threads spin while they
-    wait, so N ranks x all cores oversubscribe the machine many times over. Returns the
-    previous thread count."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.ranks_per_node))
-    return before
+def _cpu_threads(pc: ParallelConfig) -> int:
+    """Intra-op threads per CPU rank: this process's budget split over the node's ranks.
+    Each rank's threads spin while they wait, so N ranks x all cores would oversubscribe
+    the machine many times over (a DP replica's budget is already its share)."""
+    return max(1, torch.get_num_threads() // pc.ranks_per_node)
 
 
-def _spawn(cfg, pc: ParallelConfig, ranks) -> list:
+def _spawn(cfg, pc: ParallelConfig, ranks, threads: int) -> list:
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for r in ranks:
-        p = ctx.Process(target=_worker_process, args=(WorkerSpec(cfg, pc, r, os.getpid()),), daemon=True,
+        p = ctx.Process(target=_worker_process, args=(WorkerSpec(cfg, pc, r, os.getpid(), threads),), daemon=True,
                         name=f"mixq-rank{r}")
         p.start()
         procs.append(p)
@@ -161,9 +159,12 @@ class Driver:
         if pc.dist_init_addr is None:
             pc = replace(pc, dist_init_addr=f"127.0.0.1:{free_port()}")
             cfg = replace(cfg, dist_init_addr=pc.dist_init_addr)
-        procs = _spawn(cfg, pc, pc.node_ranks(0)[1:])
+        threads = torch.get_num_threads()
+        per_rank = _cpu_threads(pc)
+        procs = _spawn(cfg, pc, pc.node_ranks(0)[1:], per_rank)
         group = None
-        threads = _share_cpu(pc, pc.device_for(0, device_type))
+        if device_type == "cpu":
+            torch.set_num_threads(per_rank)
         try:
             group = join_group(pc, 0, pc.device_for(0, device_type))
             group.ctl.send({"dtype": dtype, "max_model_len": max_model_len})
@@ -248,7 +249,8 @@ def worker_main(spec: WorkerSpec) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
     cfg, pc = spec.cfg, spec.pc
     device = pc.device_for(spec.rank, resolve_device(cfg.device).type)
-    _share_cpu(pc, device)
+    if device.type == "cpu" and spec.cpu_threads:
+        torch.set_num_threads(spec.cpu_threads)
     group = join_group(pc, spec.rank, device)
     try:
         setup = group.ctl.recv()
@@ -286,9 +288,10 @@ def run_node(cfg, pc: ParallelConfig) -> int:
 
     _check_devices(pc, resolve_device(cfg.device).type)
     ranks = pc.node_ranks()
-    procs = _spawn(cfg, pc, ranks[1:])
+    threads = _cpu_threads(pc)
+    procs = _spawn(cfg, pc, ranks[1:], threads)
     try:
-        status = worker_main(WorkerSpec(cfg, pc, ranks[0]))
+        status = worker_main(WorkerSpec(cfg, pc, ranks[0], None, threads))
     finally:
         _stop(procs)
     return status or max((p.exitcode or 0 for p in procs), default=0)

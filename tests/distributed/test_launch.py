@@ -84,21 +84,32 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], time
 
 @pytest.fixture(scope="module")
 def reference():
+    """Greedy tokens and their logprobs from the single-process engine."""
     ps = prompts(7, 6)
     with LLM(mixed_precision_config=MIX, **{**KW, "device": "cpu"}) as llm:  # the servers run on the CPU
-        outs = llm.generate(ps, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-    return ps, [o.outputs[0].token_ids for o in outs]
+        outs = llm.generate(ps, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=1))
+    return ps, [o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
 
 
-def generate_all(url: str, ps: list[list[int]]) -> list[list[int]]:
+def check_against(url: str, reference) -> None:
+    """Concurrent requests (the DP front spreads them): the same greedy tokens, and
+    logprobs within 1e-5 (fp32; TP all-reduces reorder sums, ~1e-6 here)."""
+    ps, want, want_lp = reference
+
     def one(ids):
-        r = httpx.post(f"{url}/generate", timeout=120, json={
+        g = httpx.post(f"{url}/generate", timeout=120, json={
             "input_ids": ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
-        r.raise_for_status()
-        return r.json()["output_ids"]
+        c = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 1})
+        g.raise_for_status()
+        c.raise_for_status()
+        return g.json()["output_ids"], c.json()["choices"][0]["logprobs"]["token_logprobs"]
 
-    with ThreadPoolExecutor(len(ps)) as pool:  # concurrent: the DP front spreads them
-        return list(pool.map(one, ps))
+    with ThreadPoolExecutor(len(ps)) as pool:
+        got = list(pool.map(one, ps))
+    assert [g[0] for g in got] == want
+    for (_, lp), ref in zip(got, want_lp):
+        assert lp == pytest.approx(ref, abs=1e-5)
 
 
 def stop(procs: list[subprocess.Popen], tree: set[int]) -> None:
@@ -128,7 +139,6 @@ def metric(text: str, line_start: str) -> float:
 
 
 def test_dp2_replicas_behind_one_server(tmp_path, reference):
-    ps, want = reference
     port = free_port()
     log = tmp_path / "server.log"
     proc = launch(log, "--dp-size", "2", "--port", str(port))
@@ -137,10 +147,10 @@ def test_dp2_replicas_behind_one_server(tmp_path, reference):
         wait_healthy(url, [proc], [log])
         tree = descendants(proc.pid)
         assert len(tree) >= 2  # the two replica processes
-        assert generate_all(url, ps) == want
+        check_against(url, reference)
         text = httpx.get(f"{url}/metrics").text
         per_replica = [metric(text, f'mixq_generation_tokens_total{{dp_rank="{i}"}}') for i in (0, 1)]
-        assert sum(per_replica) == 8 * len(ps) and min(per_replica) > 0  # both replicas served
+        assert sum(per_replica) == 2 * 8 * len(reference[0]) and min(per_replica) > 0  # both replicas served
         assert metric(text, 'mixq_kv_cache_used_blocks{dp_rank="1"}') == 0  # all finished, blocks freed
         info = httpx.get(f"{url}/get_server_info").json()
         assert info["dp_size"] == 2
@@ -150,7 +160,6 @@ def test_dp2_replicas_behind_one_server(tmp_path, reference):
 
 
 def test_two_nodes_tp2_over_loopback(tmp_path, reference):
-    ps, want = reference
     port, rendezvous = free_port(), f"127.0.0.1:{free_port()}"
     dist = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", rendezvous]
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
@@ -160,7 +169,7 @@ def test_two_nodes_tp2_over_loopback(tmp_path, reference):
     try:
         wait_healthy(url, [node0, node1], logs)
         tree = descendants(node0.pid) | descendants(node1.pid)
-        assert generate_all(url, ps) == want
+        check_against(url, reference)
     finally:
         stop([node0, node1], tree | descendants(node0.pid) | descendants(node1.pid))
     assert "mixq: shut down cleanly" in logs[0].read_text()
