@@ -17,6 +17,9 @@ Prints a markdown table for bench/RESULTS.md (and JSON with --out).
 
     python bench/parallel.py                          # tp1, tp2, tp4, tp4ep4
     python bench/parallel.py --layouts tp1,tp4ep4a2a  # a subset (tp1 is the reference)
+    python bench/parallel.py --shape tiny --device cpu --layers 2 --layouts tp1,tp2 --tokens 8 --batches 1,4
+                                                      # a smoke test of this script (gloo)
+The checkpoints and tp1's reference stay in --workdir, so a later call reuses them.
 """
 
 from __future__ import annotations
@@ -226,7 +229,7 @@ def table(results: list[dict], args) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default="tp1,tp2,tp4,tp4ep4", help=f"comma list of {', '.join(LAYOUTS)}")
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers (the real model has 48)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (the real model has 48)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per timed request")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--kv-tokens", type=int, default=65536, help="KV cache size (tokens), the same for every layout")
