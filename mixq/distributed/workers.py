@@ -168,27 +168,27 @@ class Driver:
         try:
             group = join_group(pc, 0, pc.device_for(0, device_type))
             group.ctl.send({"dtype": dtype, "max_model_len": max_model_len})
-            self = cls(group, layout, procs)
-            self.threads = threads
+            driver = cls(group, layout, procs)
+            driver.threads = threads
             model, stats, error = None, None, None
             try:
                 model, stats = load_rank(plan, layout, group, dtype)
             except Exception as e:  # every rank must report, or the others wait forever
                 log.exception("loading failed")
                 error = f"{type(e).__name__}: {e}"
-            self.rank_stats = _gather_reports(group, stats, error)
-            self.model = model
-            self.num_blocks = group.ctl.min(kv_cache_blocks(model, cfg, group.device, dtype, max_model_len))
+            driver.rank_stats = _gather_reports(group, stats, error)
+            driver.model = model
+            driver.num_blocks = group.ctl.min(kv_cache_blocks(model, cfg, group.device, dtype, max_model_len))
         except BaseException:
             if group is not None:
                 group.close()
             _stop(procs, 5.0)
             torch.set_num_threads(threads)
             raise
-        log.info("%s", format_layout(layout, self.rank_stats))
-        atexit.register(_close_at_exit, weakref.ref(self))
-        threading.Thread(target=_watch_ranks, args=(weakref.ref(self),), name="mixq-rank-watch", daemon=True).start()
-        return self
+        log.info("%s", format_layout(layout, driver.rank_stats))
+        atexit.register(_close_at_exit, weakref.ref(driver))
+        threading.Thread(target=_watch_ranks, args=(weakref.ref(driver),), name="mixq-rank-watch", daemon=True).start()
+        return driver
 
     def runner(self, page_size: int, dtype: torch.dtype) -> DistributedRunner:
         return DistributedRunner(self.group, self.model, self.num_blocks, page_size, dtype, self.device)
