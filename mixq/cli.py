@@ -20,6 +20,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="the base checkpoint (default: the config's fp16_path)")
     p.add_argument("--mixed-precision-config", help="mixed-precision YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tp-size", type=int, default=1, help="also predict each TP rank's weight bytes")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size inside the TP group (SGLang's)")
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -34,7 +36,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.mixed_precision_config is not None:
         cfg = MixedPrecisionConfig.from_yaml(args.mixed_precision_config, model_path=args.model_path)
     plan = build_plan(cfg, model_path=args.model_path)
-    report = plan_report(plan)
+    parallel = None
+    if args.tp_size > 1 or args.ep_size > 1:
+        from mixq.distributed.config import ParallelConfig
+
+        parallel = ParallelConfig(tp_size=args.tp_size, ep_size=args.ep_size)
+    report = plan_report(plan, parallel)
     print(render_json(report) if args.json else render_text(report))
     return 0
 
@@ -64,20 +71,30 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enable-expert-tracking", action="store_true", help="count MoE expert activations")
     p.add_argument("--expert-stats-out", metavar="PATH", help="write the expert stats JSON here (implies tracking)")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (this process is rank 0)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size inside the TP group")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     from mixq.engine.engine import LLM
-    from mixq.engine.sampling_params import SamplingParams
-    from mixq.tracking.memory import get_mixed_precision_memory_stats
 
     model_path, cfg = _model_args(args)
     track = args.enable_expert_tracking or args.expert_stats_out is not None
     llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-              show_progress=True, enable_expert_tracking=track)
+              show_progress=True, enable_expert_tracking=track, tp_size=args.tp_size, ep_size=args.ep_size)
+    try:
+        return _generate(llm, args)
+    finally:
+        llm.close()
+
+
+def _generate(llm, args: argparse.Namespace) -> int:
+    import time
+
+    from mixq.engine.sampling_params import SamplingParams
+    from mixq.tracking.memory import get_mixed_precision_memory_stats
+
     prompts = args.prompt or ["The capital of France is"]
     tok = llm.engine.tokenizer
     if args.chat:
@@ -92,12 +109,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for p, o in zip(args.prompt or prompts, outs):
         print(f"{p}{o.outputs[0].text}")
         print("-" * 40)
+    if llm.engine.dist is not None:  # tensor/expert parallel: what each rank holds
+        from mixq.distributed.report import format_layout
+
+        print(format_layout(llm.engine.dist.layout, llm.engine.dist.rank_stats))
     s = get_mixed_precision_memory_stats()
     fmts = ", ".join(f"{k} {v['memory_mb']:.1f} MB" for k, v in s["by_format"].items())
     print(f"{n_tok} tokens in {dt:.2f} s ({n_tok / dt:.1f} tokens/s) on {llm.engine.device}")
     print(f"weights {s['memory_mb']:.1f} MB ({fmts}); saved {s['memory_saved_mb']:.1f} MB vs BF16, "
           f"compression {s['compression_ratio']:.2f}x")
-    if track:
+    if llm.engine.expert_tracker is not None:
         doc = llm.engine.expert_tracker.stats(top_k=5)
         for lid, b in doc["load_balance"].items():
             if b["max_over_mean"] is not None:

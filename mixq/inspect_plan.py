@@ -9,9 +9,21 @@ from mixq.formats.plan import LoadPlan, layer_of
 from mixq.tracking.memory import MB, MemoryStats
 
 
-def plan_report(plan: LoadPlan) -> dict:
-    """A JSON-able report: every tensor, totals per format and layer, warnings."""
+def plan_report(plan: LoadPlan, parallel=None) -> dict:
+    """A JSON-able report: every tensor, totals per format and layer, warnings; with a
+    ParallelConfig, each rank's predicted weight bytes ("ranks", "layout"), after the
+    layout is checked against the plan (ConfigError naming the tensor that cannot split)."""
     stats = MemoryStats.from_plan(plan).as_dict()
+    ranks = layout = None
+    if parallel is not None:
+        from mixq.distributed.layout import ShardLayout
+        from mixq.distributed.report import format_layout
+        from mixq.models.config import ModelConfig
+
+        shard_layout = ShardLayout(ModelConfig.from_hf(plan.model_config), parallel)
+        shard_layout.check(plan)
+        ranks = shard_layout.rank_bytes(plan)
+        layout = format_layout(shard_layout, ranks, measured=False)
     return {
         "base": str(plan.base.path),
         "sources": {k: str(c.path) for k, c in plan.catalogs.items()},
@@ -33,6 +45,7 @@ def plan_report(plan: LoadPlan) -> dict:
         ],
         "totals": stats,
         "warnings": list(plan.warnings),
+        **({"ranks": ranks, "layout": layout} if ranks is not None else {}),
     }
 
 
@@ -74,6 +87,8 @@ def render_text(report: dict) -> str:
     if any(r["smoothing_compensated"] for r in rows):
         lines += ["", "* input rescaled per channel: its checkpoint smoothed the norm feeding it "
                   "differently (AWQ/SmoothQuant); see docs/formats.md"]
+    if "layout" in report:
+        lines += ["", report["layout"]]
     if report["warnings"]:
         lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
     return "\n".join(lines)

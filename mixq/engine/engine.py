@@ -19,6 +19,7 @@ from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
 from mixq.engine.sequence import Sequence
+from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
 
@@ -42,6 +43,22 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
     show_progress: bool = False
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
+    # parallelism (mixq.distributed.config.ParallelConfig has the meanings)
+    tp_size: int = 1
+    ep_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    moe_dispatch: str = "all-reduce"
+    base_gpu_id: int = 0
+    dist_timeout_s: float = 600.0
+
+    def parallel(self):
+        """The ParallelConfig these fields describe (checked: ConfigError when impossible)."""
+        from mixq.distributed.config import ParallelConfig
+
+        return ParallelConfig(self.tp_size, self.ep_size, self.nnodes, self.node_rank, self.dist_init_addr,
+                              self.moe_dispatch, self.base_gpu_id, self.dist_timeout_s)
 
 
 @dataclass
@@ -100,22 +117,58 @@ def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dt
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
+def load_plan(cfg: EngineConfig):
+    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
+    from mixq.config.schema import MixedPrecisionConfig
+    from mixq.formats import build_plan
+
+    mp = None
+    if cfg.mixed_precision_config:
+        mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
+    return build_plan(mp, model_path=cfg.model_path), mp
+
+
+def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    """KV blocks this process can hold: --max-total-tokens, else the GPU memory left under
+    --mem-fraction-static, else (CPU) room for every running request within 4 GiB."""
+    bs = cfg.page_size
+    if cfg.max_total_tokens:
+        return max(1, -(-cfg.max_total_tokens // bs))
+    per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * cfg.mem_fraction_static - (total - free)
+        if budget < per * (-(-max_model_len // bs)):
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache of one {max_model_len}-token sequence at "
+                f"--mem-fraction-static {cfg.mem_fraction_static}; raise it or lower --context-length"
+            )
+        return int(budget // per)
+    want = cfg.max_running_requests * -(-max_model_len // bs)
+    return max(-(-max_model_len // bs), min(want, int(4 * 2**30 // per)))
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
+        self.dist = None  # rank 0 of a tensor-parallel group (mixq.distributed.workers.Driver)
+        try:
+            self._init(cfg)
+        except BaseException:
+            self.close()  # other ranks already started must not be left waiting
+            raise
+
+    def _init(self, cfg: EngineConfig) -> None:
         from transformers import AutoTokenizer
 
-        from mixq.config.schema import MixedPrecisionConfig
-        from mixq.formats import build_plan, iter_weights
+        from mixq.formats import iter_weights
         from mixq.models import build_model, load_model_weights
         from mixq.models.registry import held_weights
         from mixq.tracking.memory import register_loaded_weights
 
         self.cfg = cfg
+        parallel = cfg.parallel()
         self.device = resolve_device(cfg.device)
-        mp = None
-        if cfg.mixed_precision_config:
-            mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
-        self.plan = build_plan(mp, model_path=cfg.model_path)
+        self.plan, mp = load_plan(cfg)
         hf_cfg = self.plan.model_config
         dtype, max_len = cfg.dtype, cfg.max_model_len
         if mp is not None:  # the config's inference section fills what was left at default
@@ -124,15 +177,24 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
         self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, self.device,
                                                                                         hf_cfg)
+        limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
+        max_len = min(max_len or limit, limit)
         t0 = time.perf_counter()
-        self.model = build_model(hf_cfg, self.device)
-        weights = iter_weights(self.plan, device=self.device)
-        if cfg.show_progress:
-            from tqdm import tqdm
+        if parallel.distributed:
+            from mixq.distributed.workers import Driver
 
-            weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
-        load_model_weights(self.model, weights, self.dtype)
-        self.weights = held_weights(self.model)
+            # checks the layout against the plan before any process starts or weight is read
+            self.dist = Driver.start(cfg, parallel, self.plan, self.dtype, max_len, self.kv_dtype)
+            self.device, self.model = self.dist.device, self.dist.model
+        else:
+            self.model = build_model(hf_cfg, self.device)
+            weights = iter_weights(self.plan, device=self.device)
+            if cfg.show_progress:
+                from tqdm import tqdm
+
+                weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
+            load_model_weights(self.model, weights, self.dtype)
+        self.weights = held_weights(self.model)  # this process's weights (its shard under TP)
         register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
@@ -140,15 +202,19 @@ class LLMEngine:
         tok_path = cfg.tokenizer_path or str(self.plan.base.path)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
         self.detok = IncrementalDetokenizer(self.tokenizer)
-        self.max_model_len = min(max_len or self.model_config.max_position, self.model_config.max_position)
+        self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        num_blocks = self._num_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
-                                  cfg.attention_backend)
+        if self.dist is not None:  # every rank holds the same blocks: the smallest count fits all
+            num_blocks = self.dist.num_blocks
+            self.runner = self.dist.runner(cfg.page_size, self.kv_dtype, cfg.attention_backend)
+        else:
+            num_blocks = self._num_blocks()
+            self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
+                                      cfg.attention_backend)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
@@ -165,23 +231,13 @@ class LLMEngine:
             self.expert_tracker = install_expert_tracking(self)
 
     def _num_blocks(self) -> int:
-        bs = self.cfg.page_size
-        if self.cfg.max_total_tokens:
-            return max(1, -(-self.cfg.max_total_tokens // bs))
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.cfg.mem_fraction_static - (total - free)
-            per = ModelRunner.kv_bytes_per_block(self.model, bs, self.kv_dtype)
-            if budget < per * (-(-self.max_model_len // bs)):
-                raise RuntimeError(
-                    f"not enough GPU memory for the KV cache of one {self.max_model_len}-token sequence at "
-                    f"--mem-fraction-static {self.cfg.mem_fraction_static}; raise it or lower --context-length"
-                )
-            return int(budget // per)
-        # CPU: room for every running request at full length, within 4 GiB
-        per = ModelRunner.kv_bytes_per_block(self.model, bs, self.kv_dtype)
-        want = self.cfg.max_running_requests * -(-self.max_model_len // bs)
-        return max(-(-self.max_model_len // bs), min(want, int(4 * 2**30 // per)))
+        return kv_cache_blocks(self.model, self.cfg, self.device, self.kv_dtype, self.max_model_len)
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel group (idempotent; no-op otherwise)."""
+        if self.dist is not None:
+            self.dist.close()
+            self.dist = None
 
     # -- requests -------------------------------------------------------------------
 
@@ -301,12 +357,23 @@ class LLMEngine:
 
 
 class LLM:
-    """Synchronous API: `LLM(model_path=..., mixed_precision_config=...).generate(...)`."""
+    """Synchronous API: `LLM(model_path=..., mixed_precision_config=...).generate(...)`;
+    `tp_size=N` (and `ep_size`) runs N ranks, this process being rank 0: `close()` (or a
+    `with` block) stops the others."""
 
     def __init__(self, model_path: str | None = None, mixed_precision_config: str | None = None, **kw):
         self.engine = LLMEngine(EngineConfig(model_path=model_path, mixed_precision_config=mixed_precision_config,
                                              **kw))
         self._n = 0
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

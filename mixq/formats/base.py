@@ -51,6 +51,7 @@ class Role:
 
     tensor: str  # physical tensor name
     axes: tuple[tuple[int, int, int], ...] = ()  # (logical dim, physical dim, unit)
+    held: bool = True  # False: read to be checked, then dropped (never counted as memory)
 
 
 @dataclass(frozen=True)
@@ -104,50 +105,84 @@ class FormatReader:
 
     def read(self, ckpt: Checkpoint, entry: Entry, shard: Shard | None = None) -> QuantizedWeight:
         """Read an entry's stored tensors (only the shard's slices when given)."""
-        shape = list(entry.shape)
-        bounds: dict[int, tuple[int, int]] = {}
-        if shard is not None:
-            if shard.dim >= len(shape):
-                raise CheckpointError(f"{entry.name}: cannot shard a {len(shape)}-d tensor on dim {shard.dim}")
-            unit = self._shard_unit(entry, shard.dim)
-            bounds[shard.dim] = split_range(shape[shard.dim], shard, unit, entry.name)
-            shape[shard.dim] = bounds[shard.dim][1] - bounds[shard.dim][0]
-        tensors = {}
-        for role, r in entry.roles.items():
-            info = ckpt.info(r.tensor)
-            index: list = [slice(None)] * len(info.shape)
-            for ldim, pdim, unit in r.axes:
-                if ldim not in bounds:
-                    continue
-                if unit == WHOLE:
-                    continue
-                u = entry.spec.group_size if unit == GROUP else unit
-                start, stop = bounds[ldim]
-                index[pdim] = slice(start // u, math.ceil(stop / u))
-            if entry.offset is not None:
-                # a slice of a fused [E, rows, cols] tensor: pick the expert, offset the rows
-                lead, row0 = entry.offset
-                rows = index[1]
-                r0 = row0 + (rows.start or 0)
-                r1 = row0 + (rows.stop if rows.stop is not None else entry.shape[0])
-                index[0], index[1] = lead, slice(r0, r1)
-            full = all(isinstance(s, slice) and s == slice(None) for s in index)
-            tensors[role] = ckpt.read(r.tensor, None if full else tuple(index))
-        qw = QuantizedWeight(entry.name, entry.spec, tuple(shape), tensors)
+        shape, index = shard_slices(ckpt, entry, shard)
+        tensors = {role: ckpt.read(entry.roles[role].tensor, idx) for role, idx in index.items()}
+        qw = QuantizedWeight(entry.name, entry.spec, shape, tensors)
         self.check(qw, ckpt)
         return qw
 
-    def _shard_unit(self, entry: Entry, dim: int) -> int:
-        """The coarsest unit any role needs along a logical dim (shards must align to it)."""
-        unit = 1
-        for r in entry.roles.values():
-            for ldim, _, u in r.axes:
-                if ldim != dim or u == WHOLE:
-                    continue
-                u = entry.spec.group_size if u == GROUP else u
-                # Blocks/groups may be partial at the tensor's end; shards still align to them.
-                unit = math.lcm(unit, u)
-        return unit
+
+def shard_unit(entry: Entry, dim: int) -> int:
+    """The coarsest unit any role needs along a logical dim (shards must align to it):
+    the packing factor, the group size or the scale block, whichever is coarsest."""
+    unit = 1
+    for r in entry.roles.values():
+        for ldim, _, u in r.axes:
+            if ldim != dim or u == WHOLE:
+                continue
+            u = entry.spec.group_size if u == GROUP else u
+            # Blocks/groups may be partial at the tensor's end; shards still align to them.
+            unit = math.lcm(unit, u)
+    return unit
+
+
+def check_shard(entry: Entry, shard: Shard) -> tuple[int, int]:
+    """The logical [start, stop) a shard owns along its dim; CheckpointError naming the
+    tensor when the dim does not split evenly or a part breaks a packing unit/group/block."""
+    if shard.dim >= len(entry.shape):
+        raise CheckpointError(f"{entry.name}: cannot shard a {len(entry.shape)}-d tensor on dim {shard.dim}")
+    return split_range(entry.shape[shard.dim], shard, shard_unit(entry, shard.dim), entry.name)
+
+
+def shard_slices(ckpt: Checkpoint, entry: Entry, shard: Shard | None) -> tuple[tuple[int, ...], dict]:
+    """(logical shape of the shard, {role: index into its stored tensor, None = whole}).
+
+    One routine for reading and for predicting bytes, so the two cannot disagree."""
+    shape = list(entry.shape)
+    bounds: dict[int, tuple[int, int]] = {}
+    if shard is not None:
+        bounds[shard.dim] = check_shard(entry, shard)
+        shape[shard.dim] = bounds[shard.dim][1] - bounds[shard.dim][0]
+    out = {}
+    for role, r in entry.roles.items():
+        info = ckpt.info(r.tensor)
+        index: list = [slice(None)] * len(info.shape)
+        for ldim, pdim, unit in r.axes:
+            if ldim not in bounds or unit == WHOLE:
+                continue
+            u = entry.spec.group_size if unit == GROUP else unit
+            start, stop = bounds[ldim]
+            index[pdim] = slice(start // u, math.ceil(stop / u))
+        if entry.offset is not None:
+            # a slice of a fused [E, rows, cols] tensor: pick the expert, offset the rows
+            lead, row0 = entry.offset
+            rows = index[1]
+            r0 = row0 + (rows.start or 0)
+            r1 = row0 + (rows.stop if rows.stop is not None else entry.shape[0])
+            index[0], index[1] = lead, slice(r0, r1)
+        full = all(isinstance(s, slice) and s == slice(None) for s in index)
+        out[role] = None if full else tuple(index)
+    return tuple(shape), out
+
+
+def shard_nbytes(ckpt: Checkpoint, entry: Entry, shard: Shard | None) -> int:
+    """Bytes a shard's read would return, from headers only (no tensor data)."""
+    _, index = shard_slices(ckpt, entry, shard)
+    total = 0
+    for role, idx in index.items():
+        if not entry.roles[role].held:
+            continue
+        info = ckpt.info(entry.roles[role].tensor)
+        n = info.dtype.itemsize
+        for d, size in enumerate(info.shape):
+            if idx is None:
+                n *= size
+            elif isinstance(idx[d], int):
+                continue  # an indexed (dropped) leading dim
+            else:
+                n *= len(range(*idx[d].indices(size)))
+        total += n
+    return total
 
 
 def module_of(name: str, suffix: str) -> str | None:
@@ -156,7 +191,8 @@ def module_of(name: str, suffix: str) -> str | None:
 
 
 def stored_bytes(ckpt: Checkpoint, roles: dict[str, Role]) -> int:
-    return sum(ckpt.info(r.tensor).nbytes for r in roles.values())
+    """Bytes of the roles that stay in memory once read."""
+    return sum(ckpt.info(r.tensor).nbytes for r in roles.values() if r.held)
 
 
 def expand_groups(scale_cols: int, k: int, group_size: int | None, g_idx: torch.Tensor | None) -> torch.Tensor:

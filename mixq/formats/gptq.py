@@ -75,7 +75,8 @@ class GPTQReader(FormatReader):
                 "scales": Role(scales.name, ((0, 1, 1), (1, 0, groups_k))),
             }
             if f"{mod}.g_idx" in ckpt.tensors:
-                roles["g_idx"] = Role(f"{mod}.g_idx", ((1, 0, 1),))
+                # without desc_act g_idx is trivial: read to check it, then dropped (check)
+                roles["g_idx"] = Role(f"{mod}.g_idx", ((1, 0, 1),), held=spec.act_order)
             elif spec.act_order:
                 raise CheckpointError(f"checkpoint {ckpt.path}: desc_act is set but {mod}.g_idx is missing")
             for r in roles.values():

@@ -11,7 +11,7 @@ from functools import cached_property
 
 from mixq.errors import CheckpointError, UnsupportedFormatError
 from mixq.formats.awq import AWQReader
-from mixq.formats.base import Entry, FormatReader, Shard
+from mixq.formats.base import Entry, FormatReader, Shard, shard_nbytes
 from mixq.formats.checkpoint import Checkpoint
 from mixq.formats.compressed_tensors import CompressedTensorsReader, CtPackedDequant
 from mixq.formats.dense import DenseReader
@@ -94,6 +94,10 @@ class CheckpointCatalog:
         """Read one logical tensor (its stored tensors, or their shard slices)."""
         entry = self.entry(name)
         return self.reader_of(entry).read(self.ckpt, entry, shard)
+
+    def nbytes(self, name: str, shard: Shard | None = None) -> int:
+        """Bytes reading a logical tensor (or its shard) would return, from headers only."""
+        return shard_nbytes(self.ckpt, self.entry(name), shard)
 
     def file_of(self, name: str) -> str:
         """The file holding a logical tensor's main stored tensor."""

@@ -29,7 +29,8 @@ if triton is not None:
         for p0 in range(0, P, CH):
             p = p0 + tl.arange(0, CH)
             ok = p < P
-            fid = tl.load(fmap_ptr + tl.load(ids_ptr + p, mask=ok, other=0), mask=ok, other=-1)
+            eid = tl.load(ids_ptr + p, mask=ok, other=-1)  # < 0: an expert of another rank
+            fid = tl.load(fmap_ptr + eid, mask=ok & (eid >= 0), other=-1)
             key = tl.where(ok & (fid >= 0), fid, F)  # pairs of experts not held here: bucket F
             rank = tl.atomic_add(cnt_ptr + key, 1, mask=ok)
             tl.store(rank_ptr + p, rank, mask=ok)
@@ -42,7 +43,8 @@ if triton is not None:
         for p0 in range(0, P, CH):
             p = p0 + tl.arange(0, CH)
             ok = p < P
-            fid = tl.load(fmap_ptr + tl.load(ids_ptr + p, mask=ok, other=0), mask=ok, other=-1)
+            eid = tl.load(ids_ptr + p, mask=ok, other=-1)  # < 0: an expert of another rank
+            fid = tl.load(fmap_ptr + eid, mask=ok & (eid >= 0), other=-1)
             ok = ok & (fid >= 0)
             start = tl.load(bstart_ptr + fid, mask=ok, other=0, volatile=True)
             tl.store(sorted_ptr + start * BM + tl.load(rank_ptr + p, mask=ok, other=0, volatile=True), p, mask=ok)
@@ -127,7 +129,8 @@ if triton is not None:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         if DIRECT:  # one pair per program, no sort: row 0 of the tile is pair pid_m
-            fid = tl.load(fmap_ptr + tl.load(ids_ptr + pid_m))
+            eid = tl.load(ids_ptr + pid_m)  # < 0: an expert of another rank
+            fid = tl.load(fmap_ptr + eid, mask=eid >= 0, other=-1)
             if fid < 0:  # an expert not held here
                 return
             slot = tl.load(slot_ptr + fid)

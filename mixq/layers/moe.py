@@ -44,8 +44,11 @@ class Dispatch:
     Computed on first use: the fused kernels sort on the device themselves and never read
     `order` or `counts` (whose host list is a device sync)."""
 
-    def __init__(self, r: Routing, num_experts: int):
+    def __init__(self, r: Routing, num_experts: int, order: torch.Tensor | None = None,
+                 counts: list[int] | None = None):
         self.topk_ids, self.top_k, self.num_experts = r.topk_ids, r.topk_ids.shape[1], num_experts
+        if order is not None:  # given by the caller (e.g. only this rank's pairs)
+            self.order, self.counts = order, counts
 
     @cached_property
     def order(self) -> torch.Tensor:
@@ -139,6 +142,15 @@ def compute_experts(experts: nn.ModuleList, x: torch.Tensor, r: Routing, d: Disp
     return out.to(x.dtype)
 
 
+class LocalDispatch:
+    """Every expert lives in this process: group the pairs by expert, compute, combine.
+    Expert parallelism swaps in a dispatcher that sends tokens to the ranks owning their
+    experts and calls `moe.compute` on the local ones (mixq.distributed.moe)."""
+
+    def __call__(self, moe: SparseMoE, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        return moe.compute(moe.experts, x, r, dispatch(r, moe.num_experts))
+
+
 class SparseMoE(nn.Module):
     """Router + experts (+ optional shared expert with a sigmoid gate, Qwen2-MoE)."""
 
@@ -156,11 +168,17 @@ class SparseMoE(nn.Module):
         self.use_fused: bool | None = None  # None: fused wherever the kernels run (see below)
         # (experts, x, routing, dispatch) -> [T, hidden]; an expert-parallel dispatcher wraps it
         self.compute: Callable = self.compute_local
+        # (moe, x, routing) -> [T, hidden]: all experts here, or expert parallel (mixq.distributed.moe)
+        self.dispatcher: Callable[[SparseMoE, torch.Tensor, Routing], torch.Tensor] = LocalDispatch()
+        self._plan_experts: nn.ModuleList | None = None  # the expert list the fused plan numbers
 
     def compute_local(self, experts: nn.ModuleList, x: torch.Tensor, r: Routing, d: Dispatch) -> torch.Tensor:
         """The experts held by this layer: fused kernels once stacked, else the reference loop.
-        Routed ids index `experts`; pairs routed to experts without weights add nothing."""
+        Routed ids index `experts` (all experts, or under expert parallelism this rank's,
+        numbered from 0); ids < 0 and experts without weights add nothing."""
         if self.fused_plan is not None:
+            if experts is not self._plan_experts:
+                raise ValueError("fused MoE: the plan numbers another expert list than the one dispatched")
             return fused_moe(x, r.topk_ids, r.topk_weights, self.fused_plan)
         return compute_experts(experts, x, r, d)
 
@@ -169,8 +187,11 @@ class SparseMoE(nn.Module):
         kernels or prepare each alone. fused None: `self.use_fused`, and if that is None too,
         whenever the kernels run on this device. A weight the fused kernels cannot compute
         is an error naming it, not a fallback."""
+        # expert parallelism (mixq.distributed) leaves this rank its own experts in
+        # `local_experts`, numbered from 0 as its dispatcher routes them
+        pool = getattr(self, "local_experts", None) or self.experts
         held = {}
-        for e, ex in enumerate(self.experts):
+        for e, ex in enumerate(pool):
             lins = [getattr(ex, n) for n in ex.names]
             loaded = [lin.weight is not None for lin in lins]
             if any(loaded) and not all(loaded):
@@ -190,8 +211,12 @@ class SparseMoE(nn.Module):
             return
         weights = {e: moe_pack.ExpertWeights(*(lin.weight for lin in lins), tuple(lin.input_scale for lin in lins))
                    for e, lins in held.items()}
-        self.fused_plan, views = moe_pack.build_moe_plan(weights, self.num_experts, self.hidden, self.inter,
+        # under expert parallelism a spare id makes the plan "partial": the pairs of other
+        # ranks' experts (routed as id -1) write no rows, so the combine buffer is zero-filled
+        ids = len(pool) + (pool is not self.experts)
+        self.fused_plan, views = moe_pack.build_moe_plan(weights, ids, self.hidden, self.inter,
                                                          held[min(held)][0].dtype)
+        self._plan_experts = pool
         for e, lins in held.items():
             for lin, view in zip(lins, views[e]):
                 lin.hold_view(view)  # the loaded tensors lose their last reference here
@@ -200,7 +225,7 @@ class SparseMoE(nn.Module):
         r = route(self.gate(x), self.top_k, self.renormalize)  # [T, k]
         for hook in self.route_hooks:
             hook(r)
-        out = self.compute(self.experts, x, r, dispatch(r, self.num_experts))  # [T, hidden]
+        out = self.dispatcher(self, x, r)  # [T, hidden]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -45,6 +45,7 @@ class ServerArgs:
     dist_init_addr: str | None = None
     nnodes: int = 1
     node_rank: int = 0
+    moe_dispatch: str = "all-reduce"
     log_level: str = "info"
     enable_expert_tracking: bool = False
     expert_stats_dir: str | None = None
@@ -80,6 +81,19 @@ class ServerArgs:
             raise ConfigError(f"--tp-size x --dp-size ({self.tp_size * self.dp_size}) must divide by --nnodes {self.nnodes}")
         if self.ep_size > 1 and not self.enable_ep_moe:
             self.enable_ep_moe = True  # SGLang: --ep-size > 1 means EP MoE
+        if self.enable_ep_moe and self.ep_size == 1:
+            self.ep_size = self.tp_size  # SGLang's --enable-ep-moe: experts split over the whole TP group
+        if self.tp_size % self.ep_size:
+            raise ConfigError(f"--ep-size {self.ep_size} must divide --tp-size {self.tp_size} (as in SGLang, EP "
+                              "partitions the TP ranks; each expert is sharded over tp/ep of them)")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ConfigError("--dp-size > 1 with --nnodes > 1 is not supported: data-parallel replicas run on "
+                              "node 0; spread one replica's --tp-size over nodes instead")
+        if self.moe_dispatch not in ("all-reduce", "all-to-all"):
+            raise ConfigError(f"--moe-dispatch must be all-reduce or all-to-all, got {self.moe_dispatch!r}")
+        if self.enable_expert_tracking and self.dp_size > 1:
+            raise ConfigError("--enable-expert-tracking with --dp-size > 1 is not supported yet (each replica "
+                              "would count its own tokens); use --dp-size 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ConfigError(f"--chunked-prefill-size must be > 0 or -1 (off), got {self.chunked_prefill_size}")
         if self.expert_stats_dir is not None:
@@ -126,6 +140,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--dist-init-addr", dict(help="HOST:PORT of rank 0 for multi-node")),
     ("--nnodes", dict(type=int, help="number of nodes")),
     ("--node-rank", dict(type=int, help="this node's rank")),
+    ("--moe-dispatch", dict(help="EP token dispatch: all-reduce (default; tokens stay, partial outputs are "
+                                 "summed) or all-to-all (tokens travel to their experts' ranks; needs ep = tp)")),
     ("--log-level", dict(help="debug, info, warning, error")),
     ("--enable-expert-tracking", dict(action="store_true", default=None, help="count MoE expert activations")),
     ("--expert-stats-dir", dict(help="directory /expert_stats/export and /dump_expert_distribution_record "

@@ -53,40 +53,72 @@ def _Server(config):
 
 def check_args(args: ServerArgs) -> None:
     """Every refusal that needs no weights: runs before anything is loaded."""
-    from mixq.errors import ConfigError
+    from mixq.distributed.config import ParallelConfig
 
     args.validate(_gpu_count(args.device))
-    if args.tp_size * args.dp_size * args.ep_size > 1 or args.nnodes > 1:
-        raise ConfigError("--tp-size/--dp-size/--ep-size/--nnodes > 1: tensor, data and expert parallelism "
-                          "are not available in this build yet; run with the defaults (1)")
+    # the parallel layout's own refusals, still before any loading
+    ParallelConfig(args.tp_size, args.ep_size, args.nnodes, args.node_rank, args.dist_init_addr, args.moe_dispatch)
+
+
+def engine_config(args: ServerArgs):
+    """The EngineConfig the flags describe (no flags: the embedded default mix)."""
+    from mixq.engine.engine import EngineConfig
+
+    model_path, cfg = args.model_path, args.mixed_precision_config
+    if model_path is None and cfg is None:
+        from mixq.assets.default_model import default_config_path
+
+        cfg = str(default_config_path())
+    return EngineConfig(
+        model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+        device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
+        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True,
+        attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
+        enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr, moe_dispatch=args.moe_dispatch)
 
 
 def serve(args: ServerArgs) -> int:
     import uvicorn
 
-    from mixq.engine.engine import EngineConfig, LLMEngine
     from mixq.server.app import build_app
     from mixq.server.async_engine import AsyncEngine
     from mixq.server.metrics import ServerMetrics
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_args(args)
-    model_path, cfg = args.model_path, args.mixed_precision_config
-    default_name = None
-    if model_path is None and cfg is None:
-        from mixq.assets.default_model import NAME, default_config_path
+    ecfg = engine_config(args)
+    if args.node_rank > 0:  # a worker node: its TP ranks run until node 0's rank 0 stops them
+        from mixq.distributed.workers import run_node
 
-        cfg, default_name = str(default_config_path()), NAME
-    engine = LLMEngine(EngineConfig(
-        model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
-        device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
-        chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
-        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
-        attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype, show_progress=True,
-        enable_expert_tracking=args.enable_expert_tracking))
+        print(f"mixq: node {args.node_rank} of {args.nnodes} serving TP ranks for {args.dist_init_addr}", flush=True)
+        status = run_node(ecfg, ecfg.parallel())
+        print("mixq: shut down cleanly" if status == 0 else f"mixq: node exited with status {status}", flush=True)
+        return status
+    default_name = None
+    if args.model_path is None and args.mixed_precision_config is None:
+        from mixq.assets.default_model import NAME
+
+        default_name = NAME
+    if args.dp_size > 1:
+        from mixq.distributed.dp import DataParallelEngine, DPMetrics
+
+        per_replica: list[ServerMetrics] = []
+
+        def on_step(replica):
+            per_replica.append(ServerMetrics(replica))
+            return per_replica[-1].on_step
+
+        aengine = DataParallelEngine(ecfg, args.dp_size, on_step)
+        engine, metrics = aengine.engine, DPMetrics(per_replica)
+    else:
+        from mixq.engine.engine import LLMEngine
+
+        engine = LLMEngine(ecfg)
+        metrics = ServerMetrics(engine)
+        aengine = AsyncEngine(engine, on_step=metrics.on_step)
     name = args.served_model_name or default_name or engine.plan.base.path.name
-    metrics = ServerMetrics(engine)
-    aengine = AsyncEngine(engine, on_step=metrics.on_step)
     info = {k: v for k, v in vars(args).items() if k not in ("api_key", "extra")}
     app = build_app(aengine, metrics, name, info, api_key=args.api_key, allow_auto_truncate=args.allow_auto_truncate,
                     expert_stats_dir=args.expert_stats_dir)
@@ -102,6 +134,8 @@ def serve(args: ServerArgs) -> int:
         _Server(config).run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish
     finally:
         aengine.shutdown()
+        if args.dp_size == 1:
+            engine.close()  # the other TP ranks, if any
     print("mixq: shut down cleanly", flush=True)
     return 0
 
