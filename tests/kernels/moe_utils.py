@@ -67,11 +67,14 @@ FORMATS = ("bf16", "fp16", "fp8-channel", "fp8-tensor", "fp8-block", "int8", "gp
 
 
 def make_moe(hidden: int, inter: int, experts: int, top_k: int, formats, seed=0, dtype=torch.float32,
-             device="cpu", fused=None, skip=()):
+             device="cpu", fused=None, skip=(), local: range | None = None):
     """A SparseMoE whose expert e has projections in formats[e % len] = (gate, up, down) (or
     one name for all three), loaded and post-processed (fused=False: the per-expert path;
     on the CPU that is the torch reference, whatever the environment says). Returns (moe,
-    dense fp64 weights)."""
+    dense fp64 weights). `local`: as an expert-parallel rank, only these experts are loaded
+    and the layer's `local_experts` lists them (numbered from 0), as mixq.distributed does."""
+    if local is not None:
+        skip = set(skip) | (set(range(experts)) - set(local))
     g = torch.Generator().manual_seed(seed)
     moe = SparseMoE(hidden, inter, experts, top_k, renormalize=True).to(device)
     moe.gate.load(QuantizedWeight("gate.weight", dense_spec(torch.float32), (experts, hidden),
@@ -88,6 +91,8 @@ def make_moe(hidden: int, inter: int, experts: int, top_k: int, formats, seed=0,
             qw = qw.to(device)
             if e not in skip:
                 getattr(moe.experts[e], proj).load(qw, dtype)
+    if local is not None:
+        object.__setattr__(moe, "local_experts", torch.nn.ModuleList(moe.experts[e] for e in local))
     if fused is False and torch.device(device).type == "cpu":
         with _env("MIXQ_TRITON_INTERPRET_METHODS", None):
             moe.process_weights_after_loading(False)

@@ -117,6 +117,29 @@ def test_subset_of_experts_as_under_expert_parallel(mode, monkeypatch):
     check(y, moe_float64(x, r.topk_ids, r.topk_weights, dense, skip={1, 4}), torch.float32, "subset")
 
 
+@pytest.mark.parametrize("mode", [{"combine": "atomic"}, {"combine": "store"}, {"dispatch": "direct"}])
+def test_expert_parallel_local_numbering_skips_other_ranks_pairs(mode, monkeypatch):
+    """An EP rank holding experts 2..5, routed as mixq.distributed does: local ids 0..3 and
+    -1 for other ranks' experts (weight 0). Only the held experts contribute, exactly."""
+    from mixq.distributed.moe import localize
+
+    monkeypatch.setattr(fm, "CONFIG_OVERRIDE", mode)
+    local = range(2, 6)
+    moe, dense = make_moe(H, INTER, E, 4, ["gptq4", "fp8-channel", "bf16"], device=DEV, local=local)
+    assert moe.fused_plan.partial and moe.fused_plan.fids == len(local)
+    g = torch.Generator().manual_seed(6)
+    for m in (2, 9, 40):
+        x = torch.randn(m, H, generator=g).to(DEV)
+        r = route(moe.gate(x), 4, True)
+        lr, d = localize(r, local.start, len(local))
+        assert bool((lr.topk_ids < 0).any()) and bool((lr.topk_ids >= 0).any())
+        y = moe.compute(moe.local_experts, x, lr, d)
+        ref = moe_float64(x, r.topk_ids, r.topk_weights, dense, skip=set(range(E)) - set(local))
+        check(y, ref, torch.float32, ("ep", m))
+    with pytest.raises(ValueError, match="numbers another expert list"):
+        moe.compute(moe.experts, x, lr, d)
+
+
 @pytest.mark.parametrize("formats,w13,w2", [
     (["gptq4"], 1, 1),
     (["bf16", "fp8-channel", "gptq4"], 3, 3),
