@@ -12,7 +12,7 @@ import torch
 
 from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import fused_moe as fm
-from mixq.kernels import moe_pack, wna16
+from mixq.kernels import moe_pack, w8_methods, wna16
 from mixq.layers.moe import Routing, SparseMoE, compute_experts, dispatch, route
 from tests.kernels.moe_utils import FORMATS, make_moe, make_weight, moe_float64
 
@@ -43,6 +43,11 @@ def check(y, ref, dtype, what):
 
 
 def run_layer(formats, ms, top_ks, dtype, override=None, monkeypatch=None):
+    if monkeypatch is not None:
+        # the fused kernel computes 8-bit experts weight-only (bf16 activations); so must the
+        # per-expert loop it is compared with, whose FP8/INT8 methods otherwise quantize the
+        # activations above 64 rows (a few % per row, a different function)
+        monkeypatch.setattr(w8_methods._W8Method, "weight_only_max_m", 1 << 30)
     fused, dense = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV)
     ref_layer, _ = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV, fused=False)
     assert fused.fused_plan is not None and ref_layer.fused_plan is None

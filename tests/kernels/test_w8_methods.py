@@ -41,7 +41,7 @@ def same_quant_reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
     """Float64 product with the activation quantized as the W8A8 path does it."""
     spec, t = qw.spec, qw.tensors
     int8 = spec.layout == "int8"
-    static = t["input_scale"].float().reshape(1) if spec.activation == "static-tensor" else None
+    static = t["input_scale"].float().reshape(1).to(x.device) if spec.activation == "static-tensor" else None
     group = spec.block_size[1] if spec.scale_layout == "block" and static is None else 0
     a, sa = quant_reference(x, group=group, static_scale=static, to_int8=int8)
     w = qw.dequantize(torch.float64).to(DEV)
