@@ -16,6 +16,7 @@ Split-K partials go to an fp32 buffer that is summed afterwards (deterministic).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -278,24 +279,44 @@ def _bk_for(group: int, cap: int) -> int:
     return bk
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _split(blocks: int, k_tiles: int, want: int, min_tiles: int = 1) -> int:
+    """Split-K factor that gives about `want` programs for `blocks` output tiles, keeping at
+    least `min_tiles` K tiles per split: small N (or few row blocks) would otherwise leave
+    most SMs idle while a few stream the whole weight."""
+    return max(1, min(-(-want // blocks), k_tiles // min_tiles))
+
+
 def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Config:
-    """The launch heuristic, from timings on an H100 (bench/RESULTS.md, bench/kernels.py
-    --sweep): one row -> GEMV with split-K; up to 16 rows -> 16-row tiles, swapped, split-K
-    4; up to 64 -> 64-row tiles (swapped when N is large); beyond -> 256 x 128 tiles."""
+    """The launch heuristic, from timings on an H100 (bench/w4a16-notes.md, bench/kernels.py
+    --sweep wna16): one row -> GEMV; up to 16 rows -> 16-row tiles, swapped; up to 64 ->
+    64-row tiles (swapped when N is large); up to 512 -> 64 x 128 tiles; beyond -> 256 x 128.
+    Split-K fills the GPU: ~8 programs per SM at small M, ~2 up to 512 rows."""
     if interpreting():  # few large blocks run fastest under the interpreter
         bk = _bk_for(group, 128)
         if m == 1:
             return WNA16Config("gemv", 1, 64, bk, 2 if k // bk >= 2 else 1, 4, 1)
         return WNA16Config("mm", 16 if m <= 16 else 32, 64, bk, 2 if k // bk >= 2 else 1, 4, 1, m <= 16)
-    if m == 1:
-        return WNA16Config("gemv", 1, 128, _bk_for(group, 128), 8 if k >= 8192 else 4, 4, 1)
-    if m <= 16:
-        return WNA16Config("mm", 16, 64, _bk_for(group, 128), 4, 4, 4, True)
+    sms = _sm_count(device)
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
     if m <= 64:
+        bk = _bk_for(group, 128)
+        if m == 1:
+            return WNA16Config("gemv", 1, 128, bk, _split(cdiv(n, 128), k // bk, 8 * sms), 4, 1)
+        if m <= 16:
+            return WNA16Config("mm", 16, 64, bk, _split(cdiv(n, 64), k // bk, 8 * sms), 4, 4, True)
         if n >= 16384:
-            return WNA16Config("mm", 64, 128, _bk_for(group, 128), 1, 4, 4, True)
-        return WNA16Config("mm", 64, 64, _bk_for(group, 128), 2, 4, 4, False)
-    return WNA16Config("mm", 256, 128, _bk_for(group, 64), 1, 8, 3, True)
+            return WNA16Config("mm", 64, 128, bk, _split(cdiv(n, 128), k // bk, 4 * sms, 4), 4, 4, True)
+        return WNA16Config("mm", 64, 64, bk, _split(cdiv(n, 64), k // bk, 4 * sms, 4), 4, 4, False)
+    bk = _bk_for(group, 64)
+    if m <= 512:
+        return WNA16Config("mm", 64, 128, bk, _split(cdiv(m, 64) * cdiv(n, 128), k // bk, 2 * sms, 8), 4, 3, True)
+    # no split-K here: the fp32 partials would cost more traffic than the idle SMs
+    return WNA16Config("mm", 256, 128, bk, 1, 8, 3, True)
 
 
 # bench/kernels.py --sweep sets this to time candidate configs; None = the heuristic
