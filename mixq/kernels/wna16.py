@@ -294,7 +294,8 @@ def _split(blocks: int, k_tiles: int, want: int, min_tiles: int = 1) -> int:
 def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Config:
     """The launch heuristic, from timings on an H100 (bench/w4a16-notes.md, bench/kernels.py
     --sweep wna16): one row -> GEMV; up to 16 rows -> 16-row tiles, swapped; up to 64 ->
-    64-row tiles (swapped when N is large); up to 512 -> 64 x 128 tiles; beyond -> 256 x 128.
+    64-row tiles (swapped, unsplit, when N is large); beyond -> 256 x 128 tiles, or up to 512
+    rows 64 x 128 tiles with split-K where 256 x 128 tiles would be fewer than the SMs.
     Split-K fills the GPU: ~8 programs per SM at small M, ~2 up to 512 rows."""
     if interpreting():  # few large blocks run fastest under the interpreter
         bk = _bk_for(group, 128)
@@ -309,11 +310,11 @@ def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Co
             return WNA16Config("gemv", 1, 128, bk, _split(cdiv(n, 128), k // bk, 8 * sms), 4, 1)
         if m <= 16:
             return WNA16Config("mm", 16, 64, bk, _split(cdiv(n, 64), k // bk, 8 * sms), 4, 4, True)
-        if n >= 16384:
-            return WNA16Config("mm", 64, 128, bk, _split(cdiv(n, 128), k // bk, 4 * sms, 4), 4, 4, True)
+        if n >= 16384:  # enough 128-wide column blocks to fill the SMs: no split
+            return WNA16Config("mm", 64, 128, bk, 1, 4, 4, True)
         return WNA16Config("mm", 64, 64, bk, _split(cdiv(n, 64), k // bk, 4 * sms, 4), 4, 4, False)
     bk = _bk_for(group, 64)
-    if m <= 512:
+    if m <= 512 and cdiv(m, 256) * cdiv(n, 128) < sms:  # big tiles would leave SMs idle
         return WNA16Config("mm", 64, 128, bk, _split(cdiv(m, 64) * cdiv(n, 128), k // bk, 2 * sms, 8), 4, 3, True)
     # no split-K here: the fp32 partials would cost more traffic than the idle SMs
     return WNA16Config("mm", 256, 128, bk, 1, 8, 3, True)
