@@ -26,6 +26,18 @@ def test_no_method_for_a_spec_lists_every_refusal(monkeypatch):
         assert not ok and f"{m.name}: {why}" in msg
 
 
+def test_on_cuda_a_spec_no_kernel_takes_is_an_error_not_the_reference(monkeypatch):
+    """3-bit GPTQ has no GPU kernel: on cuda the torch reference refuses too (with the
+    opt-in named), so loading fails naming the tensor instead of running slowly."""
+    spec = WeightSpec(layout="gptq", bits=3, dtype=torch.int32, scale_layout="group", group_size=128)
+    monkeypatch.delenv("MIXQ_ALLOW_REFERENCE_COMPUTE", raising=False)
+    with pytest.raises(ValueError, match=r"experts\.0\.w1\.weight: no kernel implements .*MIXQ_ALLOW_REFERENCE_COMPUTE"):
+        linear.select_method(spec, torch.device("cuda"), "experts.0.w1.weight")
+    assert linear.select_method(spec, torch.device("cpu")).name == linear.TorchDequantMethod.name
+    monkeypatch.setenv("MIXQ_ALLOW_REFERENCE_COMPUTE", "1")
+    assert linear.select_method(spec, torch.device("cuda")).name == linear.TorchDequantMethod.name
+
+
 def test_linear_refuses_a_weight_of_the_wrong_shape():
     lin = linear.MixedPrecisionLinear(16, 8)
     w = QuantizedWeight("a.weight", WeightSpec(layout="dense", bits=32, dtype=torch.float32), (8, 12),

@@ -11,6 +11,8 @@ transiently inside forward; it never keeps a dense copy.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Protocol
 
 import torch
@@ -21,6 +23,8 @@ from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 from mixq.kernels.methods import WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
+
+log = logging.getLogger("mixq.layers")
 
 
 class LinearMethod(Protocol):
@@ -64,6 +68,11 @@ class TorchDequantMethod:
     def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
         if not spec.is_quantized:
             return False, "weight is dense"
+        if device.type == "cuda" and os.environ.get("MIXQ_ALLOW_REFERENCE_COMPUTE") != "1":
+            # on a GPU every format runs in a kernel made for it: a spec no kernel takes is an
+            # error naming it, not a slow dequantize-every-forward path nobody asked for
+            return False, ("the torch reference (dequantize every forward) runs on CPUs; on cuda set "
+                           "MIXQ_ALLOW_REFERENCE_COMPUTE=1 to accept it for this spec")
         return True, ""
 
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
@@ -85,6 +94,7 @@ def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> Lin
     for m in METHODS:
         ok, why = m.can_implement(spec, device)
         if ok:
+            log.debug("%s: %s on %s -> %s", name or "linear", spec.describe(), device, m.name)
             return m
         reasons.append(f"{m.name}: {why}")
     raise ValueError(f"{name or 'linear'}: no kernel implements {spec.describe()} on {device}: " + "; ".join(reasons))

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixq.engine.engine import RequestOutput
 from mixq.engine.sampling_params import SamplingParams
@@ -50,6 +51,11 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
     async def _api_error(_, e: APIError):
         return _error(e.status, e.message, e.type, e.param, e.code)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):  # unknown route, wrong method: OpenAI's error JSON
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                      code="not_found" if e.status_code == 404 else None)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -75,14 +81,26 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    def prompt_ids(prompt: str | list[int], max_new: int) -> list[int]:
+    def prompt_ids(prompt: str | list[int], max_new: int, explicit_max: bool = False) -> list[int]:
+        """The prompt's ids, checked against the context. A max_tokens the request set
+        must fit beside the prompt (vLLM's rule; left unset, generation stops at the context
+        with finish_reason "length"). --allow-auto-truncate keeps the prompt's tail instead."""
         ids = engine.encode(prompt)
         limit = engine.max_model_len
-        if len(ids) + 1 > limit:
+        room = max_new if explicit_max else 1
+        if explicit_max and max_new >= limit:
+            raise APIError(400, f"max_tokens {max_new} leaves no room for a prompt: this model's maximum context "
+                                f"length is {limit} tokens", param="max_tokens", code="context_length_exceeded")
+        if len(ids) + room > limit:
             if not allow_auto_truncate:
+                if explicit_max and len(ids) < limit:
+                    raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                        f"requested {len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} "
+                                        "in the completion). Reduce the length of the prompt or of max_tokens.",
+                                   param="max_tokens", code="context_length_exceeded")
                 raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
                                     f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
-            ids = ids[-(limit - 1):]
+            ids = ids[-(limit - room):]
         return ids
 
     async def run(rid: str, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -156,7 +174,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                 raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
             req.prompt = req.prompt[0]
         params = to_params(req, req.logprobs)
-        ids = prompt_ids(req.prompt, params.max_new_tokens)
+        ids = prompt_ids(req.prompt, params.max_new_tokens, (req.max_completion_tokens or req.max_tokens) is not None)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
         echo = tok.decode(ids) if req.echo else ""
@@ -189,7 +207,8 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         except Exception as e:  # jinja errors: the request's messages do not fit the template
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         params = to_params(req, (req.top_logprobs or 0) if req.logprobs else None)
-        ids = prompt_ids(tok.encode(text, add_special_tokens=False), params.max_new_tokens)
+        ids = prompt_ids(tok.encode(text, add_special_tokens=False), params.max_new_tokens,
+                         (req.max_completion_tokens or req.max_tokens) is not None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
         base = {"id": rid, "created": created, "model": served_model_name}

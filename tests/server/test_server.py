@@ -174,6 +174,10 @@ def test_32_concurrent_streams_and_an_abort_frees_blocks(server, reference):
     (json.dumps({"model": "tiny"}), 400, "prompt"),
     (json.dumps({"model": "tiny", "prompt": "cat " * 600}), 400, "maximum context length is 512 tokens"),
     (json.dumps({"model": "tiny", "prompt": [99999]}), 400, "token ids must be in"),
+    # 300 prompt tokens + 300 requested > 512: refused, naming both parts (vLLM's rule)
+    (json.dumps({"model": "tiny", "prompt": [5] * 300, "max_tokens": 300}), 400,
+     "However, you requested 600 tokens (300 in the prompt, 300 in the completion)"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 512}), 400, "leaves no room for a prompt"),
 ])
 def test_errors_use_openai_error_json(server, body, status, message):
     r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
@@ -181,6 +185,13 @@ def test_errors_use_openai_error_json(server, body, status, message):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["type"]
+
+
+def test_unknown_routes_and_methods_answer_openai_error_json(server):
+    r = httpx.post(f"{server}/v1/embeddings", json={"input": "x"}, headers=H, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server}/v1/completions", headers=H, timeout=30)
+    assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"]
 
 
 def test_api_key_is_required(server):
