@@ -81,26 +81,25 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    def prompt_ids(prompt: str | list[int], max_new: int, explicit_max: bool = False) -> list[int]:
+    def prompt_ids(prompt: str | list[int], params: SamplingParams, explicit_max: bool = False) -> list[int]:
         """The prompt's ids, checked against the context. A max_tokens the request set
         must fit beside the prompt (vLLM's rule; left unset, generation stops at the context
-        with finish_reason "length"). --allow-auto-truncate keeps the prompt's tail instead."""
+        with finish_reason "length"). With --allow-auto-truncate (SGLang's meaning) a long
+        prompt keeps its last context - 1 tokens and max_tokens is clipped to what is left."""
         ids = engine.encode(prompt)
         limit = engine.max_model_len
-        room = max_new if explicit_max else 1
-        if explicit_max and max_new >= limit:
-            raise APIError(400, f"max_tokens {max_new} leaves no room for a prompt: this model's maximum context "
-                                f"length is {limit} tokens", param="max_tokens", code="context_length_exceeded")
-        if len(ids) + room > limit:
+        if len(ids) + 1 > limit:
             if not allow_auto_truncate:
-                if explicit_max and len(ids) < limit:
-                    raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                        f"requested {len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} "
-                                        "in the completion). Reduce the length of the prompt or of max_tokens.",
-                                   param="max_tokens", code="context_length_exceeded")
                 raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
                                     f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
-            ids = ids[-(limit - room):]
+            ids = ids[-(limit - 1):]
+        if explicit_max and len(ids) + params.max_new_tokens > limit:
+            if not allow_auto_truncate:
+                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                    f"requested {len(ids) + params.max_new_tokens} tokens ({len(ids)} in the prompt, "
+                                    f"{params.max_new_tokens} in the completion). Reduce the length of the prompt "
+                                    "or of max_tokens.", param="max_tokens", code="context_length_exceeded")
+            params.max_new_tokens = limit - len(ids)
         return ids
 
     async def run(rid: str, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -174,7 +173,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                 raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
             req.prompt = req.prompt[0]
         params = to_params(req, req.logprobs)
-        ids = prompt_ids(req.prompt, params.max_new_tokens, (req.max_completion_tokens or req.max_tokens) is not None)
+        ids = prompt_ids(req.prompt, params, (req.max_completion_tokens or req.max_tokens) is not None)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
         echo = tok.decode(ids) if req.echo else ""
@@ -207,7 +206,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         except Exception as e:  # jinja errors: the request's messages do not fit the template
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         params = to_params(req, (req.top_logprobs or 0) if req.logprobs else None)
-        ids = prompt_ids(tok.encode(text, add_special_tokens=False), params.max_new_tokens,
+        ids = prompt_ids(tok.encode(text, add_special_tokens=False), params,
                          (req.max_completion_tokens or req.max_tokens) is not None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
@@ -244,7 +243,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
             params = SamplingParams.from_dict(req.sampling_params)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="sampling_params") from None
-        ids = prompt_ids(req.text if req.text is not None else req.input_ids, params.max_new_tokens)
+        ids = prompt_ids(req.text if req.text is not None else req.input_ids, params)
         rid = req.rid or uuid.uuid4().hex
         stream = await run(rid, ids, params)
 

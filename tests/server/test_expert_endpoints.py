@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 
-from tests.server.test_server import free_port
+from tests.server.launch_utils import start_server, stop_server
 from tests.tracking.routing_ref import FIXTURE, HFRouter, slot_counts
 
 MODEL = FIXTURE["qwen3-moe"]
@@ -22,32 +21,8 @@ PROMPT = [17, 93, 5, 201, 44, 8, 150, 77, 31, 9, 120, 66]
 
 
 def start(args: list[str]):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixq.launch_server", "--model-path", str(MODEL), "--port",
-                             str(port), "--device", "cpu", "--dtype", "float32", "--max-total-tokens", "1024",
-                             "--page-size", "8", "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
+    return start_server("--model-path", str(MODEL), "--dtype", "float32", "--max-total-tokens", "1024",
+                        "--page-size", "8", "--log-level", "warning", *args, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +33,7 @@ def tracked(tmp_path_factory):
     outside.mkdir()
     proc, url = start(["--enable-expert-tracking", "--expert-stats-dir", str(stats_dir)])
     yield url, stats_dir, outside
-    stop(proc)
+    stop_server(proc)
 
 
 def generate(url, ids, n=5):
@@ -149,4 +124,4 @@ def test_tracking_off_answers_4xx_saying_how_to_enable_it(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["code"] == "expert_tracking_disabled"
         assert len(generate(url, [3, 4])) == 5  # and it serves as usual
     finally:
-        stop(proc)
+        stop_server(proc)

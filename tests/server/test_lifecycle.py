@@ -21,7 +21,8 @@ import pytest
 
 from mixq.engine.engine import LLM
 from mixq.engine.sampling_params import SamplingParams
-from tests.server.test_server import MODEL, free_port, metric
+from tests.server.launch_utils import free_port, start_server
+from tests.server.test_server import MODEL, metric
 
 ROOT = Path(__file__).parents[2]
 # MISSION.md's launch flags, plus the three issue 4 adds
@@ -86,22 +87,7 @@ def alive(pid: int) -> bool:
 
 
 def start(*args, env=None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixq.launch_server", "--port", str(port), "--device", "cpu",
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return start_server(*args, env=env)
 
 
 class Streams:
@@ -152,6 +138,7 @@ def test_truncation_queue_and_graceful_sigterm_with_streams_in_flight():
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["usage"]["prompt_tokens"] == 511
+        assert body["usage"]["completion_tokens"] == 1  # max_tokens clipped to the one position left
         want = ref.generate([long_ids[-511:]], SamplingParams(max_new_tokens=4, temperature=0))[0].outputs[0]
         assert body["choices"][0]["text"] == want.text and body["choices"][0]["finish_reason"] == "length"
 
