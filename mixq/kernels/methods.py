@@ -67,30 +67,35 @@ class WNA16Method:
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
         n, k = weight.shape
         group = _groups(weight.spec, k)
-        if k % group or group % 16:
-            raise ValueError(f"{weight.name}: K={k} and group {group}: the kernel needs K % group == 0 and "
-                             "group % 16 == 0")
         q, s, z, g_idx = canonical_int(weight)
-        perm = None
+        perm = gidx = None
         if g_idx is not None:
             # act-order: order columns by group once, so each group is contiguous; the
             # kernel then gathers activation columns through perm.
             perm = torch.argsort(g_idx.long(), stable=True)
-            if not torch.equal(g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
-                raise ValueError(f"{weight.name}: g_idx does not assign exactly {group} columns per group")
+            sorted_groups = g_idx.long()[perm]
+            if not torch.equal(sorted_groups, torch.arange(k, device=perm.device) // group):
+                # a K shard of an act-order weight (tensor parallel, row-parallel layer): its
+                # columns fill the whole scale table's groups unevenly, so the kernel reads a
+                # scale per column through gidx (still compressed: +4 bytes per column)
+                gidx = sorted_groups
             q = q[:, perm]
-        p = wna16.pack_wna16(q.to(torch.uint8), s, z, weight.spec.bits, group, perm)
+        if gidx is None and (k % group or group % 16):
+            raise ValueError(f"{weight.name}: K={k} and group {group}: the kernel needs K % group == 0 and "
+                             "group % 16 == 0")
+        if gidx is not None and k % 16:
+            raise ValueError(f"{weight.name}: K={k}: per-column groups need K % 16 == 0")
+        p = wna16.pack_wna16(q.to(torch.uint8), s, z, weight.spec.bits, group, perm, gidx)
         tensors = {"qweight": p.qweight, "scales": p.scales}
-        if p.zeros is not None:
-            tensors["zeros"] = p.zeros
-        if p.perm is not None:
-            tensors["perm"] = p.perm
+        for role in ("zeros", "perm", "gidx"):
+            if getattr(p, role) is not None:
+                tensors[role] = getattr(p, role)
         return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
 
     def apply(self, weight, x, bias):
         t, (n, k) = weight.tensors, weight.shape
         w = wna16.WNA16Weight(t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), weight.spec.bits,
-                              _groups(weight.spec, k), n, k)
+                              _groups(weight.spec, k), n, k, t.get("gidx"))
         shape = x.shape
         y = wna16.wna16_gemm(x.reshape(-1, shape[-1]), w, bias)
         return y.reshape(*shape[:-1], w.n)

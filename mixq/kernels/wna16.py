@@ -47,29 +47,42 @@ class WNA16Weight:
     group_size: int
     n: int
     k: int
+    gidx: torch.Tensor | None = None  # int32 [K]: group of each kernel column (see pack_wna16)
 
     @property
     def nbytes(self) -> int:
-        ts = [self.qweight, self.scales, self.zeros, self.perm]
+        ts = [self.qweight, self.scales, self.zeros, self.perm, self.gidx]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
-               perm: torch.Tensor | None = None) -> WNA16Weight:
+               perm: torch.Tensor | None = None, gidx: torch.Tensor | None = None) -> WNA16Weight:
     """Canonical -> kernel layout.
 
     q       uint8/int [N, K] unsigned values in [0, 2**bits), already in kernel column
             order (act-order: column j is activation column perm[j]; its group is j // G)
     scales  [N, K // G] float; zeros None or int [N, K // G]; perm None or int [K].
+    gidx    None, or int [K] nondecreasing: the group (scale column) of each kernel column,
+            for act-order weights split along K (a tensor-parallel shard keeps the whole scale
+            table [N, G_full] while its columns fill groups unevenly); scales/zeros then have
+            any number of groups and the kernel reads a scale per column.
     """
     if bits not in (4, 8):
         raise ValueError(f"pack_wna16: bits must be 4 or 8, got {bits}")
     n, k = q.shape
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"pack_wna16: K={k} is not a multiple of group_size={group_size}")
     if k % (32 // bits):
         raise ValueError(f"pack_wna16: K={k} is not a multiple of {32 // bits}")
-    g = k // group_size
+    if gidx is None:
+        if group_size <= 0 or k % group_size:
+            raise ValueError(f"pack_wna16: K={k} is not a multiple of group_size={group_size}")
+        g = k // group_size
+    else:
+        g = scales.shape[1]
+        if tuple(gidx.shape) != (k,):
+            raise ValueError(f"pack_wna16: gidx shape {tuple(gidx.shape)}, expected ({k},)")
+        gl = gidx.long()
+        if k and (int(gl.min()) < 0 or int(gl.max()) >= g or bool((gl[1:] < gl[:-1]).any())):
+            raise ValueError(f"pack_wna16: gidx must be nondecreasing group ids in [0, {g})")
     if tuple(scales.shape) != (n, g):
         raise ValueError(f"pack_wna16: scales shape {tuple(scales.shape)}, expected {(n, g)}")
     if zeros is not None and tuple(zeros.shape) != (n, g):
@@ -85,6 +98,7 @@ def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         zeros=None if zeros is None else zeros.t().contiguous().to(torch.uint8),
         perm=None if perm is None else perm.to(torch.int32).contiguous(),
         bits=bits, group_size=group_size, n=n, k=k,
+        gidx=None if gidx is None else gidx.to(torch.int32).contiguous(),
     )
 
 
@@ -100,7 +114,7 @@ def wna16_reference(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None =
     """Float64 reference of wna16_gemm."""
     q, s, z = unpack_wna16(w)
     zero = torch.full_like(s, 2 ** (w.bits - 1), dtype=torch.float64) if z is None else z.double()
-    groups = torch.arange(w.k, device=q.device) // w.group_size
+    groups = torch.arange(w.k, device=q.device) // w.group_size if w.gidx is None else w.gidx.long()
     wd = (q.double() - zero[:, groups]) * s.double()[:, groups]  # [N, K] in kernel column order
     xd = x.double() if w.perm is None else x.double()[:, w.perm.long()]
     y = xd @ wd.t()
@@ -148,12 +162,15 @@ if triton is not None:
             return (qh - base[None, :]) * s.to(DT)[None, :]
 
     @triton.jit
-    def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, M, N, K, split_k,
+    def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, gidx_ptr, M, N, K, split_k,
                          stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr):
-        """Tensor-core tiles. Split s of split_k writes its fp32 partial at out + s * stride_os."""
+                         SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
+                         HAS_GIDX: tl.constexpr = False):
+        """Tensor-core tiles. Split s of split_k writes its fp32 partial at out + s * stride_os.
+        HAS_GIDX: a scale (and zero) per kernel column through gidx, for act-order weights
+        split along K whose tiles may span groups."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         # grouped order: GROUP_M row blocks take each weight tile in turn while it is in L2
@@ -187,18 +204,28 @@ if triton is not None:
                 cols = tl.load(perm_ptr + offs_k)
             else:
                 cols = offs_k
-            g = (t * BK) // GROUP
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0)
-            if HAS_ZP:
-                z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
-            else:
-                z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
             # each packed word is loaded once (weights are read exactly once: stream them
             # past the cache) and split in registers: row r*PER + j of the tile is slot j
             packed = tl.load(qw_ptr + (t * (BK // PER) + rw)[:, None] * stride_qk + offs_n[None, :],
                              mask=n_ok[None, :], other=0, eviction_policy="evict_first")
             q = tl.reshape((packed[:, None, :] >> shifts) & MASK, (BK, BN))
-            w = _dequant(q, z, s, DT, BITS, DQ)  # [BK, BN]
+            if HAS_GIDX:  # per-column groups: gather a scale (and zero) row per column
+                gk = tl.load(gidx_ptr + offs_k)
+                s2 = tl.load(s_ptr + gk[:, None] * stride_sg + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+                if HAS_ZP:
+                    z2 = tl.load(z_ptr + gk[:, None] * stride_zg + offs_n[None, :], mask=n_ok[None, :],
+                                 other=0).to(tl.float32)
+                else:
+                    z2 = tl.full((BK, BN), 1 << (BITS - 1), tl.float32)
+                w = ((q.to(tl.float32) - z2) * s2.to(tl.float32)).to(DT)  # [BK, BN]
+            else:
+                g = (t * BK) // GROUP
+                s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0)
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+                w = _dequant(q, z, s, DT, BITS, DQ)  # [BK, BN]
             if SWAP:
                 a = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :], other=0.0)
                 if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
@@ -273,7 +300,8 @@ if triton is not None:
 
 
 def _bk_for(group: int, cap: int) -> int:
-    bk = min(group, cap)
+    """The largest power of two <= cap that divides `group` (a K tile inside one group)."""
+    bk = 1 << (min(group, cap).bit_length() - 1)
     while group % bk:
         bk //= 2
     return bk
@@ -331,17 +359,22 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"wna16_gemm: x dtype {x.dtype} not supported")
     return torch.ops.mixq.wna16_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, w.perm, bias, w.bits,
-                                     w.group_size, w.n)
+                                     w.group_size, w.n, w.gidx)
 
 
 @torch.library.custom_op("mixq::wna16_gemm", mutates_args=())
 def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-              n: int) -> torch.Tensor:
+              n: int, gidx: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
-    c = CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
-    if k % c.bk or group_size % c.bk:
-        raise ValueError(f"wna16: BK={c.bk} must divide K={k} and the group size {group_size}")
+    if gidx is None:
+        c = CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
+        if k % c.bk or group_size % c.bk:
+            raise ValueError(f"wna16: BK={c.bk} must divide K={k} and the group size {group_size}")
+    else:  # per-column groups: tensor-core tiles at any M (the GEMV assumes a group per tile)
+        c = CONFIG_OVERRIDE or _config(max(m, 2), n, k, k, x.device)
+        if c.kind != "mm" or k % c.bk:
+            raise ValueError(f"wna16: per-column groups need an 'mm' config whose BK divides K={k}")
     split = max(1, min(c.split_k, k // c.bk))
     # split-K: fp32 partials [split, M, N] summed afterwards (deterministic, no atomics)
     y = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
@@ -350,6 +383,8 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
                   HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
     args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
             bias if bias is not None else dummy, y)
+    if gidx is not None:
+        args += (gidx,)
     if c.kind == "gemv":
         if m != 1:
             raise ValueError(f"wna16: the gemv config takes one row, got M={m}")
@@ -361,12 +396,12 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         # 16-bit magic dequant is exact for 4-bit values in bf16 and for 4/8-bit in fp16
         dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
         _wna16_mm_kernel[(triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn), split)](
-            *args, m, n, k, split, x.stride(0), qweight.stride(0), scales.stride(0),
-            zeros.stride(0) if zeros is not None else 0, y.stride(0), y.stride(1),
-            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, **common)
+            *args, *(() if gidx is not None else (dummy,)), m, n, k, split, x.stride(0), qweight.stride(0),
+            scales.stride(0), zeros.stride(0) if zeros is not None else 0, y.stride(0), y.stride(1),
+            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, **common)
     return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
 
 @_wna16_op.register_fake
-def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n):
+def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx=None):
     return x.new_empty((x.shape[0], n))

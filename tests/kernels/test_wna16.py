@@ -131,3 +131,59 @@ def test_each_launch_path_matches_the_reference(cfg, monkeypatch):
     if cfg.kind == "gemv":
         with pytest.raises(ValueError, match="gemv config takes one row"):
             wna16_gemm(torch.randn(2, 160, generator=gen).half().to(DEV), w)
+
+
+@pytest.mark.parametrize("variant", ["gptq-legacy-4bit-desc-act"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_act_order_weight_split_along_k_reads_a_scale_per_column(variant, world, monkeypatch):
+    """A row-parallel shard of an act-order weight (tensor parallel): its columns fill the
+    whole scale table's groups unevenly. The kernel reads a scale per column (gidx) and
+    each shard's product equals its dequantized slice; the shards sum to the full layer."""
+    from mixq.formats.base import Shard
+
+    monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
+    cat = CheckpointCatalog(FIX / variant)
+    name = "model.layers.1.mlp.down_proj.weight"
+    full = cat.read(name).to(DEV)
+    method = WNA16Method()
+    gen = torch.Generator().manual_seed(world)
+    x = torch.randn(5, full.shape[1], generator=gen).half().to(DEV)
+    total = torch.zeros(5, full.shape[0], dtype=torch.float64, device=DEV)
+    k_part = full.shape[1] // world
+    for r in range(world):
+        part = cat.read(name, Shard(1, r, world)).to(DEV)
+        held = method.prepare(part, torch.float16)
+        assert "gidx" in held.tensors and held.tensors["qweight"].shape[0] * 8 == k_part
+        xs = x[:, r * k_part:(r + 1) * k_part]
+        y = method.apply(held, xs, None)
+        ref = xs.double() @ part.dequantize().double().t()
+        # fp16 weights and output rounding (2**-11 each), fp32 sums
+        assert (y.double() - ref).norm() / ref.norm() < 2e-3, (variant, r)
+        total += y.double()
+    ref_full = x.double() @ full.dequantize().double().t()
+    assert (total - ref_full).norm() / ref_full.norm() < 2e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_per_column_groups_match_the_reference(bits, zeros):
+    """gidx mode on its own: uneven, nondecreasing column groups over a larger scale table
+    (some groups empty), zero points, act-order perm, M from 1 (run as a tile) up."""
+    gen = torch.Generator().manual_seed(bits + 10 * zeros)
+    n, k, g = 72, 96, 7
+    counts = torch.tensor([0, 30, 2, 17, 0, 40, 7])  # sums to K = 96
+    gidx = torch.repeat_interleave(torch.arange(g), counts)
+    q = torch.randint(0, 2**bits, (n, k), generator=gen).to(torch.uint8)
+    sc = (torch.rand(n, g, generator=gen) * 0.02 + 0.005).half()
+    z = torch.randint(0, 2**bits, (n, g), generator=gen) if zeros else None
+    perm = torch.randperm(k, generator=gen)
+    w = pack_wna16(q, sc, z, bits, 32, perm, gidx)
+    w = wna16.WNA16Weight(*(t.to(DEV) if isinstance(t, torch.Tensor) else t for t in
+                            (w.qweight, w.scales, w.zeros, w.perm)), w.bits, w.group_size, w.n, w.k, w.gidx.to(DEV))
+    for m in (1, 3, 17):
+        x = torch.randn(m, k, generator=gen).half().to(DEV)
+        y = wna16_gemm(x, w)
+        ref = wna16_reference(x, w)
+        assert (y.double() - ref).norm() / ref.norm() < 2e-3, m
+    with pytest.raises(ValueError, match="nondecreasing"):
+        pack_wna16(q, sc, z, bits, 32, perm, gidx.flip(0))
