@@ -33,6 +33,8 @@ from mixq.kernels.wna16 import interpreting, triton
 if triton is not None:
     import triton.language as tl
 
+    from mixq.kernels.tiles import grouped_tile, split_k_range
+
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
@@ -65,10 +67,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < N
         rk = tl.arange(0, BK)
-        k_tiles = tl.cdiv(K, BK)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
-        t0 = pid_k * per_split
-        t1 = tl.minimum(t0 + per_split, k_tiles)
+        t0, t1 = split_k_range(pid_k, tl.cdiv(K, BK), SPLIT_K)
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
@@ -108,23 +107,13 @@ if triton is not None:
         # MMA's narrow N side instead of padding its 64-row M side.
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        # grouped order: GROUP_M row tiles walk the same weight columns together (L2 reuse)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows
-        pid_n = (pid % width) // rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok = offs_m < M
         n_ok = offs_n < N
         rk = tl.arange(0, BK)
-        k_tiles = tl.cdiv(K, BK)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
-        t0 = pid_k * per_split
-        t1 = tl.minimum(t0 + per_split, k_tiles)
+        t0, t1 = split_k_range(pid_k, tl.cdiv(K, BK), SPLIT_K)
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         if SWAP:

@@ -29,6 +29,8 @@ from mixq.kernels.wna16 import interpreting, triton
 if triton is not None:
     import triton.language as tl
 
+    from mixq.kernels.tiles import grouped_tile, split_k_range
+
 
 def _expand(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int] | None) -> torch.Tensor:
     s = s.double()
@@ -61,22 +63,13 @@ if triton is not None:
         # INT_EXACT: int8 with no scale varying along K, so the int32 sum runs over all of K
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        width = GROUP_M * num_n  # grouped order: GROUP_M row tiles share weight tiles in L2
-        first_m = (pid // width) * GROUP_M
-        rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows
-        pid_n = (pid % width) // rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok = offs_m < M
         n_ok = offs_n < N
         rk = tl.arange(0, BK)
-        k_tiles = tl.cdiv(K, BK)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
-        t0 = pid_k * per_split
-        t1 = tl.minimum(t0 + per_split, k_tiles)
+        t0, t1 = split_k_range(pid_k, tl.cdiv(K, BK), SPLIT_K)
         accf = tl.zeros((BM, BN), dtype=tl.float32)
         if IS_INT:
             acc = tl.zeros((BM, BN), dtype=tl.int32)

@@ -138,6 +138,7 @@ class WNA16Config:
 
 
 if triton is not None:
+    from mixq.kernels.tiles import grouped_tile, split_k_range
 
     @triton.jit
     def _dequant(q, z, s, DT: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
@@ -173,23 +174,14 @@ if triton is not None:
         split along K whose tiles may span groups."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        # grouped order: GROUP_M row blocks take each weight tile in turn while it is in L2
-        num_m = tl.cdiv(M, BM)
-        width = GROUP_M * tl.cdiv(N, BN)
-        first_m = (pid // width) * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % gsize
-        pid_n = (pid % width) // gsize
+        pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        k_tiles = K // BK
-        per_split = tl.cdiv(k_tiles, split_k)
-        t0 = pid_k * per_split
-        t1 = tl.minimum(t0 + per_split, k_tiles)
+        t0, t1 = split_k_range(pid_k, K // BK, split_k)
         rk = tl.arange(0, BK)
         rw = tl.arange(0, BK // PER)  # packed word rows of one K tile
         shifts = (tl.arange(0, PER) * BITS)[None, :, None]
@@ -266,10 +258,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < N
         r = tl.arange(0, R)
-        k_tiles = K // BK
-        per_split = tl.cdiv(k_tiles, split_k)
-        t0 = pid_k * per_split
-        t1 = tl.minimum(t0 + per_split, k_tiles)
+        t0, t1 = split_k_range(pid_k, K // BK, split_k)
         acc = tl.zeros((BN,), dtype=tl.float32)
         for t in range(t0, t1):
             packed = tl.load(qw_ptr + (t * R + r)[:, None] * stride_qk + offs_n[None, :], mask=n_ok[None, :],
