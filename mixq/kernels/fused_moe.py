@@ -263,6 +263,7 @@ class MoEPlan:
     inter: int
     w13: list[Launch]
     w2: list[Launch]
+    foreign_ids: bool = False  # routed ids may be < 0 (another expert-parallel rank's experts)
 
     @cached_property
     def flat(self) -> tuple[list[torch.Tensor | None], list[int]]:
@@ -270,8 +271,9 @@ class MoEPlan:
 
     @property
     def partial(self) -> bool:
-        """Some routed experts are not held here (expert parallel): their pairs add nothing."""
-        return self.fids < self.fid_map.numel()
+        """Some routed experts are not held here (expert parallel): their pairs add nothing,
+        so their rows of the combine buffer are never written and it is zero-filled."""
+        return self.foreign_ids or self.fids < self.fid_map.numel()
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
@@ -374,7 +376,7 @@ _ROLES = ("w", "scales", "zeros", "perm", "iscale")
 def flatten_plan(plan: MoEPlan) -> tuple[list[torch.Tensor | None], list[int]]:
     """MoEPlan -> (tensors, ints) for the custom op's schema; unflatten_plan inverts it."""
     tensors: list[torch.Tensor | None] = []
-    meta = [plan.fids, plan.hidden, plan.inter, len(plan.w13), len(plan.w2)]
+    meta = [plan.fids, plan.hidden, plan.inter, len(plan.w13), len(plan.w2), plan.foreign_ids]
     for launch in plan.w13 + plan.w2:
         meta += [launch.kind == "w2", launch.mode, launch.f0, launch.f1, launch.experts, len(launch.ops)]
         tensors.append(launch.slots)
@@ -385,8 +387,8 @@ def flatten_plan(plan: MoEPlan) -> tuple[list[torch.Tensor | None], list[int]]:
 
 
 def unflatten_plan(fid_map: torch.Tensor, tensors: list[torch.Tensor | None], meta: list[int]) -> MoEPlan:
-    fids, hidden, inter, n13, n2 = meta[:5]
-    i, j, launches = 5, 0, []
+    fids, hidden, inter, n13, n2, foreign = meta[:6]
+    i, j, launches = 6, 0, []
     for _ in range(n13 + n2):
         kind, mode, f0, f1, experts, nops = meta[i:i + 6]
         slots, i, j = tensors[j], i + 6, j + 1
@@ -397,7 +399,7 @@ def unflatten_plan(fid_map: torch.Tensor, tensors: list[torch.Tensor | None], me
                                sbn=sbn, sbk=sbk))
             i, j = i + 7, j + 5
         launches.append(Launch("w2" if kind else "w13", mode, f0, f1, slots, tuple(ops), experts))
-    return MoEPlan(fid_map, fids, hidden, inter, launches[:n13], launches[n13:])
+    return MoEPlan(fid_map, fids, hidden, inter, launches[:n13], launches[n13:], bool(foreign))
 
 
 if triton is not None:

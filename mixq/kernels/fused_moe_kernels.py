@@ -11,6 +11,13 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _fid_of(ids_ptr, fmap_ptr, p, ok):
+        """Fused expert id of pair(s) p: -1 for an expert not held here, for an id < 0
+        (another expert-parallel rank's expert) and where `ok` is false."""
+        eid = tl.load(ids_ptr + p, mask=ok, other=-1)
+        return tl.load(fmap_ptr + eid, mask=ok & (eid >= 0), other=-1)
+
+    @triton.jit
     def _align_kernel(ids_ptr, fmap_ptr, cnt_ptr, rank_ptr, sorted_ptr, bfid_ptr, bstart_ptr, zero_ptr,
                       P, F, ROWS, NBLK, ZERO_N,
                       BM: tl.constexpr, FB: tl.constexpr, CH: tl.constexpr, ZCH: tl.constexpr):
@@ -29,8 +36,7 @@ if triton is not None:
         for p0 in range(0, P, CH):
             p = p0 + tl.arange(0, CH)
             ok = p < P
-            eid = tl.load(ids_ptr + p, mask=ok, other=-1)  # < 0: an expert of another rank
-            fid = tl.load(fmap_ptr + eid, mask=ok & (eid >= 0), other=-1)
+            fid = _fid_of(ids_ptr, fmap_ptr, p, ok)
             key = tl.where(ok & (fid >= 0), fid, F)  # pairs of experts not held here: bucket F
             rank = tl.atomic_add(cnt_ptr + key, 1, mask=ok)
             tl.store(rank_ptr + p, rank, mask=ok)
@@ -43,8 +49,7 @@ if triton is not None:
         for p0 in range(0, P, CH):
             p = p0 + tl.arange(0, CH)
             ok = p < P
-            eid = tl.load(ids_ptr + p, mask=ok, other=-1)  # < 0: an expert of another rank
-            fid = tl.load(fmap_ptr + eid, mask=ok & (eid >= 0), other=-1)
+            fid = _fid_of(ids_ptr, fmap_ptr, p, ok)
             ok = ok & (fid >= 0)
             start = tl.load(bstart_ptr + fid, mask=ok, other=0, volatile=True)
             tl.store(sorted_ptr + start * BM + tl.load(rank_ptr + p, mask=ok, other=0, volatile=True), p, mask=ok)
@@ -129,8 +134,7 @@ if triton is not None:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         if DIRECT:  # one pair per program, no sort: row 0 of the tile is pair pid_m
-            eid = tl.load(ids_ptr + pid_m)  # < 0: an expert of another rank
-            fid = tl.load(fmap_ptr + eid, mask=eid >= 0, other=-1)
+            fid = _fid_of(ids_ptr, fmap_ptr, pid_m, pid_m >= 0)
             if fid < 0:  # an expert not held here
                 return
             slot = tl.load(slot_ptr + fid)

@@ -187,9 +187,11 @@ class ExpertWeights:
 
 
 def build_moe_plan(experts: dict[int, ExpertWeights], num_experts: int, hidden: int, inter: int,
-                   dtype: torch.dtype) -> tuple[fm.MoEPlan, dict[int, tuple[QuantizedWeight, ...]]]:
+                   dtype: torch.dtype, foreign_ids: bool = False
+                   ) -> tuple[fm.MoEPlan, dict[int, tuple[QuantizedWeight, ...]]]:
     """Group, renumber and stack a layer's experts (keys: expert ids, a subset of
-    range(num_experts) under expert parallelism). Returns the plan and, per expert, its
+    range(num_experts) under expert parallelism; foreign_ids: routing may also carry id -1
+    for another rank's experts). Returns the plan and, per expert, its
     (gate, up, down) as views of the stacks. The caller drops every other reference to the
     loaded tensors so that they are freed."""
     if not experts:
@@ -234,7 +236,7 @@ def build_moe_plan(experts: dict[int, ExpertWeights], num_experts: int, hidden: 
         members = [e for e in order if keys[e][2] == kd]
         f0, f1 = fid[members[0]], fid[members[-1]] + 1  # a span: other groups' experts have slot -1
         w2.append(fm.Launch("w2", fm.COMBINE_ATOMIC, f0, f1, slots(members), (stack(members, 2, kd),), len(members)))
-    plan = fm.MoEPlan(fid_map.to(device), fids, hidden, inter, w13, w2)
+    plan = fm.MoEPlan(fid_map.to(device), fids, hidden, inter, w13, w2, foreign_ids)
     return plan, {e: tuple(v) for e, v in views.items()}
 
 

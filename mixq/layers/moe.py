@@ -170,14 +170,20 @@ class SparseMoE(nn.Module):
         self.compute: Callable = self.compute_local
         # (moe, x, routing) -> [T, hidden]: all experts here, or expert parallel (mixq.distributed.moe)
         self.dispatcher: Callable[[SparseMoE, torch.Tensor, Routing], torch.Tensor] = LocalDispatch()
-        self._plan_experts: nn.ModuleList | None = None  # the expert list the fused plan numbers
+
+    @property
+    def expert_pool(self) -> nn.ModuleList:
+        """The experts this layer computes: all of them, or under expert parallelism
+        (mixq.distributed) this rank's `local_experts`, numbered from 0 as its dispatcher
+        routes them."""
+        return getattr(self, "local_experts", None) or self.experts
 
     def compute_local(self, experts: nn.ModuleList, x: torch.Tensor, r: Routing, d: Dispatch) -> torch.Tensor:
         """The experts held by this layer: fused kernels once stacked, else the reference loop.
         Routed ids index `experts` (all experts, or under expert parallelism this rank's,
         numbered from 0); ids < 0 and experts without weights add nothing."""
         if self.fused_plan is not None:
-            if experts is not self._plan_experts:
+            if experts is not self.expert_pool:
                 raise ValueError("fused MoE: the plan numbers another expert list than the one dispatched")
             return fused_moe(x, r.topk_ids, r.topk_weights, self.fused_plan)
         return compute_experts(experts, x, r, d)
@@ -187,9 +193,7 @@ class SparseMoE(nn.Module):
         kernels or prepare each alone. fused None: `self.use_fused`, and if that is None too,
         whenever the kernels run on this device. A weight the fused kernels cannot compute
         is an error naming it, not a fallback."""
-        # expert parallelism (mixq.distributed) leaves this rank its own experts in
-        # `local_experts`, numbered from 0 as its dispatcher routes them
-        pool = getattr(self, "local_experts", None) or self.experts
+        pool = self.expert_pool
         held = {}
         for e, ex in enumerate(pool):
             lins = [getattr(ex, n) for n in ex.names]
@@ -211,12 +215,9 @@ class SparseMoE(nn.Module):
             return
         weights = {e: moe_pack.ExpertWeights(*(lin.weight for lin in lins), tuple(lin.input_scale for lin in lins))
                    for e, lins in held.items()}
-        # under expert parallelism a spare id makes the plan "partial": the pairs of other
-        # ranks' experts (routed as id -1) write no rows, so the combine buffer is zero-filled
-        ids = len(pool) + (pool is not self.experts)
-        self.fused_plan, views = moe_pack.build_moe_plan(weights, ids, self.hidden, self.inter,
-                                                         held[min(held)][0].dtype)
-        self._plan_experts = pool
+        self.fused_plan, views = moe_pack.build_moe_plan(weights, len(pool), self.hidden, self.inter,
+                                                         held[min(held)][0].dtype,
+                                                         foreign_ids=pool is not self.experts)
         for e, lins in held.items():
             for lin, view in zip(lins, views[e]):
                 lin.hold_view(view)  # the loaded tensors lose their last reference here
