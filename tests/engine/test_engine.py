@@ -119,11 +119,17 @@ def test_mixed_precision_engine_runs_the_example_mix():
     assert all(len(o.outputs[0].token_ids) == 6 for o in out)
 
 
-def test_triton_decode_attention_gives_the_same_tokens_and_logits(llm):
+def test_triton_decode_attention_gives_the_same_tokens_and_logits(llm, monkeypatch):
     """--attention-backend triton (one paged-attention launch per decode step; the
     interpreter on the CPU) against torch_native SDPA per sequence, on a batch of mixed
     lengths: identical greedy tokens, logits equal to fp32 rounding."""
     import os
+
+    from mixq.layers import attention
+
+    launches = []
+    kernel = attention.paged_decode_attention
+    monkeypatch.setattr(attention, "paged_decode_attention", lambda *a: launches.append(1) or kernel(*a))
 
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
@@ -134,6 +140,9 @@ def test_triton_decode_attention_gives_the_same_tokens_and_logits(llm):
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
     ref = llm.generate(ps, params)
     got = fast.generate(ps, params)
+    # every decode step (5 after the prefill step) ran the kernel in every layer
+    layers = sum(isinstance(m, attention.PagedAttention) for m in fast.engine.model.modules())
+    assert len(launches) == 5 * layers
     for a, b in zip(ref, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         # fp32 everywhere; the online softmax sums in another order: ~1e-6 relative
