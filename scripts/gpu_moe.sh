@@ -5,11 +5,7 @@
 #   bash scripts/gpu_moe.sh bench   bench/moe.py, Qwen3-30B-A3B shapes (< 5 min)
 #   bash scripts/gpu_moe.sh sweep   tune fused_moe.CONFIG_OVERRIDE at 1/4/16/64 tokens (< 10 min)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 case "${1:-bench}" in
   tests)
     MIXQ_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \

@@ -4,11 +4,7 @@
 # shaped random mix: greedy/logits vs one GPU, decode tok/s, per-GPU memory).
 # Run from the repo root with the wheels of scripts/gpu_wheels.txt in .whl/.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 MIXQ_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/distributed/test_parallel_engine.py \
   2>&1 | tee "$OUT/parallel_tests.log" | tail -15
 PYTHONUNBUFFERED=1 python3 bench/parallel.py ${BENCH_ARGS:-} --out "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log"
