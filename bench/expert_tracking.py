@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from types import SimpleNamespace
 
 import torch
+from timing import eager_us
 
 from mixq.tracking.counters import ExpertCounters
 
@@ -105,21 +105,6 @@ def check_graph(report: dict) -> None:
     report["cuda_graph"] = "ok: 5 replays of all layers' hooks equal bincount, padding masks honoured"
 
 
-def time_us(fn, reps=50, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return statistics.median(times)
-
-
 def timings(report: dict) -> None:
     c = ExpertCounters(list(range(L)), E, K, "cuda")
     hooks = [c.hook(r) for r in range(L)]
@@ -135,15 +120,15 @@ def timings(report: dict) -> None:
 
         x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        hook_us = time_us(step) / L
-        gemm_us = time_us(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-        pass_us = time_us(lambda t=t: c.begin_pass(t))
+        hook_us = eager_us(step, warmup=5) / L
+        gemm_us = eager_us(lambda x=x, w=w: torch.nn.functional.linear(x, w), warmup=5)
+        pass_us = eager_us(lambda t=t: c.begin_pass(t), warmup=5)
         rows.append({"tokens": t, "hook_us_per_layer": round(hook_us, 2), "router_gemm_us": round(gemm_us, 2),
                      "begin_pass_us_per_step": round(pass_us, 2)})
         print(f"T={t:5d}: hook {hook_us:6.2f} us/layer (router GEMM {gemm_us:6.2f} us), "
               f"begin_pass {pass_us:6.2f} us/step", flush=True)
     report["timings"] = rows
-    report["snapshot_ms"] = round(time_us(c.snapshot, reps=10) / 1000, 3)
+    report["snapshot_ms"] = round(eager_us(c.snapshot, reps=10, warmup=5) / 1000, 3)
 
 
 def main() -> None:

@@ -20,7 +20,12 @@ def copies(nbytes: int) -> int:
     return max(1, min(16, -(-3 * L2_BYTES // max(nbytes, 1))))
 
 
-def _eager_us(fn, args_list, reps: int) -> float:
+def eager_us(fn, args_list=((),), reps: int = 50, warmup: int = 0) -> float:
+    """Median microseconds of fn(*args) cycling through args_list, each call timed with
+    CUDA events (launch gaps included: for what a CUDA graph cannot hold)."""
+    for i in range(warmup):
+        fn(*args_list[i % len(args_list)])
+    torch.cuda.synchronize()
     times = []
     for i in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,7 +59,7 @@ def time_us(fn, args_list, reps: int = 20, replays: int = 5, name: str = "") -> 
     except Exception as e:  # not capturable: time it eagerly and say so in the report
         torch.cuda.synchronize()
         EAGER_FALLBACKS.append(f"{name or getattr(fn, '__name__', 'fn')}: {type(e).__name__}")
-        return _eager_us(fn, args_list, reps * replays)
+        return eager_us(fn, args_list, reps * replays)
     g.replay()
     torch.cuda.synchronize()
     times = []
