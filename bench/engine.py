@@ -5,12 +5,13 @@ with transformers, saves it in BF16, writes GPTQ-INT4 and FP8 checkpoints of it 
 mixq's RTN writers, then measures, for batch sizes B:
 
   HF transformers  `generate` on the BF16 model (greedy, static cache off: its default)
-  mixq bf16        the same BF16 checkpoint through the engine
+  mixq bf16        the same BF16 checkpoint through the engine, without and with CUDA graphs
   mixq int4        every decoder Linear GPTQ-INT4 (W4A16 kernels)
   mixq mix         attention BF16, MLP gate/up INT4, down FP8 (the README's kind of mix)
 
-Reports output tokens/s of the decode phase (prefill timed separately), weight memory and
-HBM bytes per decode step, and checks that greedy tokens of mixq bf16 equal HF's for one
+Each engine is started once and serves every batch size. Reports output tokens/s of the
+decode phase (prefill timed separately), weight memory, the HBM roofline for those weight
+bytes (batch x measured copy bandwidth / weight bytes per step), and checks that greedy tokens of mixq bf16 equal HF's for one
 prompt (same weights, same math; a differing argmax on a near-tie is reported, not hidden).
 
     python bench/engine.py [--out results.json] [--batches 1,16,64] [--new-tokens 128]
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from timing import copy_bandwidth
 
 
 def build_model(root: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, vocab: int) -> Path:
@@ -50,57 +52,55 @@ def build_model(root: Path, layers: int, hidden: int, inter: int, heads: int, kv
     return root / "bf16"
 
 
-def hf_decode(path: Path, prompts: list[list[int]], new: int) -> tuple[float, float, list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor(prompts, device="cuda")
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=3, min_new_tokens=3, **kw)  # warm up on the timed shapes
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-    prefill = t1 - t0
-    decode = (t2 - t1) - prefill
-    first = out[0, ids.shape[1]:].tolist()
-    del model
-    torch.cuda.empty_cache()
-    return prefill, decode, first
-
-
-def mixq_decode(model_path: str | None, cfg: str | None, prompts: list[list[int]], new: int):
-    from mixq.engine.engine import LLM
-    from mixq.engine.sampling_params import SamplingParams
-
-    llm = LLM(model_path=model_path, mixed_precision_config=cfg, max_running_requests=max(64, len(prompts)),
-              max_total_tokens=len(prompts) * (len(prompts[0]) + new + 32), dtype="bfloat16")
-    eng = llm.engine
-    held = sum(w.nbytes for w in eng.weights.values())
-    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-    full = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    # warm up on the timed shapes: Triton compiles one kernel per launch configuration, and a
-    # prefill of these prompts and decode steps at this batch size are what is timed below
-    llm.generate(prompts, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+def timed_generate(generate, prompts: list[list[int]], new: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s, first sequence's tokens): a 1-token run times the prefill, a
+    `new`-token run minus it the decode. Warmed up on the timed shapes first (Triton
+    compiles one kernel per launch configuration)."""
+    generate(prompts, 3)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    llm.generate(prompts, one)
+    generate(prompts, 1)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    outs = llm.generate(prompts, full)
+    first = generate(prompts, new)
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     prefill = t1 - t0
-    decode = (t2 - t1) - prefill
-    first = outs[0].outputs[0].token_ids
-    del llm, eng
-    torch.cuda.empty_cache()
-    return prefill, decode, first, held
+    return prefill, (t2 - t1) - prefill, first
+
+
+def hf_engine(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+
+    @torch.no_grad()
+    def generate(prompts, n):
+        ids = torch.tensor(prompts, device="cuda")
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+        return out[0, ids.shape[1]:].tolist()
+
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    return generate, held, lambda: None
+
+
+def mixq_engine(model_path: str | None, cfg: str | None, max_batch: int, max_tokens: int, graphs: bool):
+    from mixq.engine.engine import LLM
+    from mixq.engine.sampling_params import SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(model_path=model_path, mixed_precision_config=cfg, max_running_requests=max_batch,
+              max_total_tokens=max_tokens, dtype="bfloat16", disable_cuda_graph=not graphs)
+    print(f"  engine up in {time.perf_counter() - t:.1f}s (CUDA graphs: {llm.engine.runner.graphs is not None})",
+          flush=True)
+
+    def generate(prompts, n):
+        outs = llm.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+        return outs[0].outputs[0].token_ids
+
+    held = sum(w.nbytes for w in llm.engine.weights.values())
+    return generate, held, llm.close
 
 
 def main():
@@ -140,32 +140,49 @@ def main():
         paths[name].write_text(yaml.safe_dump(c))
 
     g = torch.Generator().manual_seed(1)
-    rows = []
+    batches = [int(x) for x in a.batches.split(",")]
+    prompts = {b: torch.randint(3, a.vocab, (b, a.prompt_len), generator=g).tolist() for b in batches}
+    max_tokens = max(batches) * (a.prompt_len + a.new_tokens + 32)
+    engines = {
+        "HF transformers bf16": lambda: hf_engine(bf16),
+        "mixq bf16, no CUDA graphs": lambda: mixq_engine(str(bf16), None, max(batches), max_tokens, False),
+        "mixq bf16": lambda: mixq_engine(str(bf16), None, max(batches), max_tokens, True),
+        "mixq int4": lambda: mixq_engine(None, str(paths["int4"]), max(batches), max_tokens, True),
+        "mixq mix": lambda: mixq_engine(None, str(paths["mix"]), max(batches), max_tokens, True),
+    }
+    rows, hf_first = [], {}
     dev = torch.cuda.get_device_name()
-    for b in [int(x) for x in a.batches.split(",")]:
-        prompts = torch.randint(3, a.vocab, (b, a.prompt_len), generator=g).tolist()
-        hp, hd, hf_first = hf_decode(bf16, prompts, a.new_tokens)
-        rows.append({"engine": "HF transformers bf16", "batch": b, "prefill_s": hp, "decode_s": hd, "weights_gb": None})
-        for name, (mp, cfg) in {"mixq bf16": (str(bf16), None), "mixq int4": (None, str(paths["int4"])),
-                                "mixq mix": (None, str(paths["mix"]))}.items():
-            p, d, first, held = mixq_decode(mp, cfg, prompts, a.new_tokens)
+    copy_bw = copy_bandwidth()
+    for name, make in engines.items():
+        print(name, flush=True)
+        generate, held, close = make()
+        for b in batches:
+            p, d, first = timed_generate(generate, prompts[b], a.new_tokens)
             row = {"engine": name, "batch": b, "prefill_s": p, "decode_s": d, "weights_gb": held / 2**30}
-            if name == "mixq bf16":
-                same = sum(x == y for x, y in zip(first, hf_first))
-                row["greedy_match_hf"] = f"{same}/{len(hf_first)}"
+            if name.startswith("HF"):
+                hf_first[b] = first
+            elif name.startswith("mixq bf16"):
+                row["greedy_match_hf"] = f"{sum(x == y for x, y in zip(first, hf_first[b]))}/{len(first)}"
             rows.append(row)
-        print(f"batch {b} done", flush=True)
+            print(f"  batch {b}: {b * (a.new_tokens - 1) / d:.0f} decode tok/s", flush=True)
+        close()
+        del generate, close
+        torch.cuda.empty_cache()
     print(f"\ndevice {dev}; torch {torch.__version__}; model {a.layers}L h{a.hidden} i{a.inter} "
           f"heads {a.heads}/{a.kv_heads} vocab {a.vocab}; prompt {a.prompt_len}, {a.new_tokens} new tokens")
-    print("\n| engine | batch | decode tok/s | prefill tok/s | weights GiB | greedy = HF |")
-    print("|---|---|---|---|---|---|")
+    print(f"measured copy bandwidth {copy_bw / 1e12:.2f} TB/s; roofline = batch x copy bandwidth / weight bytes "
+          "(KV reads ignored)")
+    print("\n| engine | batch | decode tok/s | roofline tok/s | prefill tok/s | weights GiB | greedy = HF |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         tps = r["batch"] * (a.new_tokens - 1) / r["decode_s"]
         pps = r["batch"] * a.prompt_len / r["prefill_s"]
-        w = "-" if r["weights_gb"] is None else f"{r['weights_gb']:.2f}"
-        print(f"| {r['engine']} | {r['batch']} | {tps:.0f} | {pps:.0f} | {w} | {r.get('greedy_match_hf', '')} |")
+        roof = r["batch"] * copy_bw / (r["weights_gb"] * 2**30)
+        print(f"| {r['engine']} | {r['batch']} | {tps:.0f} | {roof:.0f} | {pps:.0f} | {r['weights_gb']:.2f} | "
+              f"{r.get('greedy_match_hf', '')} |")
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": dev, "args": vars(a), "rows": rows}, indent=2))
+        Path(a.out).write_text(json.dumps({"device": dev, "args": vars(a), "copy_bandwidth": copy_bw, "rows": rows},
+                                          indent=2))
 
 
 if __name__ == "__main__":

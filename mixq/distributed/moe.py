@@ -18,11 +18,30 @@ argument and skip ids < 0 (vLLM's expert_map convention).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
 from mixq.distributed.comm import GroupComm
 from mixq.layers.moe import Dispatch, Routing, SparseMoE, dispatch
+
+
+class _LocalDispatch(Dispatch):
+    """The dispatch of this rank's pairs; like Dispatch, computed on first use only (the
+    fused kernels never ask, so their forward has no host sync and can be graph-captured)."""
+
+    def __init__(self, local: Routing, count: int, flat: torch.Tensor):
+        super().__init__(local, count)
+        self._flat = flat  # [T*k] local expert id, `count` for other ranks' pairs
+
+    @cached_property
+    def counts(self) -> list[int]:
+        return torch.bincount(self._flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+
+    @cached_property
+    def order(self) -> torch.Tensor:
+        return self._flat.argsort(stable=True)[: sum(self.counts)]  # others sort last, then are cut off
 
 
 def localize(r: Routing, first: int, count: int) -> tuple[Routing, Dispatch]:
@@ -31,10 +50,7 @@ def localize(r: Routing, first: int, count: int) -> tuple[Routing, Dispatch]:
     ids = r.topk_ids - first
     mine = (ids >= 0) & (ids < count)
     local = Routing(torch.where(mine, ids, -1), torch.where(mine, r.topk_weights, 0.0))
-    flat = torch.where(mine, ids, count).flatten()  # others sort last, then are cut off
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=count + 1)[:count].tolist()
-    return local, Dispatch(local, count, order=order[: sum(counts)], counts=counts)
+    return local, _LocalDispatch(local, count, torch.where(mine, ids, count).flatten())
 
 
 class AllReduceDispatch:

@@ -93,6 +93,11 @@ class DistributedRunner(ModelRunner):
         self.group.ctl.send(("score", token_ids, block_table))
         return super().score(token_ids, block_table)
 
+    def capture_decode_graphs(self, sizes: list[int], max_blocks: int, capture: bool = True) -> None:
+        # every rank captures the same buckets: their collectives meet inside the graphs
+        self.group.ctl.send(("capture_decode_graphs", sizes, max_blocks, capture))
+        super().capture_decode_graphs(sizes, max_blocks, capture)
+
 
 def _check_devices(pc: ParallelConfig, device_type: str) -> None:
     if device_type != "cuda":

@@ -43,6 +43,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
     show_progress: bool = False
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
+    # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # None: --max-running-requests, at most 256
+    cuda_graph_bs: list[int] | None = None  # explicit buckets (SGLang's --cuda-graph-bs)
     # parallelism (mixq.distributed.config.ParallelConfig has the meanings)
     tp_size: int = 1
     ep_size: int = 1
@@ -229,6 +233,36 @@ class LLMEngine:
             from mixq.tracking.experts import install_expert_tracking
 
             self.expert_tracker = install_expert_tracking(self)
+        self._capture_cuda_graphs()
+
+    def cuda_graph_plan(self) -> tuple[list[int] | None, str]:
+        """The decode batch sizes to capture, or None and why not."""
+        from mixq.engine.cuda_graph import graph_batch_sizes
+
+        cfg = self.cfg
+        if cfg.disable_cuda_graph:
+            return None, "--disable-cuda-graph"
+        if self.device.type != "cuda":
+            return None, f"device {self.device.type}"
+        if self.runner.attention_backend != "triton":
+            return None, f"attention backend {self.runner.attention_backend} (graphs need triton)"
+        if cfg.ep_size > 1 and cfg.moe_dispatch == "all-to-all":
+            return None, "--moe-dispatch all-to-all (its split sizes are host data)"
+        max_bs = min(cfg.cuda_graph_max_bs or min(cfg.max_running_requests, 256), cfg.max_running_requests)
+        return graph_batch_sizes(max_bs, cfg.cuda_graph_bs), ""
+
+    def _capture_cuda_graphs(self) -> None:
+        sizes, why = self.cuda_graph_plan()
+        if sizes is None:
+            log.info("CUDA graphs off: %s", why)
+            return
+        counters = self.expert_tracker.counters if self.expert_tracker is not None else None
+        if counters is not None:
+            counters.reserve(max(sizes))  # the hooks' buffers must not move after capture
+            counters.begin_pass(0)  # warm-up and capture forwards count nothing
+        self.runner.capture_decode_graphs(sizes, -(-self.max_model_len // self.cfg.page_size))
+        if self.expert_tracker is not None:
+            self.expert_tracker.reset_stats()
 
     def _num_blocks(self) -> int:
         return kv_cache_blocks(self.model, self.cfg, self.device, self.kv_dtype, self.max_model_len)

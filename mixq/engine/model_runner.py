@@ -56,11 +56,14 @@ class ModelRunner:
                  device: torch.device | str = "cpu", attention_backend: str = "auto"):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         self.num_blocks = num_blocks
+        # one block past the scheduler's: CUDA-graph padding rows write their K/V there
+        self.scratch_slot = num_blocks * block_size
+        self.graphs = None  # DecodeGraphs once capture_decode_graphs ran
         self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for m in self.attn_layers:
             m.decode_kernel = self.attention_backend == "triton"
-            shape = (num_blocks, block_size, m.num_kv_heads, m.head_dim)
+            shape = (num_blocks + 1, block_size, m.num_kv_heads, m.head_dim)
             m.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             m.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
@@ -111,9 +114,28 @@ class ModelRunner:
         hidden = self.model(ids, batch)
         return self.model.compute_logits(hidden).float()
 
+    def capture_decode_graphs(self, sizes: list[int], max_blocks: int, capture: bool = True) -> None:
+        """Capture decode steps of the given batch sizes in CUDA graphs (mixq.engine.cuda_graph);
+        capture=False runs the same padded static-buffer path eagerly (CPU tests). Needs the
+        triton attention backend: the torch one loops over host-side lengths."""
+        from mixq.engine.cuda_graph import DecodeGraphs
+
+        if self.attention_backend != "triton":
+            raise ValueError(f"CUDA graphs need --attention-backend triton, not {self.attention_backend!r}")
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        graphs = DecodeGraphs(self, sizes, max_blocks, capture)
+        graphs.capture_all()
+        self.graphs = graphs
+
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Logits [R, vocab] float32 for the chunks with sample=True, in order."""
+        """Logits [R, vocab] float32 for the chunks with sample=True, in order (for a
+        replayed decode step, a view valid until the next step)."""
+        if self.graphs is not None and all(len(c.token_ids) == 1 and c.sample for c in chunks):
+            bs = self.graphs.bucket(len(chunks))
+            if bs is not None:
+                return self.graphs.run(chunks, bs)
         ids, batch = self.prepare(chunks)
         hidden = self.model(ids, batch)  # [T, hidden]
         return self.model.compute_logits(hidden[batch.logits_index]).float()

@@ -18,7 +18,9 @@ class ForwardBatch:
     context_lens  [S] int64   tokens in the cache for seq i after this step
     block_tables  [S, B] int32 KV block ids of each sequence (padded with 0)
     logits_index  [R] int64   rows whose logits are needed (last token of sampling seqs)
-    The host copies (`*_list`) let the reference attention loop without device syncs.
+    The host copies (`*_list`) let the reference attention loop without device syncs; they
+    are None in a CUDA-graph decode step (mixq.engine.cuda_graph), whose values change
+    between replays.
     is_decode: every sequence has exactly one new token (a pure decode step).
     """
 
@@ -28,11 +30,11 @@ class ForwardBatch:
     context_lens: torch.Tensor
     block_tables: torch.Tensor
     logits_index: torch.Tensor
-    query_start_list: list[int]
-    context_lens_list: list[int]
+    query_start_list: list[int] | None
+    context_lens_list: list[int] | None
     block_size: int
     is_decode: bool = False
 
     @property
     def num_seqs(self) -> int:
-        return len(self.context_lens_list)
+        return self.context_lens.shape[0]

@@ -41,6 +41,8 @@ class ServerArgs:
     allow_auto_truncate: bool = False
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None
+    cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
     dist_init_addr: str | None = None
     nnodes: int = 1
@@ -94,6 +96,10 @@ class ServerArgs:
         if self.enable_expert_tracking and self.dp_size > 1:
             raise ConfigError("--enable-expert-tracking with --dp-size > 1 is not supported yet (each replica "
                               "would count its own tokens); use --dp-size 1")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ConfigError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
+            raise ConfigError(f"--cuda-graph-bs must list batch sizes >= 1, got {self.cuda_graph_bs}")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ConfigError(f"--chunked-prefill-size must be > 0 or -1 (off), got {self.chunked_prefill_size}")
         if self.expert_stats_dir is not None:
@@ -135,6 +141,10 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
     ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
     ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
+    ("--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA graph "
+                                             "(default: --max-running-requests, at most 256)")),
+    ("--cuda-graph-bs", dict(type=int, nargs="+", help="the decode batch sizes to capture (default: 1 2 4 8 "
+                                                      "and multiples of 8 up to --cuda-graph-max-bs)")),
     ("--attention-backend", dict(help="triton (decode steps in one paged-attention launch; default on CUDA) or "
                                       "torch_native (SDPA per sequence; default on CPU)")),
     ("--dist-init-addr", dict(help="HOST:PORT of rank 0 for multi-node")),

@@ -60,10 +60,10 @@ class ExpertCounters:
         self._src = torch.ones(256, k, dtype=torch.int64, **z)
         self._ones = 256  # rows [0, _ones) of _src are 1
         self._valid: int | None = None  # real rows of the current pass (None: all of them)
+        self._recording = True
         self._pass_open = False
         self._pass_time = 0.0
         self.num_passes = 0
-        self.recording = True
         self.auto_pass = False  # no engine steps: the first MoE layer's hook opens each pass
 
     # -- the hot path ------------------------------------------------------------------
@@ -108,14 +108,31 @@ class ExpertCounters:
         self._seen.copy_(tot)
         self._pass_open = False
 
+    @property
+    def recording(self) -> bool:
+        return self._recording
+
+    @recording.setter
+    def recording(self, on: bool) -> None:
+        # Eager hooks check this flag; hooks captured in a CUDA graph run regardless, so
+        # while off what they add (_src) is all zeros.
+        self._recording = on
+        with torch.inference_mode():
+            self._sync_src()
+
     def _set_valid(self, n: int | None) -> None:
+        self._valid = n
+        self._sync_src()
+
+    def _sync_src(self) -> None:
         # invariant: rows [0, _ones) of _src are 1, the rest 0; move the boundary only
-        new = self._src.shape[0] if n is None else min(n, self._src.shape[0])
+        new = self._src.shape[0] if self._valid is None else min(self._valid, self._src.shape[0])
+        new = new if self._recording else 0
         if new > self._ones:
             self._src[self._ones : new].fill_(1)
         elif new < self._ones:
             self._src[new : self._ones].fill_(0)
-        self._ones, self._valid = new, n
+        self._ones = new
 
     @torch.inference_mode()
     def reserve(self, rows: int) -> None:
@@ -123,10 +140,9 @@ class ExpertCounters:
         graph (the hook then never reallocates, so the captured buffers stay valid)."""
         if rows <= self._src.shape[0]:
             return
-        new = torch.zeros(max(rows, 2 * self._src.shape[0]), self.top_k, dtype=torch.int64, device=self.device)
-        self._ones = new.shape[0] if self._valid is None else min(self._valid, new.shape[0])
-        new[: self._ones].fill_(1)
-        self._src = new
+        self._src = torch.zeros(max(rows, 2 * self._src.shape[0]), self.top_k, dtype=torch.int64, device=self.device)
+        self._ones = 0
+        self._sync_src()
 
     # -- reads and resets (call from the thread that runs the forwards) ------------------
 

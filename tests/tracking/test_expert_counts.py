@@ -32,7 +32,7 @@ def family_dir(request):
 
 def test_engine_counts_equal_independent_routing(family_dir):
     family, path = family_dir
-    llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", chunked_prefill_size=8, page_size=4,
+    llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512, chunked_prefill_size=8, page_size=4,
               max_running_requests=4, enable_expert_tracking=True)
     steps, times = [], []
 
@@ -127,7 +127,7 @@ VIEW_OPS = {"aten::view", "aten::slice", "aten::as_strided", "aten::reshape", "a
 
 def test_tracking_off_adds_no_op_and_changes_no_output(family_dir):
     family, path = family_dir
-    off = LLM(model_path=str(path), device=DEVICE, dtype="float32")
+    off = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512)
     moes = [m for m in off.engine.model.modules() if isinstance(m, SparseMoE)]
     assert moes and all(not m.route_hooks for m in moes)  # off: nothing installed
     assert off.engine.expert_tracker is None and not off.engine.step_hooks and not off.engine.finish_hooks
@@ -152,7 +152,7 @@ def test_tracking_off_adds_no_op_and_changes_no_output(family_dir):
     tracker.detach()
     assert _moe_ops(bare_moe, x)[0] == base_ops and not bare_moe.route_hooks
 
-    on = LLM(model_path=str(path), device=DEVICE, dtype="float32", enable_expert_tracking=True)
+    on = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512, enable_expert_tracking=True)
     ids = [[5, 17, 99, 42, 7, 8, 200], [3, 4]]
     sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in on.generate(ids, sp)] == [o.outputs[0].token_ids for o in off.generate(ids, sp)]
@@ -160,7 +160,7 @@ def test_tracking_off_adds_no_op_and_changes_no_output(family_dir):
 
 def test_stop_start_record_and_dense_model_refusal(family_dir):
     family, path = family_dir
-    llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", enable_expert_tracking=True)
+    llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512, enable_expert_tracking=True)
     t = llm.engine.expert_tracker
     sp = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
     llm.generate([[5, 6, 7]], sp)
@@ -178,4 +178,4 @@ def test_stop_start_record_and_dense_model_refusal(family_dir):
         assert ls["total_tokens"] == 4 * doc["meta"]["top_k"]
 
     with pytest.raises(ConfigError, match=r"the model \(LlamaForCausalLM\) has no MoE layer to track"):
-        LLM(model_path=str(FIX / "tiny-llama" / "bf16"), device=DEVICE, enable_expert_tracking=True)
+        LLM(model_path=str(FIX / "tiny-llama" / "bf16"), device=DEVICE, max_total_tokens=512, enable_expert_tracking=True)
