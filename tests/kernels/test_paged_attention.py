@@ -3,6 +3,12 @@ under the Triton interpreter on the CPU and for real on CUDA."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +192,17 @@ def test_custom_op_schema_and_fake():
     q = torch.randn(2, 4, 16, generator=gen)
     args = tuple(t.to(DEV) for t in (q, k, v, tables, torch.tensor([70, 5], dtype=torch.int32))) + (0.25,)
     torch.library.opcheck(torch.ops.mixq.paged_decode_attention.default, args, {"num_splits": 2})
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    """bench/attention.py --smoke (tiny shapes, interpreter, ~10 s) runs end to end; the
+    script itself fails when an output is off the float64 reference."""
+    root = Path(__file__).parents[2]
+    out = tmp_path / "attn.json"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "bench/attention.py", "--smoke", "--out", str(out)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(row[m]["ok"] for row in rows for m in ("auto", "split1", "auto_padded", "sdpa"))
+    assert any(row["splits"]["auto"] > 1 for row in rows)  # the split path ran
