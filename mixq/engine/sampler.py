@@ -100,9 +100,9 @@ class Sampler:
         ps = [x.params for x in rows]
         raw_logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in ps) else None
         logits = apply_penalties(logits, rows, self.eos_token_ids)
-        greedy = torch.tensor([p.greedy for p in ps], device=dev)
         chosen = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in ps):
+            greedy = torch.tensor([p.greedy for p in ps], device=dev)
             temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], device=dev)
             probs = (logits / temp[:, None]).softmax(-1)
             probs = filter_probs(
