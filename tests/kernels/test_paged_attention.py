@@ -194,6 +194,7 @@ def test_custom_op_schema_and_fake():
     torch.library.opcheck(torch.ops.mixq.paged_decode_attention.default, args, {"num_splits": 2})
 
 
+@pytest.mark.skipif(CUDA, reason="the smoke mode is the CPU interpreter run; on a GPU run bench/attention.py")
 def test_attention_benchmark_smoke(tmp_path):
     """bench/attention.py --smoke (tiny shapes, interpreter, ~10 s) runs end to end; the
     script itself fails when an output is off the float64 reference."""

@@ -32,8 +32,10 @@ def family_dir(request):
 
 def test_engine_counts_equal_independent_routing(family_dir):
     family, path = family_dir
+    # eager steps: the router_logits hooks must see every forward (graph replays run no Python;
+    # tests/engine/test_cuda_graph.py checks graph steps count the same as eager ones)
     llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512, chunked_prefill_size=8, page_size=4,
-              max_running_requests=4, enable_expert_tracking=True)
+              max_running_requests=4, enable_expert_tracking=True, disable_cuda_graph=True)
     steps, times = [], []
 
     def record_step(batch):  # runs after the tracker's own step hook, which the engine installed first
@@ -144,7 +146,9 @@ def test_tracking_off_adds_no_op_and_changes_no_output(family_dir):
     on_ops, on_out = _moe_ops(bare_moe, x)
     extra = on_ops - base_ops
     # what tracking costs per MoE layer: one add (flat index) and one index_add_; the rest are views
-    assert {n: c for n, c in extra.items() if n not in VIEW_OPS} == {"aten::add": 1, "aten::index_add_": 1}, extra
+    # (CUDA runtime calls such as cudaLaunchKernel are those ops' launches, not more ops)
+    ops = {n: c for n, c in extra.items() if n not in VIEW_OPS and not n.startswith("cuda")}
+    assert ops == {"aten::add": 1, "aten::index_add_": 1}, extra
     assert not base_ops - on_ops and torch.equal(on_out, base_out)
     tracker.stop_record()  # recording paused: the hook returns before any op
     assert _moe_ops(bare_moe, x)[0] == base_ops
