@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # name: (tp, ep, moe dispatch)
     "tp1": (1, 1, "all-reduce"), "tp2": (2, 1, "all-reduce"), "tp4": (4, 1, "all-reduce"),
     "tp4ep4": (4, 4, "all-reduce"), "tp4ep4a2a": (4, 4, "all-to-all"), "tp2ep2": (2, 2, "all-reduce"),
+    "tp2ep2a2a": (2, 2, "all-to-all"),
 }
 HOT = 16  # experts 0..HOT-1 in FP8
 SHAPES = {
