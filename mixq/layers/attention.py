@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixq.kernels import elementwise
 from mixq.kernels.paged_attention import paged_decode_attention
 from mixq.layers.forward_batch import ForwardBatch
 
@@ -29,10 +30,13 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]."""
-        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        kc[batch.slot_mapping] = k.to(kc.dtype)
-        vc[batch.slot_mapping] = v.to(vc.dtype)
+        if elementwise.use_kernels(k) and k.stride(1) == v.stride(1) == self.head_dim and k.stride(2) == v.stride(2) == 1:
+            elementwise.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        else:
+            kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+            vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+            kc[batch.slot_mapping] = k.to(kc.dtype)
+            vc[batch.slot_mapping] = v.to(vc.dtype)
         if self.decode_kernel and batch.is_decode:
             out = paged_decode_attention(q.to(self.k_cache.dtype), self.k_cache, self.v_cache, batch.block_tables,
                                          batch.context_lens, self.scale)

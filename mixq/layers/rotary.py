@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from mixq.kernels import elementwise
+
 
 def rope_params(cfg: dict) -> dict:
     """{'rope_type', 'rope_theta', ...} from either config convention."""
@@ -104,6 +106,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if elementwise.use_kernels(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            return elementwise.rotary_neox(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mixq.layers.activation import silu_and_mul
 from mixq.layers.attention import PagedAttention
 from mixq.layers.embedding import Embedding
 from mixq.layers.forward_batch import ForwardBatch
@@ -48,7 +48,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        return down(F.silu(gate(x)) * up(x))  # [T, hidden]
+        return down(silu_and_mul(gate(x), up(x)))  # [T, hidden]
 
 
 class DecoderLayer(nn.Module):
