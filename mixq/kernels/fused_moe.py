@@ -138,9 +138,9 @@ def choose_config(launch: Launch, pairs: int, fids: int, bm: int, device: torch.
         blocks = max(1.0, hit + pairs * launch.experts / max(fids, 1) / bm)
     target = 2 * _sms(device)
     big = pairs / max(1, min(fids, pairs)) > 32
-    # small tiles (16) and wide ones (128) lost every case of the H100 sweep (bench/RESULTS.md)
+    # H100 (bench/RESULTS.md): 16-wide tiles lost every case; 128 wins only with many pairs
     bn = 64 if big else 32
-    for cand in (64, 32):
+    for cand in (128, 64, 32) if pairs > 1024 else (64, 32):
         if not big and blocks * math.ceil(op.n / cand) >= target:
             bn = cand
             break

@@ -30,8 +30,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest difference in units of b's dtype at each element's magnitude."""
     eps = torch.finfo(b.dtype).eps
-    diff = (a.double() - b.double()).abs().cpu()
-    return float((diff / (b.double().abs().cpu() * eps).clamp_min(torch.finfo(b.dtype).tiny)).max())
+    a, b64 = a.double().cpu(), b.double().cpu()
+    return float(((a - b64).abs() / (b64.abs() * eps).clamp_min(torch.finfo(b.dtype).tiny)).max())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
