@@ -49,9 +49,10 @@ def test_generate_prints_completion_speed_memory_and_a_progress_bar(capfd):
     n_tok = sum(len(o.outputs[0].token_ids) for o in want)
     speed = re.search(r"^(\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\) on cpu$", out, re.M)
     assert speed and int(speed.group(1)) == n_tok
-    # seconds are printed to 0.01 s: the speed must lie within what that rounding allows
+    # seconds are printed to 0.01 s and tokens/s to 0.1: the speed must lie within what
+    # those roundings allow
     dt, tps = float(speed.group(2)), float(speed.group(3))
-    assert n_tok / (dt + 0.005) * 0.999 <= tps <= n_tok / max(dt - 0.005, 1e-9) * 1.001
+    assert n_tok / (dt + 0.005) - 0.05 <= tps <= n_tok / max(dt - 0.005, 1e-9) + 0.05
     assert _memory_line(stats) in lines
     assert stats["by_format"].keys() == {"fp32", "fp8", "int4", "int8"}
     n = len(build_plan(_config(MIX)).tensors)
