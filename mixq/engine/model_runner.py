@@ -19,8 +19,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """SGLang's --attention-backend: "triton" (decode steps in one paged-attention launch;
-    the default on CUDA), "torch_native" (SDPA per sequence; the default elsewhere)."""
+    """SGLang's --attention-backend: "triton" (one launch per layer and step: the paged decode
+    kernel for pure decode steps, the extend kernel for the others; the default on CUDA),
+    "torch_native" (SDPA per sequence; the default elsewhere)."""
     from mixq.kernels import paged_attention
 
     if name not in ATTENTION_BACKENDS:
@@ -61,6 +62,8 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs once capture_decode_graphs ran
         self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        # the extend kernel's tile shapes: one tile list per shape and step, shared by the layers
+        self.tile_shapes = sorted({(m.num_heads // m.num_kv_heads, m.head_dim) for m in self.attn_layers})
         for m in self.attn_layers:
             m.decode_kernel = self.attention_backend == "triton"
             shape = (num_blocks + 1, block_size, m.num_kv_heads, m.head_dim)
@@ -105,6 +108,9 @@ class ModelRunner:
             query_start_list=qstart, context_lens_list=ctx, block_size=bs,
             is_decode=all(len(c.token_ids) == 1 for c in chunks),
         )
+        if self.attention_backend == "triton" and not batch.is_decode:
+            for group, head_dim in self.tile_shapes:  # here, before the model's first kernel is queued
+                batch.extend_tiles(group, head_dim)
         return t(ids), batch
 
     @torch.inference_mode()

@@ -4,9 +4,10 @@ The cache of a layer is two tensors [num_blocks, block_size, kv_heads, head_dim]
 sequence's tokens live in the blocks its block table lists. Each step writes the new
 tokens' K/V at their slots, then every sequence attends to its whole context. The torch
 implementation here gathers a sequence's blocks and calls SDPA per sequence: the
-reference, the CPU path and the prefill path. With `decode_kernel` set (the model runner
-does so on CUDA), a pure decode step runs mixq.kernels.paged_attention instead: one launch
-for every sequence and head.
+reference and the CPU path (--attention-backend torch_native). With `decode_kernel` set
+(--attention-backend triton, the default on CUDA) a step is one launch per layer: a pure
+decode step runs mixq.kernels.paged_attention (which CUDA graphs capture), any other step
+(prefill chunks, with or without decodes) mixq.kernels.extend_attention.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.kernels import elementwise
+from mixq.kernels.extend_attention import paged_extend_attention
 from mixq.kernels.paged_attention import paged_decode_attention
 from mixq.layers.forward_batch import ForwardBatch
 
@@ -37,9 +39,15 @@ class PagedAttention(nn.Module):
             vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
             kc[batch.slot_mapping] = k.to(kc.dtype)
             vc[batch.slot_mapping] = v.to(vc.dtype)
-        if self.decode_kernel and batch.is_decode:
-            out = paged_decode_attention(q.to(self.k_cache.dtype), self.k_cache, self.v_cache, batch.block_tables,
-                                         batch.context_lens, self.scale)
+        if self.decode_kernel:
+            qc = q.to(self.k_cache.dtype)
+            if batch.is_decode:
+                out = paged_decode_attention(qc, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
+                                             self.scale)
+            else:
+                tiles = batch.extend_tiles(self.num_heads // self.num_kv_heads, self.head_dim)
+                out = paged_extend_attention(qc, self.k_cache, self.v_cache, batch.block_tables, batch.query_start,
+                                             batch.context_lens, self.scale, tiles)
             return out.to(q.dtype).flatten(1)
         out = torch.empty_like(q)
         bs = batch.block_size

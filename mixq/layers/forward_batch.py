@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from mixq.kernels.extend_attention import ExtendTiles, plan_tiles
 
 
 @dataclass
@@ -22,6 +24,8 @@ class ForwardBatch:
     are None in a CUDA-graph decode step (mixq.engine.cuda_graph), whose values change
     between replays.
     is_decode: every sequence has exactly one new token (a pure decode step).
+    extend_tiles(group, head_dim) gives the extend-attention kernel's query tiles, built on
+    the host once per step and shared by every layer of that shape.
     """
 
     positions: torch.Tensor
@@ -34,7 +38,19 @@ class ForwardBatch:
     context_lens_list: list[int] | None
     block_size: int
     is_decode: bool = False
+    _tiles: dict[tuple[int, int], ExtendTiles] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    def extend_tiles(self, group: int, head_dim: int) -> ExtendTiles:
+        """The step's tiles for layers with `group` query heads per KV head (cached)."""
+        key = (group, head_dim)
+        if key not in self._tiles:
+            if self.query_start_list is None or self.context_lens_list is None:
+                raise ValueError("extend attention needs the host copies of query_start and context_lens "
+                                 "(a CUDA-graph decode step has none: it runs the decode kernel)")
+            self._tiles[key] = plan_tiles(self.query_start_list, self.context_lens_list, group, head_dim,
+                                          self.query_start.device)
+        return self._tiles[key]
