@@ -1,6 +1,8 @@
-"""Program-id helpers shared by the GEMM kernels (wna16, w8a16, w8a8)."""
+"""Program-id and split-K helpers shared by the GEMM kernels (wna16, w8a16, w8a8)."""
 
 from __future__ import annotations
+
+import torch
 
 try:
     import triton
@@ -28,3 +30,41 @@ if triton is not None:
         per_split = tl.cdiv(k_tiles, split_k)
         t0 = pid_k * per_split
         return t0, tl.minimum(t0 + per_split, k_tiles)
+
+    @triton.jit
+    def store_tile(acc, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split_k, out_offs, ws_offs, ws_split_stride, mask):
+        """Write a program's fp32 tile `acc`. Unsplit: the output, in its dtype. Split-K: the
+        partial into the workspace; the last split of the tile to arrive (an acq_rel counter
+        per tile) sums the partials in split order, writes the output and re-arms the
+        counter. One launch, deterministic, graph-safe (the counters end at zero)."""
+        if split_k == 1:
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptr + pid_k * ws_split_stride + ws_offs, acc, mask=mask)
+            tl.debug_barrier()  # all of this program's partial is written before it arrives
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                # .cg: read other SMs' partials from L2, never a stale L1 line
+                total = tl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in range(1, split_k):
+                    total += tl.load(ws_ptr + s * ws_split_stride + ws_offs, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+MAX_SPLIT_TILES = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-tile arrival counters of `store_tile` on a device: int32 [MAX_SPLIT_TILES],
+    zero between launches. Allocated once per device and never replaced (captured CUDA
+    graphs hold its address); launches on one stream at a time share it."""
+    if tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"split-K over {tiles} output tiles exceeds the {MAX_SPLIT_TILES} counters")
+    c = _COUNTERS.get(device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return c
+

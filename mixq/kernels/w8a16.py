@@ -33,7 +33,7 @@ from mixq.kernels.wna16 import interpreting, triton
 if triton is not None:
     import triton.language as tl
 
-    from mixq.kernels.tiles import grouped_tile, split_k_range
+    from mixq.kernels.tiles import grouped_tile, split_counters, split_k_range, store_tile
 
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
@@ -55,7 +55,7 @@ def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero:
 if triton is not None:
 
     @triton.jit
-    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, stride_wn, stride_sn,
                         SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, SCALE_X: tl.constexpr,
                         HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K,
                         stride_os):
@@ -92,11 +92,11 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid_k * stride_os + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K, offs_n, offs_n, stride_os, n_ok)
 
     # M changes every call: do not compile a variant per M % 16
     @triton.jit(do_not_specialize=["M"])
-    def _w8a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K,
+    def _w8a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -162,15 +162,16 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        out = out_ptr + pid_k * stride_os
         if SWAP:
             acc = acc * s[:, None] + bias[:, None]
-            tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
+            offs = offs_m[None, :] * stride_om + offs_n[:, None]
+            store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, offs, offs, stride_os,
+                       n_ok[:, None] & m_ok[None, :])
         else:
             acc = acc * s[None, :] + bias[None, :]
-            tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            offs = offs_m[:, None] * stride_om + offs_n[None, :]
+            store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, offs, offs, stride_os,
+                       m_ok[:, None] & n_ok[None, :])
 
 
 def _sms(device: torch.device) -> int:
@@ -230,23 +231,28 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
     if sbk and sbk % bk and not scale_x:
         raise ValueError(f"w8a16_gemm: BK={bk} does not divide the scale block {sbk}")
     split = max(1, min(split, triton.cdiv(k, bk)))
-    # split-K: fp32 partials [SPLIT, M, N] summed afterwards (deterministic, no atomics)
-    y = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
-        return y.sum(0).to(x.dtype)
+        return y
+    # split-K: fp32 partials [SPLIT, M, N], summed in split order by each tile's last split
+    tiles = triton.cdiv(n, bn) * (1 if bm == 1 else triton.cdiv(m, bm))
+    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    cnt = split_counters(x.device, tiles) if split > 1 else scale
     zz = zero if zero is not None else scale  # placeholders for absent tensors (never read)
     bb = bias if bias is not None else scale
     flags = dict(SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None,
                  HAS_BIAS=bias is not None, BN=bn, BK=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
     s_stride = scale.stride(0) if sbk else 0
     if bm == 1:
-        _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, n, k, w.stride(0), s_stride,
-                                                      stride_os=y.stride(0), SCALE_X=scale_x, **flags)
+        _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, ws, cnt, n, k, w.stride(0), s_stride,
+                                                      stride_os=ws.stride(0) if split > 1 else 0, SCALE_X=scale_x,
+                                                      **flags)
     else:
         _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-            x, w, scale, zz, bb, y, m, n, k, x.stride(0), w.stride(0), s_stride, y.stride(0), y.stride(1), BM=bm,
-            GROUP_M=8, SWAP=swap, UPCAST=interpreting() or x.dtype == torch.float32, **flags)
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+            x, w, scale, zz, bb, y, ws, cnt, m, n, k, x.stride(0), w.stride(0), s_stride,
+            ws.stride(0) if split > 1 else 0, n, BM=bm, GROUP_M=8, SWAP=swap,
+            UPCAST=interpreting() or x.dtype == torch.float32, **flags)
+    return y
 
 
 @_w8a16_op.register_fake

@@ -138,7 +138,7 @@ class WNA16Config:
 
 
 if triton is not None:
-    from mixq.kernels.tiles import grouped_tile, split_k_range
+    from mixq.kernels.tiles import grouped_tile, split_counters, split_k_range, store_tile
 
     @triton.jit
     def _dequant(q, z, s, DT: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
@@ -163,13 +163,14 @@ if triton is not None:
             return (qh - base[None, :]) * s.to(DT)[None, :]
 
     @triton.jit
-    def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, gidx_ptr, M, N, K, split_k,
-                         stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
+    def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, gidx_ptr, M, N, K,
+                         split_k, stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
                          HAS_GIDX: tl.constexpr = False):
-        """Tensor-core tiles. Split s of split_k writes its fp32 partial at out + s * stride_os.
+        """Tensor-core tiles. Split-K partials go to ws (split s at ws + s * stride_os) and the
+        last split of a tile sums them into out (tiles.store_tile).
         HAS_GIDX: a scale (and zero) per kernel column through gidx, for act-order weights
         split along K whose tiles may span groups."""
         pid = tl.program_id(0)
@@ -234,16 +235,17 @@ if triton is not None:
             if pid_k == 0:
                 b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                 acc += b[:, None] if SWAP else b[None, :]
-        out_ptr += pid_k * stride_os
-        if SWAP:  # store the transposed tile through transposed pointers (no layout shuffle)
-            ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+        if SWAP:  # store the transposed tile through transposed offsets (no layout shuffle)
+            offs = offs_m[None, :] * stride_om + offs_n[:, None]
+            store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split_k, offs, offs, stride_os,
+                       m_ok[None, :] & n_ok[:, None])
         else:
-            ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            offs = offs_m[:, None] * stride_om + offs_n[None, :]
+            store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split_k, offs, offs, stride_os,
+                       m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, N, K, split_k,
+    def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, split_k,
                            stride_qk, stride_sg, stride_zg, stride_os,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -285,7 +287,7 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid_k * stride_os + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split_k, offs_n, offs_n, stride_os, n_ok)
 
 
 def _bk_for(group: int, cap: int) -> int:
@@ -365,13 +367,16 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         if c.kind != "mm" or k % c.bk:
             raise ValueError(f"wna16: per-column groups need an 'mm' config whose BK divides K={k}")
     split = max(1, min(c.split_k, k // c.bk))
-    # split-K: fp32 partials [split, M, N] summed afterwards (deterministic, no atomics)
-    y = torch.empty((split, m, n), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     dummy = qweight
+    tiles = triton.cdiv(n, c.bn) * (1 if c.kind == "gemv" else triton.cdiv(m, c.bm))
+    # split-K: fp32 partials [split, M, N], summed in split order by each tile's last split
+    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    cnt = split_counters(x.device, tiles) if split > 1 else dummy
     common = dict(BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
     args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
-            bias if bias is not None else dummy, y)
+            bias if bias is not None else dummy, y, ws, cnt)
     if gidx is not None:
         args += (gidx,)
     if c.kind == "gemv":
@@ -379,16 +384,16 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             raise ValueError(f"wna16: the gemv config takes one row, got M={m}")
         _wna16_gemv_kernel[(triton.cdiv(n, c.bn), split)](
             *args, n, k, split, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
-            y.stride(0), **common)
+            ws.stride(0) if split > 1 else 0, **common)
     else:
         upcast = interpreting() or x.dtype == torch.float32
         # 16-bit magic dequant is exact for 4-bit values in bf16 and for 4/8-bit in fp16
         dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
         _wna16_mm_kernel[(triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn), split)](
             *args, *(() if gidx is not None else (dummy,)), m, n, k, split, x.stride(0), qweight.stride(0),
-            scales.stride(0), zeros.stride(0) if zeros is not None else 0, y.stride(0), y.stride(1),
+            scales.stride(0), zeros.stride(0) if zeros is not None else 0, ws.stride(0) if split > 1 else 0, n,
             BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, **common)
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    return y
 
 
 @_wna16_op.register_fake

@@ -129,6 +129,29 @@ def test_w8a16_matches_float64_reference(wdt, kind, zp, dtype):
             assert rel_err(y, w8a16_reference(x, w, s, z, bias, blk)) < OUT_TOL[dtype], (m, n, k)
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_w8a16_split_k_is_summed_by_the_last_split(m, monkeypatch):
+    """Forced 3-way split-K (a ragged last split) on the GEMV and the tiles: the tile's last
+    split sums the partials in the kernel, equal to the unsplit result up to fp32 sum order,
+    the same bits on a second call, and the arrival counters back at zero."""
+    from mixq.kernels import tiles, w8a16
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 80, 320
+    w, s = rand_w(n, k, torch.int8, gen), rand_scale(n, k, None, torch.int8, gen)
+    x = rand_x(m, k, torch.float16, gen)
+    bias = torch.randn(n, generator=gen).half().to(DEV)
+    bm = 1 if m == 1 else 16
+    monkeypatch.setattr(w8a16, "CONFIG_OVERRIDE", (bm, 32, 64, 1, 4, 1, True))
+    whole = w8a16_gemm(x, w, s, None, bias)
+    monkeypatch.setattr(w8a16, "CONFIG_OVERRIDE", (bm, 32, 64, 3, 4, 1, True))
+    y = w8a16_gemm(x, w, s, None, bias)
+    assert rel_err(y, w8a16_reference(x, w, s, None, bias)) < OUT_TOL[torch.float16]
+    assert (y.float() - whole.float()).abs().max() <= 2e-3 * whole.float().abs().max()  # fp16 output rounding
+    assert not tiles.split_counters(x.device, 1).any()
+    assert torch.equal(w8a16_gemm(x, w, s, None, bias), y)
+
+
 # act_group -1: the weight's K block (block-scaled FP8's 1x128 groups); 0: per token
 W8A8_CASES = [(FP8, "channel", 0, False), (FP8, "block", -1, False), (FP8, "block", 0, False), (FP8, "group", -1, False),
               (FP8, "channel", 64, False), (torch.int8, "channel", 0, False), (torch.int8, "channel", 0, True),
