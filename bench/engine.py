@@ -52,21 +52,24 @@ def build_model(root: Path, layers: int, hidden: int, inter: int, heads: int, kv
     return root / "bf16"
 
 
-def timed_generate(generate, prompts: list[list[int]], new: int) -> tuple[float, float, list[int]]:
+def timed_generate(generate, prompts: list[list[int]], new: int, repeats: int = 2) -> tuple[float, float, list[int]]:
     """(prefill s, decode s, first sequence's tokens): a 1-token run times the prefill, a
-    `new`-token run minus it the decode. Warmed up on the timed shapes first (Triton
-    compiles one kernel per launch configuration)."""
+    `new`-token run minus it the decode; the fastest of `repeats` of each. Warmed up on the
+    timed shapes first (Triton compiles one kernel per launch configuration)."""
     generate(prompts, 3)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    generate(prompts, 1)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    first = generate(prompts, new)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    prefill = t1 - t0
-    return prefill, (t2 - t1) - prefill, first
+    ones, fulls = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(prompts, 1)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        first = generate(prompts, new)
+        torch.cuda.synchronize()
+        ones.append(t1 - t0)
+        fulls.append(time.perf_counter() - t1)
+    prefill = min(ones)
+    return prefill, min(fulls) - prefill, first
 
 
 def hf_engine(path: Path):

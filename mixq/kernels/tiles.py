@@ -32,13 +32,18 @@ if triton is not None:
         return t0, tl.minimum(t0 + per_split, k_tiles)
 
     @triton.jit
-    def store_tile(acc, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split_k, out_offs, ws_offs, ws_split_stride, mask):
+    def store_tile(acc, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split_k, out_offs, ws_offs, ws_split_stride, mask,
+                   FIXUP: tl.constexpr):
         """Write a program's fp32 tile `acc`. Unsplit: the output, in its dtype. Split-K: the
-        partial into the workspace; the last split of the tile to arrive (an acq_rel counter
-        per tile) sums the partials in split order, writes the output and re-arms the
-        counter. One launch, deterministic, graph-safe (the counters end at zero)."""
+        partial into the workspace; with FIXUP the last split of the tile to arrive (an
+        acq_rel counter per tile) sums the partials in split order, writes the output and
+        re-arms the counter: one launch, deterministic, graph-safe (the counters end at
+        zero). Without FIXUP the caller sums the workspace (one parallel pass, which wins
+        over one program's serial reads once tiles are large)."""
         if split_k == 1:
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        elif not FIXUP:
+            tl.store(ws_ptr + pid_k * ws_split_stride + ws_offs, acc, mask=mask)
         else:
             tl.store(ws_ptr + pid_k * ws_split_stride + ws_offs, acc, mask=mask)
             tl.debug_barrier()  # all of this program's partial is written before it arrives
@@ -54,6 +59,10 @@ if triton is not None:
 
 
 MAX_SPLIT_TILES = 1 << 16
+# Split-K tiles up to this many elements are summed by their last split (store_tile FIXUP):
+# at 1-16 rows that saves a sum and a cast launch per GEMM; a 64 x 64 tile's serial reads
+# cost more than the launches (H100, bench/engine.py at batch 64).
+FIXUP_MAX_ELEMS = 16 * 128
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -33,7 +33,13 @@ from mixq.kernels.wna16 import interpreting, triton
 if triton is not None:
     import triton.language as tl
 
-    from mixq.kernels.tiles import grouped_tile, split_counters, split_k_range, store_tile
+    from mixq.kernels.tiles import (
+        FIXUP_MAX_ELEMS,
+        grouped_tile,
+        split_counters,
+        split_k_range,
+        store_tile,
+    )
 
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
@@ -92,7 +98,7 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K, offs_n, offs_n, stride_os, n_ok)
+        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K, offs_n, offs_n, stride_os, n_ok, True)
 
     # M changes every call: do not compile a variant per M % 16
     @triton.jit(do_not_specialize=["M"])
@@ -100,7 +106,8 @@ if triton is not None:
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       SBN: tl.constexpr, SBK: tl.constexpr, GRID_SCALE: tl.constexpr, HAS_ZP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K, GROUP_M: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+                      SPLIT_K, GROUP_M: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr,
+                      FIXUP: tl.constexpr = True):
         # SWAP computes the transposed tile, W [BN, BK] @ x^T [BK, BM]: the upcast weight is
         # the MMA's first operand, which Hopper's wgmma reads straight from registers (as the
         # second operand it would go back through shared memory), and a few tokens fill the
@@ -166,12 +173,12 @@ if triton is not None:
             acc = acc * s[:, None] + bias[:, None]
             offs = offs_m[None, :] * stride_om + offs_n[:, None]
             store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, offs, offs, stride_os,
-                       n_ok[:, None] & m_ok[None, :])
+                       n_ok[:, None] & m_ok[None, :], FIXUP)
         else:
             acc = acc * s[None, :] + bias[None, :]
             offs = offs_m[:, None] * stride_om + offs_n[None, :]
             store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, offs, offs, stride_os,
-                       m_ok[:, None] & n_ok[None, :])
+                       m_ok[:, None] & n_ok[None, :], FIXUP)
 
 
 def _sms(device: torch.device) -> int:
@@ -236,8 +243,9 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
         return y
     # split-K: fp32 partials [SPLIT, M, N], summed in split order by each tile's last split
     tiles = triton.cdiv(n, bn) * (1 if bm == 1 else triton.cdiv(m, bm))
+    fixup = bm == 1 or bm * bn <= FIXUP_MAX_ELEMS  # else a torch sum afterwards
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, tiles) if split > 1 else scale
+    cnt = split_counters(x.device, tiles) if split > 1 and fixup else scale
     zz = zero if zero is not None else scale  # placeholders for absent tensors (never read)
     bb = bias if bias is not None else scale
     flags = dict(SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None,
@@ -251,8 +259,8 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
         _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
             x, w, scale, zz, bb, y, ws, cnt, m, n, k, x.stride(0), w.stride(0), s_stride,
             ws.stride(0) if split > 1 else 0, n, BM=bm, GROUP_M=8, SWAP=swap,
-            UPCAST=interpreting() or x.dtype == torch.float32, **flags)
-    return y
+            UPCAST=interpreting() or x.dtype == torch.float32, FIXUP=fixup, **flags)
+    return ws.sum(0).to(x.dtype) if split > 1 and not fixup else y
 
 
 @_w8a16_op.register_fake

@@ -138,7 +138,13 @@ class WNA16Config:
 
 
 if triton is not None:
-    from mixq.kernels.tiles import grouped_tile, split_counters, split_k_range, store_tile
+    from mixq.kernels.tiles import (
+        FIXUP_MAX_ELEMS,
+        grouped_tile,
+        split_counters,
+        split_k_range,
+        store_tile,
+    )
 
     @triton.jit
     def _dequant(q, z, s, DT: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
@@ -168,7 +174,7 @@ if triton is not None:
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
-                         HAS_GIDX: tl.constexpr = False):
+                         HAS_GIDX: tl.constexpr = False, FIXUP: tl.constexpr = True):
         """Tensor-core tiles. Split-K partials go to ws (split s at ws + s * stride_os) and the
         last split of a tile sums them into out (tiles.store_tile).
         HAS_GIDX: a scale (and zero) per kernel column through gidx, for act-order weights
@@ -238,11 +244,11 @@ if triton is not None:
         if SWAP:  # store the transposed tile through transposed offsets (no layout shuffle)
             offs = offs_m[None, :] * stride_om + offs_n[:, None]
             store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split_k, offs, offs, stride_os,
-                       m_ok[None, :] & n_ok[:, None])
+                       m_ok[None, :] & n_ok[:, None], FIXUP)
         else:
             offs = offs_m[:, None] * stride_om + offs_n[None, :]
             store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split_k, offs, offs, stride_os,
-                       m_ok[:, None] & n_ok[None, :])
+                       m_ok[:, None] & n_ok[None, :], FIXUP)
 
     @triton.jit
     def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, split_k,
@@ -287,7 +293,7 @@ if triton is not None:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split_k, offs_n, offs_n, stride_os, n_ok)
+        store_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split_k, offs_n, offs_n, stride_os, n_ok, True)
 
 
 def _bk_for(group: int, cap: int) -> int:
@@ -371,8 +377,10 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     dummy = qweight
     tiles = triton.cdiv(n, c.bn) * (1 if c.kind == "gemv" else triton.cdiv(m, c.bm))
     # split-K: fp32 partials [split, M, N], summed in split order by each tile's last split
+    # (small tiles) or by a torch sum afterwards
+    fixup = c.kind == "gemv" or c.bm * c.bn <= FIXUP_MAX_ELEMS
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, tiles) if split > 1 else dummy
+    cnt = split_counters(x.device, tiles) if split > 1 and fixup else dummy
     common = dict(BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
     args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
@@ -392,8 +400,8 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         _wna16_mm_kernel[(triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn), split)](
             *args, *(() if gidx is not None else (dummy,)), m, n, k, split, x.stride(0), qweight.stride(0),
             scales.stride(0), zeros.stride(0) if zeros is not None else 0, ws.stride(0) if split > 1 else 0, n,
-            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, **common)
-    return y
+            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, FIXUP=fixup, **common)
+    return ws.sum(0).to(x.dtype) if split > 1 and not fixup else y
 
 
 @_wna16_op.register_fake

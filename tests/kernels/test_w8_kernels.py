@@ -129,11 +129,12 @@ def test_w8a16_matches_float64_reference(wdt, kind, zp, dtype):
             assert rel_err(y, w8a16_reference(x, w, s, z, bias, blk)) < OUT_TOL[dtype], (m, n, k)
 
 
-@pytest.mark.parametrize("m", [1, 5])
-def test_w8a16_split_k_is_summed_by_the_last_split(m, monkeypatch):
-    """Forced 3-way split-K (a ragged last split) on the GEMV and the tiles: the tile's last
-    split sums the partials in the kernel, equal to the unsplit result up to fp32 sum order,
-    the same bits on a second call, and the arrival counters back at zero."""
+@pytest.mark.parametrize("m,bm", [(1, 1), (5, 16), (40, 64)])
+def test_w8a16_split_k_is_summed_by_the_last_split(m, bm, monkeypatch):
+    """Forced 3-way split-K (a ragged last split) on the GEMV and the tiles: small tiles'
+    last split sums the partials in the kernel, a 64-row tile's are summed after it; equal
+    to the unsplit result up to fp32 sum order, the same bits on a second call, and the
+    arrival counters back at zero."""
     from mixq.kernels import tiles, w8a16
 
     gen = torch.Generator().manual_seed(m)
@@ -141,7 +142,6 @@ def test_w8a16_split_k_is_summed_by_the_last_split(m, monkeypatch):
     w, s = rand_w(n, k, torch.int8, gen), rand_scale(n, k, None, torch.int8, gen)
     x = rand_x(m, k, torch.float16, gen)
     bias = torch.randn(n, generator=gen).half().to(DEV)
-    bm = 1 if m == 1 else 16
     monkeypatch.setattr(w8a16, "CONFIG_OVERRIDE", (bm, 32, 64, 1, 4, 1, True))
     whole = w8a16_gemm(x, w, s, None, bias)
     monkeypatch.setattr(w8a16, "CONFIG_OVERRIDE", (bm, 32, 64, 3, 4, 1, True))

@@ -111,10 +111,12 @@ def test_refusals_name_the_reason():
     wna16.WNA16Config("gemv", 1, 64, 32, 3, 4, 1),
     wna16.WNA16Config("mm", 16, 64, 32, 2, 4, 1, swap=True),
     wna16.WNA16Config("mm", 32, 64, 32, 1, 4, 1, swap=False),
+    wna16.WNA16Config("mm", 64, 64, 32, 2, 4, 1, swap=False),  # a tile too big for the in-kernel sum
 ], ids=lambda c: f"{c.kind}-swap{int(c.swap)}-split{c.split_k}")
 def test_each_launch_path_matches_the_reference(cfg, monkeypatch):
     """Every kernel path the heuristic can pick (GEMV, swapped and plain tiles, split-K
-    with a ragged last split), with zero points, act-order and a bias."""
+    with a ragged last split, summed in the kernel or after it), with zero points,
+    act-order and a bias."""
     gen = torch.Generator().manual_seed(11)
     monkeypatch.setattr(wna16, "CONFIG_OVERRIDE", cfg)
     for bits in (4, 8):
