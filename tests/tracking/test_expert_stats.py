@@ -34,7 +34,7 @@ MISSION_EXAMPLE = json.loads("""
 def served():
     """A tracked engine after some traffic on the tiny Qwen3-MoE."""
     llm = LLM(model_path=str(FIXTURE["qwen3-moe"]), device=DEVICE, dtype="float32", chunked_prefill_size=8,
-              enable_expert_tracking=True)
+              max_total_tokens=512, enable_expert_tracking=True)
     llm.generate([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]],
                  SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
     return llm

@@ -105,7 +105,7 @@ def test_plan_loads_and_computes_its_mix(stats_file, tmp_path, capsys):
     assert main(["plan", "--stats", str(stats_file), *SOURCES, "--budget-gb", repr((lo + 0.45 * (hi - lo)) / 2**30),
                  "-o", str(out)]) == 0
     assert "routed expert tokens on:" in capsys.readouterr().out
-    llm = LLM(mixed_precision_config=str(out), device=DEVICE, dtype="float32")
+    llm = LLM(mixed_precision_config=str(out), device=DEVICE, dtype="float32", max_total_tokens=512)
     fams = {t["name"]: t["family"] for t in inspect_report(capsys, out)["tensors"]}
     assert {fams[n] for n in fams if ".experts." in n} >= {"fp8", "int4"}
     for name, w in llm.engine.weights.items():  # what is held is what the plan said (the base held in fp32)
@@ -160,7 +160,7 @@ def test_plan_takes_paths_from_a_config_and_on_mixtral(stats_file, tmp_path, cap
             fmts[(int(p[2]), int(p[5]))] = RANK[tt["precision"]]
     ranks = [fmts[k] for k in sorted(fmts, key=lambda k: -TOKENS[k])]
     assert ranks == sorted(ranks) and len(set(ranks)) == 2
-    llm = LLM(mixed_precision_config=str(out), device=DEVICE, dtype="float32")
+    llm = LLM(mixed_precision_config=str(out), device=DEVICE, dtype="float32", max_total_tokens=512)
     assert len(llm.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
 
 
