@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from mixq.kernels.paged_attention import _interpreting, triton
+from mixq.kernels.paged_attention import _interpreting, check_query_and_cache, triton
 
 if triton is not None:
     import triton.language as tl
@@ -224,14 +224,9 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     once per step, ForwardBatch.extend_tiles); None builds it here from query_start and
     context_lens, which costs a device-to-host copy (tests, benchmarks).
     """
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"paged_extend_attention: q [T, H, D] and caches [B, P, Hkv, D] expected, got "
-                         f"{list(q.shape)}, {list(k_cache.shape)}, {list(v_cache.shape)}")
+    check_query_and_cache("paged_extend_attention", q, k_cache, v_cache)
     t, h, d = q.shape
     hkv = k_cache.shape[2]
-    if k_cache.shape[3] != d or h % hkv:
-        raise ValueError(f"paged_extend_attention: {h} query heads of dim {d} do not fit a cache of {hkv} KV heads "
-                         f"of dim {k_cache.shape[3]}")
     s_count = context_lens.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != s_count or query_start.shape != (s_count + 1,):
         raise ValueError(f"paged_extend_attention: block_tables [S, W] and query_start [S+1] must match "

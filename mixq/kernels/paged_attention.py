@@ -196,6 +196,18 @@ if triton is not None:
         tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def check_query_and_cache(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [tokens, H, D] against caches [blocks, P, Hkv, D]: ValueError naming `op` when the
+    ranks, the head dim or the grouping (H a multiple of Hkv) do not fit."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: q [tokens, H, D] and caches [B, P, Hkv, D] expected, got "
+                         f"{list(q.shape)}, {list(k_cache.shape)}, {list(v_cache.shape)}")
+    h, d, hkv = q.shape[1], q.shape[2], k_cache.shape[2]
+    if k_cache.shape[3] != d or h % hkv:
+        raise ValueError(f"{op}: {h} query heads of dim {d} do not fit a cache of {hkv} KV heads "
+                         f"of dim {k_cache.shape[3]}")
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            *, num_splits: int = 0) -> torch.Tensor:
@@ -204,14 +216,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits: 0 chooses from shapes and the SM count (choose_num_splits); n > 0 forces n
     slices of the context (tests, benchmarks); 1 is the single-pass kernel.
     """
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"paged_decode_attention: q [S, H, D] and caches [B, P, Hkv, D] expected, got "
-                         f"{list(q.shape)}, {list(k_cache.shape)}, {list(v_cache.shape)}")
-    s_count, h, d = q.shape
-    hkv = k_cache.shape[2]
-    if k_cache.shape[3] != d or h % hkv:
-        raise ValueError(f"paged_decode_attention: {h} query heads of dim {d} do not fit a cache of {hkv} KV heads "
-                         f"of dim {k_cache.shape[3]}")
+    check_query_and_cache("paged_decode_attention", q, k_cache, v_cache)
+    s_count = q.shape[0]
     if block_tables.shape[0] != s_count or context_lens.shape != (s_count,):
         raise ValueError("paged_decode_attention: block_tables [S, W] and context_lens [S] must match q's S")
     if k_cache.dtype != q.dtype:
