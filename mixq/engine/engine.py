@@ -260,7 +260,11 @@ class LLMEngine:
         if counters is not None:
             counters.reserve(max(sizes))  # the hooks' buffers must not move after capture
             counters.begin_pass(0)  # warm-up and capture forwards count nothing
-        self.runner.capture_decode_graphs(sizes, -(-self.max_model_len // self.cfg.page_size))
+        try:
+            self.runner.capture_decode_graphs(sizes, -(-self.max_model_len // self.cfg.page_size))
+        except Exception as e:  # say which flag avoids it; the cause stays attached
+            raise RuntimeError(f"capturing CUDA graphs for decode batch sizes {sizes} failed: {e} "
+                               "(--disable-cuda-graph runs decode steps eagerly)") from e
         if self.expert_tracker is not None:
             self.expert_tracker.reset_stats()
 
