@@ -129,3 +129,17 @@ def test_cuda_graph_plan_and_flags():
                      (["--cuda-graph-bs", "0", "2"], "--cuda-graph-bs must list batch sizes >= 1")):
         with pytest.raises(ConfigError, match=msg):
             from_namespace(p.parse_args(bad)).validate()
+
+
+def test_a_failed_capture_names_the_sizes_and_the_way_out(monkeypatch):
+    llm = LLM(model_path=str(FIX / "bf16"), max_total_tokens=256, device=DEVICE, dtype="float32",
+              disable_cuda_graph=True)
+    eng = llm.engine
+
+    def fail(sizes, max_blocks, capture=True):
+        raise ValueError("a kernel synced the host during capture")
+
+    monkeypatch.setattr(eng, "cuda_graph_plan", lambda: ([1, 2, 4], ""))
+    monkeypatch.setattr(eng.runner, "capture_decode_graphs", fail)
+    with pytest.raises(RuntimeError, match=r"batch sizes \[1, 2, 4\] failed: a kernel synced .*--disable-cuda-graph"):
+        eng._capture_cuda_graphs()
