@@ -109,6 +109,7 @@ def test_refusals_name_the_reason():
 
 @pytest.mark.parametrize("cfg", [
     wna16.WNA16Config("gemv", 1, 64, 32, 3, 4, 1),
+    wna16.WNA16Config("gemv", 1, 64, 16, 10, 4, 1),  # more splits than one round of the in-kernel sum
     wna16.WNA16Config("mm", 16, 64, 32, 2, 4, 1, swap=True),
     wna16.WNA16Config("mm", 32, 64, 32, 1, 4, 1, swap=False),
     wna16.WNA16Config("mm", 64, 64, 32, 2, 4, 1, swap=False),  # a tile too big for the in-kernel sum
