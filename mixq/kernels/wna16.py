@@ -318,10 +318,11 @@ def _split(blocks: int, k_tiles: int, want: int, min_tiles: int = 1) -> int:
 
 def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Config:
     """The launch heuristic, from timings on an H100 (bench/w4a16-notes.md, bench/kernels.py
-    --sweep wna16): one row -> GEMV; up to 16 rows -> 16-row tiles, swapped; up to 64 ->
+    --sweep wna16, .gpu GEMV sweep on 0.5-29 MiB weights): one row -> GEMV, 64-256 columns
+    per program and K split up to 32 ways; up to 16 rows -> 16-row tiles, swapped; up to 64 ->
     64-row tiles (swapped, unsplit, when N is large); beyond -> 256 x 128 tiles, or up to 512
     rows 64 x 128 tiles with split-K where 256 x 128 tiles would be fewer than the SMs.
-    Split-K fills the GPU: ~8 programs per SM at small M, ~2 up to 512 rows."""
+    Split-K fills the GPU: ~8 programs per SM up to 16 rows, ~2 up to 512 rows."""
     if interpreting():  # few large blocks run fastest under the interpreter
         bk = _bk_for(group, 128)
         if m == 1:
@@ -331,8 +332,9 @@ def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Co
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     if m <= 64:
         bk = _bk_for(group, 128)
-        if m == 1:
-            return WNA16Config("gemv", 1, 128, bk, _split(cdiv(n, 128), k // bk, 8 * sms), 4, 1)
+        if m == 1:  # H100 sweep (bench/RESULTS.md): wide column blocks, up to 32 K splits
+            bn = 256 if n >= 2048 else 128 if n > 512 else 64
+            return WNA16Config("gemv", 1, bn, bk, min(k // bk, 32), 4, 1)
         if m <= 16:
             return WNA16Config("mm", 16, 64, bk, _split(cdiv(n, 64), k // bk, 8 * sms), 4, 4, True)
         if n >= 16384:  # enough 128-wide column blocks to fill the SMs: no split
