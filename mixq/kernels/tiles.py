@@ -71,6 +71,25 @@ FIXUP_MAX_ELEMS = 16 * 128
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
+class SplitOutput:
+    """The buffers of one GEMM launch that may split K: `out` [M, N] in the output dtype;
+    with split > 1 the fp32 workspace [split, M, N], and either the arrival counters
+    (`fixup`: the tile's last split sums in the kernel) or a sum after the launch."""
+
+    def __init__(self, m: int, n: int, split: int, bm: int, bn: int, dtype: torch.dtype, device: torch.device):
+        self.out = torch.empty((m, n), device=device, dtype=dtype)
+        self.split = split
+        self.fixup = bm == 1 or bm * bn <= FIXUP_MAX_ELEMS
+        self.ws = torch.empty((split, m, n), device=device, dtype=torch.float32) if split > 1 else self.out
+        tiles = -(-n // bn) * -(-m // bm)
+        self.counters = split_counters(device, tiles) if split > 1 and self.fixup else None
+        self.split_stride = self.ws.stride(0) if split > 1 else 0
+
+    def result(self) -> torch.Tensor:
+        """The output, once the launch is queued."""
+        return self.ws.sum(0).to(self.out.dtype) if self.split > 1 and not self.fixup else self.out
+
+
 def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """The per-tile arrival counters of `store_tile` on a device: int32 [MAX_SPLIT_TILES],
     zero between launches. Allocated once per device and never replaced (captured CUDA

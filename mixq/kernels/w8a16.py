@@ -34,9 +34,8 @@ if triton is not None:
     import triton.language as tl
 
     from mixq.kernels.tiles import (
-        FIXUP_MAX_ELEMS,
+        SplitOutput,
         grouped_tile,
-        split_counters,
         split_k_range,
         store_tile,
     )
@@ -238,14 +237,12 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
     if sbk and sbk % bk and not scale_x:
         raise ValueError(f"w8a16_gemm: BK={bk} does not divide the scale block {sbk}")
     split = max(1, min(split, triton.cdiv(k, bk)))
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
-        return y
+        return torch.empty((0, n), device=x.device, dtype=x.dtype)
     # split-K: fp32 partials [SPLIT, M, N], summed in split order by each tile's last split
-    tiles = triton.cdiv(n, bn) * (1 if bm == 1 else triton.cdiv(m, bm))
-    fixup = bm == 1 or bm * bn <= FIXUP_MAX_ELEMS  # else a torch sum afterwards
-    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, tiles) if split > 1 and fixup else scale
+    # (small tiles) or by a torch sum afterwards
+    so = SplitOutput(m, n, split, bm, bn, x.dtype, x.device)
+    y, ws, cnt = so.out, so.ws, so.counters if so.counters is not None else scale
     zz = zero if zero is not None else scale  # placeholders for absent tensors (never read)
     bb = bias if bias is not None else scale
     flags = dict(SBN=max(sbn, 1), SBK=max(sbk, 1), GRID_SCALE=sbk > 0, HAS_ZP=zero is not None,
@@ -253,14 +250,14 @@ def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
     s_stride = scale.stride(0) if sbk else 0
     if bm == 1:
         _w8_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, scale, zz, bb, y, ws, cnt, n, k, w.stride(0), s_stride,
-                                                      stride_os=ws.stride(0) if split > 1 else 0, SCALE_X=scale_x,
+                                                      stride_os=so.split_stride, SCALE_X=scale_x,
                                                       **flags)
     else:
         _w8a16_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
             x, w, scale, zz, bb, y, ws, cnt, m, n, k, x.stride(0), w.stride(0), s_stride,
-            ws.stride(0) if split > 1 else 0, n, BM=bm, GROUP_M=8, SWAP=swap,
-            UPCAST=interpreting() or x.dtype == torch.float32, FIXUP=fixup, **flags)
-    return ws.sum(0).to(x.dtype) if split > 1 and not fixup else y
+            so.split_stride, n, BM=bm, GROUP_M=8, SWAP=swap,
+            UPCAST=interpreting() or x.dtype == torch.float32, FIXUP=so.fixup, **flags)
+    return so.result()
 
 
 @_w8a16_op.register_fake

@@ -139,9 +139,8 @@ class WNA16Config:
 
 if triton is not None:
     from mixq.kernels.tiles import (
-        FIXUP_MAX_ELEMS,
+        SplitOutput,
         grouped_tile,
-        split_counters,
         split_k_range,
         store_tile,
     )
@@ -375,18 +374,15 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         if c.kind != "mm" or k % c.bk:
             raise ValueError(f"wna16: per-column groups need an 'mm' config whose BK divides K={k}")
     split = max(1, min(c.split_k, k // c.bk))
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     dummy = qweight
-    tiles = triton.cdiv(n, c.bn) * (1 if c.kind == "gemv" else triton.cdiv(m, c.bm))
     # split-K: fp32 partials [split, M, N], summed in split order by each tile's last split
     # (small tiles) or by a torch sum afterwards
-    fixup = c.kind == "gemv" or c.bm * c.bn <= FIXUP_MAX_ELEMS
-    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, tiles) if split > 1 and fixup else dummy
+    so = SplitOutput(m, n, split, c.bm, c.bn, x.dtype, x.device)
+    cnt = so.counters if so.counters is not None else dummy
     common = dict(BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
     args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
-            bias if bias is not None else dummy, y, ws, cnt)
+            bias if bias is not None else dummy, so.out, so.ws, cnt)
     if gidx is not None:
         args += (gidx,)
     if c.kind == "gemv":
@@ -394,16 +390,16 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             raise ValueError(f"wna16: the gemv config takes one row, got M={m}")
         _wna16_gemv_kernel[(triton.cdiv(n, c.bn), split)](
             *args, n, k, split, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
-            ws.stride(0) if split > 1 else 0, **common)
+            so.split_stride, **common)
     else:
         upcast = interpreting() or x.dtype == torch.float32
         # 16-bit magic dequant is exact for 4-bit values in bf16 and for 4/8-bit in fp16
         dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
         _wna16_mm_kernel[(triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn), split)](
             *args, *(() if gidx is not None else (dummy,)), m, n, k, split, x.stride(0), qweight.stride(0),
-            scales.stride(0), zeros.stride(0) if zeros is not None else 0, ws.stride(0) if split > 1 else 0, n,
-            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, FIXUP=fixup, **common)
-    return ws.sum(0).to(x.dtype) if split > 1 and not fixup else y
+            scales.stride(0), zeros.stride(0) if zeros is not None else 0, so.split_stride, n,
+            BM=c.bm, SWAP=c.swap, DQ=dq, UPCAST=upcast, GROUP_M=8, HAS_GIDX=gidx is not None, FIXUP=so.fixup, **common)
+    return so.result()
 
 
 @_wna16_op.register_fake
