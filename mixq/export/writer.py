@@ -257,6 +257,8 @@ def _write(plan: LoadPlan, schemes, qc: dict, root: Path, shard_bytes: int, prog
            report: ExportReport) -> None:
     from tqdm import tqdm
 
+    if plan.input_scales:  # fold_smoothing clears them or refuses; never write without them
+        raise CheckpointError(f"export: smoothing compensation left for {sorted(plan.input_scales)[0]}")
     shards = _Shards(root, shard_bytes)
     total = sum(t.nbytes for t in plan.tensors.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="mixq export", disable=not progress or None,
