@@ -35,8 +35,10 @@ SOURCES = {
 CASES = [("tiny-llama", v) for v in (
     "fp8-dynamic", "fp8-static", "fp8-block", "fp8-block-deepseek", "w8a8-int8", "w8a16-int8", "gptq-legacy-8bit",
     "gptq-w4a16", "gptq-w4a16-asym-actorder", "awq-w4a16", "gptq-legacy-4bit-asym", "gptq-legacy-4bit-desc-act",
-    "gptq-legacy-4bit-g-1", "awq-gemm")] + [("tiny-qwen3-moe", v) for v in (
-        "fp8-dynamic", "w8a16-int8", "gptq-w4a16", "gptq-legacy-4bit", "awq-gemm")] + [("tiny-mixtral", "gptq-w4a16")]
+    "gptq-legacy-4bit-g-1", "awq-gemm")] + [
+    # MoE expert naming (Qwen3 and Mixtral); the other MoE sources are exported, expert by
+    # expert, in test_export_mix.py
+    ("tiny-qwen3-moe", "awq-gemm"), ("tiny-mixtral", "gptq-w4a16")]
 
 
 def single_source_config(model: str, variant: str) -> MixedPrecisionConfig:
