@@ -113,6 +113,9 @@ def test_a_format_without_compressed_tensors_form_is_refused_naming_tensor_and_f
         scheme_for("x.weight", spec)
     with pytest.raises(UnsupportedFormatError, match="3-bit integers"):
         scheme_for("y.weight", WeightSpec(layout="gptq", bits=3, dtype=torch.int32, scale_layout="group", group_size=64))
+    with pytest.raises(UnsupportedFormatError, match="packed integer weights with quantized activations"):
+        scheme_for("w.weight", WeightSpec(layout="ct-packed", bits=4, dtype=torch.int32, scale_layout="group",
+                                          group_size=128, activation="dynamic-token"))
     with pytest.raises(UnsupportedFormatError, match="float8_e5m2"):
         scheme_for("z.weight", WeightSpec(layout="fp8", bits=8, dtype=torch.float8_e5m2, scale_layout="tensor"))
 
@@ -195,4 +198,4 @@ def test_cli_export_prints_a_summary_and_bad_flags_are_one_line(tmp_path, capsys
     ):
         assert main(["export", "--mixed-precision-config", str(yaml), *argv]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"mixq export: error: ") and why in err and "Traceback" not in err
+        assert err.startswith("mixq export: error: ") and why in err and "Traceback" not in err

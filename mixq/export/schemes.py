@@ -124,6 +124,8 @@ def scheme_for(name: str, spec: WeightSpec, act_order: bool | None = None) -> Ct
     if spec.layout == "dense":
         return None
     if spec.layout in ("gptq", "awq", "ct-packed"):
+        if spec.activation != "none":  # W4A8-style int activations: no engine here runs them
+            raise refuse(name, spec, "packed integer weights with quantized activations are not exported")
         return _scheme(PACK, _int_weight_args(name, spec, act_order))
     if spec.layout == "int8":
         if spec.bits != 8:
