@@ -152,7 +152,8 @@ def test_moe_per_expert_mix_is_written_faithfully_and_refused_for_vllm_by_layer(
 @pytest.mark.parametrize("mode", ["higher", "lower"])
 def test_uniform_experts_lifts_each_mixed_layer_to_one_source_and_reports_the_bytes(mode, tmp_path):
     cfg = cfg_of("tiny-qwen3-moe", MOE_MIX, **MOE_PATHS)
-    report = export(cfg, tmp_path / "out", target="vllm", uniform=mode)
+    printed = []
+    report = export_mix(cfg, tmp_path / "out", target="vllm", uniform=mode, progress=False, log=printed.append)
     plan = build_plan(cfg)
     names = [n for n in plan.tensors if n.startswith(E0 + ".")]
     # the source with the most (fewest) bits among those layer 0 uses: the BF16 base (GPTQ int4)
@@ -160,6 +161,8 @@ def test_uniform_experts_lifts_each_mixed_layer_to_one_source_and_reports_the_by
     cat = CheckpointCatalog(src)
     delta = sum(cat.entries[n].nbytes for n in names) - sum(plan.tensors[n].nbytes for n in names)
     assert [(layer, d) for layer, _, d in report.uniform] == [(E0, delta)]
+    sign = "+" if delta > 0 else "-"
+    assert f"--uniform-experts: 1 MoE layer(s) lifted to one format, {sign}{abs(delta) / 2**20:.2f} MiB:" in printed[0]
     back = CheckpointCatalog(tmp_path / "out")
     for n in names:
         assert torch.equal(back.read(n).dequantize(), cat.read(n).dequantize()), n
