@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from mixq.errors import MixqError
+from mixq.export.cli import add_parser as add_export_parser
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         "bytes, then totals per format and the memory saved against BF16. Reads only "
         "safetensors headers: no GPU, seconds even for a 235B-class index.",
     )
+    p.add_argument("path", nargs="?", help="a checkpoint directory (same as --model-path), e.g. a mixq export")
     p.add_argument("--model-path", help="the base checkpoint (default: the config's fp16_path)")
     p.add_argument("--mixed-precision-config", help="mixed-precision YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -30,6 +32,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from mixq.formats.plan import build_plan
     from mixq.inspect_plan import plan_report, render_json, render_text
 
+    if args.path is not None:
+        if args.model_path is not None:
+            raise MixqError("inspect: give the checkpoint either as PATH or as --model-path, not both")
+        args.model_path = args.path
     if args.mixed_precision_config is None and args.model_path is None:
         raise MixqError("inspect: give --model-path and/or --mixed-precision-config")
     cfg = None
@@ -263,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_ppl(sub)
     _add_plan(sub)
     _add_plot_experts(sub)
+    add_export_parser(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible server (SGLang's launch flags)", add_help=False)
     serve.set_defaults(func=None)
     return parser
