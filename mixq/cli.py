@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from mixq.errors import MixqError
+from mixq.quality import cli_eval
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -212,55 +213,12 @@ def _cmd_plot_experts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval_ppl(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval-ppl", help="perplexity on real English text, per format and for the mix",
-                       description="Perplexity on Shakespeare's The Tempest (shipped with mixq). With no model "
-                       "flags: the embedded default model in BF16, in each single format, and its default mix.")
-    p.add_argument("--model-path")
-    p.add_argument("--mixed-precision-config")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_eval_ppl)
-
-
-def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import json
-
-    from mixq.assets.text import load_eval_text
-    from mixq.engine.engine import LLM
-    from mixq.engine.perplexity import perplexity
-
-    if args.model_path is None and args.mixed_precision_config is None:
-        from mixq.assets.default_model import default_eval_configs
-
-        runs = [(name, None, cfg) for name, cfg in default_eval_configs().items()]
-    else:
-        runs = [("model", args.model_path, args.mixed_precision_config)]
-    text = load_eval_text()
-    results = {}
-    for name, model_path, cfg in runs:
-        llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-                  max_total_tokens=args.window + 64)
-        results[name] = perplexity(llm.engine, text, args.window, args.max_tokens)
-        if not args.json:
-            r = results[name]
-            print(f"{name:<10} perplexity {r['perplexity']:8.3f}  ({r['tokens']} tokens, window {r['window']})",
-                  flush=True)
-        del llm
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixq", description="LLM inference in true mixed precision.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     _add_generate(sub)
-    _add_eval_ppl(sub)
+    cli_eval.add_parser(sub)
     _add_plan(sub)
     _add_plot_experts(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible server (SGLang's launch flags)", add_help=False)

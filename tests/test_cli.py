@@ -105,9 +105,9 @@ def test_eval_ppl_with_no_flags_runs_every_default_config(monkeypatch, tmp_path,
     monkeypatch.setattr(dm, "default_eval_configs", lambda: {"bf16": str(bf16), "example-mix": str(MIX)})
     assert cli_main(["eval-ppl", "--max-tokens", "130", "--window", "64", "--device", "cpu", "--dtype",
                      "float32"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()[2:4]  # the table: header, rule, one row per config
     assert [line.split()[0] for line in out] == ["bf16", "example-mix"]
-    ppl = [float(line.split()[2]) for line in out]
+    ppl = [float(line.split()[4]) for line in out]  # name, size, unit, bits/w, PPL
     assert all(math.isfinite(p) and p > 1 for p in ppl) and ppl[0] != ppl[1]  # a random tiny model
 
 
