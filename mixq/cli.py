@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from mixq.errors import MixqError
-from mixq.quality import cli_eval
+from mixq.quality import cli_eval, cli_measure, cli_plan
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -133,62 +133,6 @@ def _generate(llm, args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plan", help="write a mixed-precision config from expert activation stats and a memory budget",
-        description="Rank experts by the tokens routed to them (stats from --enable-expert-tracking) and write a "
-        "mixed-precision YAML that fits --budget-gb of weights: attention, dense MLPs and shared experts get the "
-        "best format first, then routed experts from the most to the least loaded. Checkpoint paths come from "
-        "--mixed-precision-config (its mapping is ignored) and/or the --*-path flags.")
-    p.add_argument("--stats", action="append", required=True, metavar="JSON",
-                   help="expert stats file (exported by the server or mixq generate); repeat to sum several")
-    p.add_argument("--budget-gb", type=float, required=True, help="weight memory budget in GiB (2^30 bytes), "
-                   "as mixq inspect reports it")
-    p.add_argument("-o", "--output", required=True, help="the YAML config to write")
-    p.add_argument("--mixed-precision-config", help="take the checkpoint paths (and inference/server sections) "
-                   "from this config")
-    p.add_argument("--model-path", help="the base (BF16/FP16) checkpoint (default: the config's fp16_path)")
-    for key in ("fp8", "int8", "int4", "gptq-int4", "awq-int4"):
-        p.add_argument(f"--{key}-path", help=f"the {key.upper().replace('-', ' ')} checkpoint")
-    p.add_argument("--formats", nargs="+", help="precisions to use, e.g. 'bf16,fp8,int4' (default: the base and "
-                   "one per checkpoint given)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from mixq.config.schema import MixedPrecisionConfig
-    from mixq.tracking.expert_stats import read_stats
-    from mixq.tracking.planner import make_plan, render_plan
-
-    paths, sections = {}, {}
-    if args.mixed_precision_config:
-        cfg = MixedPrecisionConfig.from_yaml(args.mixed_precision_config, model_path=args.model_path)
-        paths = cfg.mixed_precision.paths()
-        sections = {k: v for k, v in (("inference", cfg.inference.model_dump(exclude_defaults=True)),
-                                      ("server", cfg.server.model_dump(exclude_defaults=True))) if v}
-    for key in ("model", "fp8", "int8", "int4", "gptq_int4", "awq_int4"):
-        value = getattr(args, f"{key}_path")
-        if value is not None:
-            paths["fp16_path" if key == "model" else f"{key}_path"] = str(Path(value).resolve())
-    if "fp16_path" not in paths:
-        raise MixqError("plan: give --model-path (the base checkpoint) or a --mixed-precision-config with fp16_path")
-    if args.budget_gb <= 0:
-        raise MixqError(f"--budget-gb must be > 0, got {args.budget_gb}")
-    formats = [f for item in args.formats for f in item.split(",") if f] if args.formats else None
-    try:
-        stats = [read_stats(p) for p in args.stats]
-    except ValueError as e:
-        raise MixqError(f"--stats {e}") from None
-    result = make_plan(stats, paths, int(args.budget_gb * 2**30), args.output, formats, sections)
-    print(json.dumps(asdict(result), indent=2) if args.json else render_plan(result))
-    return 0
-
-
 def _add_plot_experts(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot-experts", help="draw the layer x expert activation heatmap of a stats file",
                        description="Heatmap of an expert stats JSON: one row per MoE layer, one column per expert.")
@@ -219,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_generate(sub)
     cli_eval.add_parser(sub)
-    _add_plan(sub)
+    cli_measure.add_parser(sub)
+    cli_plan.add_parser(sub)
     _add_plot_experts(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible server (SGLang's launch flags)", add_help=False)
     serve.set_defaults(func=None)
