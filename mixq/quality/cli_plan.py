@@ -60,21 +60,16 @@ def run(args: argparse.Namespace) -> int:
     given, sections = source_paths(args)
     if args.measure is None:
         return _frequency_only(args, given, sections)
+    from mixq.quality import planner
     from mixq.quality.measure import _stats_frequency
-    from mixq.quality.planner import (
-        check_space,
-        plan_from_measure,
-        read_measure,
-        render,
-        sources_for,
-    )
     from mixq.quality.units import UnitSpace
 
-    doc = read_measure(args.measure)
-    paths = sources_for(doc, given)
+    doc = planner.read_measure(args.measure)
+    paths = planner.sources_for(doc, given)
+    planner.check_base(doc, paths["fp16_path"], args.measure)
     measured = [f for f in doc["sources"] if f != doc["base_precision"]]
     space = UnitSpace(paths, formats_of(args) or measured)
-    check_space(doc, space, args.measure)
+    planner.check_space(doc, space, args.measure)
     stats_freq = None
     if args.stats:
         from mixq.tracking.expert_stats import merge_stats
@@ -83,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         stats_freq = _stats_frequency(merge_stats(*docs) if len(docs) > 1 else docs[0], space,
                                       _top_k(space))
     params = sum(t.numel for t in space.base_plan.tensors.values())
-    result = plan_from_measure(doc, space, _budget(args, params), args.output, args.estimator, stats_freq, sections,
-                               measure_path=args.measure)
-    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+    result = planner.plan_from_measure(doc, space, _budget(args, params), args.output, args.estimator, stats_freq,
+                                       sections, measure_path=args.measure)
+    print(json.dumps(asdict(result), indent=2) if args.json else planner.render(result))
     return 0
 
 

@@ -69,6 +69,17 @@ def sources_for(doc: dict, given: dict[str, str]) -> dict[str, str]:
     return paths
 
 
+def check_base(doc: dict, base_path: str, where: str) -> None:
+    """Refuse a measure file made on another model (before reading the candidates)."""
+    from mixq.formats.registry import CheckpointCatalog
+    from mixq.quality.units import fingerprint
+
+    cat = CheckpointCatalog(base_path)
+    if fingerprint(cat, list(cat.entries)) != doc["model"]["fingerprint"]:
+        raise MixqError(f"{where} was measured on another model: its base {doc['model']['base']} is not "
+                        f"{base_path} (tensor names, shapes or dtypes differ)")
+
+
 def check_space(doc: dict, space: UnitSpace, where: str) -> None:
     """Refuse a measure file made on another model or other checkpoints."""
     fps = space.fingerprints()
