@@ -61,7 +61,7 @@ def test_damaged_expert_gets_the_better_format(measured, estimator, capsys):
     fmts = expert_formats(prec)
     assert prec[f"{damaged}.weight"] in ("bf16", "fp16")  # the base (unmapped tensors read "fp16")
     assert {"bf16", "int4"} <= set(fmts.values())  # experts of the model differ: per-expert planning
-    for (layer, e, _), p in fmts.items():  # gate and up share one format (one fused GEMM)
+    for layer, e, _ in fmts:  # gate and up share one format (one fused GEMM)
         leaves = [k for k in fmts if k[:2] == (layer, e)]
         ups = {fmts[k] for k in leaves if k[2] in ("gate_proj", "up_proj", "w1", "w3")}
         assert len(ups) == 1
