@@ -123,7 +123,10 @@ def test_default_eval_configs_put_every_linear_in_its_format(default_model_root)
     for name, path in cfgs.items():
         plan = build_plan(_config(path))
         layouts = {t.spec.layout for n, t in plan.tensors.items() if is_linear(n)}
-        assert layouts == want[name], name
+        if name == "default-mix":  # planned (mixq plan --measure): a mix of the prepared formats
+            assert layouts <= want[name] and len(layouts) >= 3, layouts
+        else:
+            assert layouts == want[name], name
 
 
 def test_readme_main_command_on_the_default_model(default_model_root):
