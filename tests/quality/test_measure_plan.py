@@ -205,3 +205,24 @@ def test_measure_bad_input_one_line_nothing_written(tmp_path, capsys):
     (tmp_path / "junk.json").write_text('{"a": 1}')
     assert main(["plan", "--measure", str(tmp_path / "junk.json"), "--budget-gb", "1", "-o", str(tmp_path / "y")]) == 2
     assert "not a measure file written by `mixq measure`" in capsys.readouterr().err
+
+
+def test_measure_resumes_from_its_partial_file(llama_measure, tmp_path):
+    """An interrupted run's finished swaps (OUTPUT.partial, same checkpoints and settings)
+    are not measured again: a planted value comes back as is."""
+    from mixq.quality.measure import _settings_key
+    from mixq.quality.units import UnitSpace
+
+    mdir, doc = llama_measure
+    paths = {k: doc["sources"][f]["path"] for f, k in (("bf16", "fp16_path"), ("fp8", "fp8_path"),
+                                                          ("gptq_int4", "gptq_int4_path"))}
+    key = _settings_key(UnitSpace(paths), load_calibration_text(), 64, 128, "float32", "cpu")
+    done = {"+".join(e["units"]) + ":" + e["precision"]: e["exact"] for e in doc["entries"]}
+    done["L0.o:fp8"] = 123.0
+    out = tmp_path / "m.json"
+    (tmp_path / "m.json.partial").write_text(json.dumps({"key": key, "exact": done}))
+    assert main(["measure", "--model-path", paths["fp16_path"], "--fp8-path", paths["fp8_path"],
+                 "--gptq-int4-path", paths["gptq_int4_path"], *CAL, "-o", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert entry(again, ["L0.o"], "fp8")["exact"] == 123.0
+    assert not (tmp_path / "m.json.partial").exists()
