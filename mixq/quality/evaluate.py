@@ -42,6 +42,12 @@ def plan_size(plan) -> tuple[int, int]:
     return total.bytes, sum(t.numel for t in plan.tensors.values())
 
 
+def _assignment(plan) -> tuple:
+    """What a plan computes with: each tensor's source checkpoint, format and rescaling."""
+    return tuple((n, str(plan.catalogs[t.path_key].path), t.spec.describe(), n in plan.input_scales)
+                 for n, t in plan.tensors.items())
+
+
 def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress  # tqdm: None = only on a terminal
 
@@ -102,11 +108,15 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
         if not any(_is_base(p, base_path) for p in plans.values()):  # the reference row first
             targets = [EvalTarget("base", None, str(base_path)), *targets]
             plans["base"] = targets[0].plan()
+        seen: dict[tuple, dict] = {}  # the same assignment under two names is scored once
         for t in targets:
             plan = plans[t.name]
             nbytes, params = plan_size(plan)
+            same = _assignment(plan)
             if _is_base(plan, base_path):
                 r = dict(base_row)
+            elif same in seen:
+                r = {k: v for k, v in seen[same].items() if k not in ("delta_ppl_pct",)}
             else:
                 sess = Session.load(t.model_path, t.config, device, dtype, window)
                 score, offset = TextScore(), 0
@@ -119,6 +129,7 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
                 sess.close()
                 del sess
                 gc.collect()
+            seen.setdefault(same, dict(r))
             r["delta_ppl_pct"] = 100.0 * (r["perplexity"] / base_ppl - 1.0)
             rows[t.name] = {"name": t.name, "config": t.config, "model_path": t.model_path, "weight_bytes": nbytes,
                             "parameters": params, "bits_per_weight": 8.0 * nbytes / params, **r, "window": window,
