@@ -75,7 +75,7 @@ def entries_of(space: UnitSpace) -> list[dict]:
 class _Proxy:
     """Forward hooks on the unit projections that accumulate each candidate's output error."""
 
-    def __init__(self, space: UnitSpace, sess: Session, dtype: torch.dtype):
+    def __init__(self, space: UnitSpace, sess: Session, dtype: torch.dtype, compute: bool = True):
         from mixq.layers.linear import MixedPrecisionLinear
         from mixq.layers.moe import SparseMoE
 
@@ -92,7 +92,8 @@ class _Proxy:
         for a, b in linked_pairs(shapes):
             self.pairs[a] = b
         self.consumers = set(self.pairs.values())
-        self.cands = {n: [f for f in space.bytes[u.id] if f != space.base_precision]
+        # compute=False: only count the rows each projection sees (routing frequency)
+        self.cands = {n: [f for f in space.bytes[u.id] if f != space.base_precision] if compute else []
                       for n, u in space.unit_of.items()}
         self.Linear = MixedPrecisionLinear
         modules = dict(sess.model.named_modules())
@@ -104,7 +105,7 @@ class _Proxy:
         self.gate_of = {id(m): f"{name}.{m.names[0]}.weight" for name, m in modules.items()
                         if isinstance(getattr(m, "names", None), tuple) and ".experts." in name}
         for m in modules.values():
-            if isinstance(m, SparseMoE):
+            if isinstance(m, SparseMoE) and compute:
                 self.handles.append(m.register_forward_hook(self._moe_hook))
         self.window_rows: dict[str, int] = {}
 
@@ -224,20 +225,19 @@ def measure(space: UnitSpace, text: str, out_path: str | os.PathLike, text_name:
     stats_freq = _stats_frequency(stats, space, top_k)
     entries = entries_of(space)
     units = {u.id: u for u in space.units}
-    n_tokens = sum(len(w) - 1 for w in windows)
+    n_tokens = sum(len(w) - 1 for w in windows)  # scored (predicted) tokens
+    n_rows = sum(len(w) for w in windows)  # tokens through every layer
 
-    proxy = _Proxy(space, sess, torch_dtype) if "proxy" in estimators else None
+    proxy = _Proxy(space, sess, torch_dtype, compute="proxy" in estimators)
     states, base_logp = [], []
     for w in tqdm(windows, desc="base pass", unit="window", disable=None if progress is None else not progress):
-        if proxy is not None:
-            proxy.start_window()
+        proxy.start_window()
         st, logits = sess.capture(w)
         if "exact" in estimators:
             states.append(st)
             base_logp.append(torch.log_softmax(logits[:-1], -1))
         del logits
-    if proxy is not None:
-        proxy.close()
+    proxy.close()
 
     key = _settings_key(space, text, window, max_tokens, dtype_name, sess.engine.device.type)
     partial = out_path.with_name(out_path.name + ".partial")
@@ -285,7 +285,7 @@ def measure(space: UnitSpace, text: str, out_path: str | os.PathLike, text_name:
 
     doc_units = []
     for u in space.units:
-        calib = proxy.rows[u.tensors[0]] / n_tokens if (proxy is not None and u.expert is not None) else 1.0
+        calib = proxy.rows[u.tensors[0]] / n_rows if u.expert is not None else 1.0
         d = {"id": u.id, "kind": u.kind, "layer": u.layer, "expert": u.expert, "group": u.group,
              "tensors": u.tensors, "frequency": calib if u.expert is not None else 1.0}
         if u.expert is not None and stats is not None:
@@ -300,7 +300,7 @@ def measure(space: UnitSpace, text: str, out_path: str | os.PathLike, text_name:
              "bytes": sum(space.bytes[uid][e["precision"]] for uid in e["units"])}
         if "exact" in estimators:
             d["exact"] = done["+".join(e["units"]) + ":" + e["precision"]]
-        if proxy is not None:
+        if "proxy" in estimators:
             rel, cold = proxy.loss(names, e["precision"])
             u0 = by_id[e["units"][0]]
             freq = u0.get("frequency_stats", u0["frequency"])
@@ -310,7 +310,7 @@ def measure(space: UnitSpace, text: str, out_path: str | os.PathLike, text_name:
                 d["proxy_on_all_tokens"] = True
         doc_entries.append(d)
     corr = None
-    if "exact" in estimators and proxy is not None and len(doc_entries) >= 2:
+    if set(estimators) == set(ESTIMATORS) and len(doc_entries) >= 2:
         corr = {"spearman": spearman([d["exact"] for d in doc_entries], [d["proxy"] for d in doc_entries]),
                 "entries": len(doc_entries), "by_precision": {}}
         for f in space.candidates:
