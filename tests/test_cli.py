@@ -105,9 +105,9 @@ def test_eval_ppl_with_no_flags_runs_every_default_config(monkeypatch, tmp_path,
     monkeypatch.setattr(dm, "default_eval_configs", lambda: {"bf16": str(bf16), "example-mix": str(MIX)})
     assert cli_main(["eval-ppl", "--max-tokens", "130", "--window", "64", "--device", "cpu", "--dtype",
                      "float32"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()[2:4]  # the table: header, rule, one row per config
     assert [line.split()[0] for line in out] == ["bf16", "example-mix"]
-    ppl = [float(line.split()[2]) for line in out]
+    ppl = [float(line.split()[4]) for line in out]  # name, size, unit, bits/w, PPL
     assert all(math.isfinite(p) and p > 1 for p in ppl) and ppl[0] != ppl[1]  # a random tiny model
 
 
@@ -123,7 +123,10 @@ def test_default_eval_configs_put_every_linear_in_its_format(default_model_root)
     for name, path in cfgs.items():
         plan = build_plan(_config(path))
         layouts = {t.spec.layout for n, t in plan.tensors.items() if is_linear(n)}
-        assert layouts == want[name], name
+        if name == "default-mix":  # planned (mixq plan --measure): a mix of the prepared formats
+            assert layouts <= want[name] and len(layouts) >= 2, layouts
+        else:
+            assert layouts == want[name], name
 
 
 def test_readme_main_command_on_the_default_model(default_model_root):
@@ -140,6 +143,11 @@ def test_readme_main_command_on_the_default_model(default_model_root):
     assert "Paris" in r.stdout
     assert re.search(r"^\d+ tokens in [\d.]+ s \([\d.]+ tokens/s\) on cpu$", r.stdout, re.M)
     mem = re.search(r"^weights [\d.]+ MB \((.*)\); saved [\d.]+ MB vs BF16, compression ([\d.]+)x$", r.stdout, re.M)
-    assert mem and {f.split()[0] for f in mem.group(1).split(", ")} == {"bf16", "fp8", "int8", "int4"}
-    assert float(mem.group(2)) > 1.5  # the default mix is mostly 4- and 8-bit
+    from mixq.formats import build_plan
+
+    # the formats the default mix's plan holds, read from headers
+    plan = build_plan(_config(default_model_root / "default-mix.yaml"))
+    want = {t.spec.family for t in plan.tensors.values()}
+    assert mem and {f.split()[0] for f in mem.group(1).split(", ")} == want and len(want) >= 2
+    assert float(mem.group(2)) > 1.5  # the default mix is mostly 8-bit or less
     assert "loading weights" in r.stderr
