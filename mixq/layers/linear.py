@@ -21,7 +21,7 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
-from mixq.kernels.methods import WNA16Method
+from mixq.kernels.methods import MMAW4A16Method, WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 
 log = logging.getLogger("mixq.layers")
@@ -84,15 +84,19 @@ class TorchDequantMethod:
 
 
 # Tried in order: the kernels made for a format first, the torch reference last.
-METHODS: list[LinearMethod] = [WNA16Method(), FP8Method(), Int8Method(), DenseMethod(), TorchDequantMethod()]
+METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), FP8Method(), Int8Method(), DenseMethod(), TorchDequantMethod()]
 
 
-def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:
-    """The first method that can implement `spec` on `device`; else a ValueError that
-    lists each method's reason."""
+def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight: QuantizedWeight | None = None,
+                  dtype: torch.dtype | None = None) -> LinearMethod:
+    """The first method that can implement `spec` on `device` (and, for methods with a
+    `can_implement_weight(weight, dtype)` check, this weight's shape and layout); else a
+    ValueError that lists each method's reason."""
     reasons = []
     for m in METHODS:
         ok, why = m.can_implement(spec, device)
+        if ok and weight is not None and hasattr(m, "can_implement_weight"):
+            ok, why = m.can_implement_weight(weight, dtype)
         if ok:
             log.debug("%s: %s on %s -> %s", name or "linear", spec.describe(), device, m.name)
             return m
@@ -119,7 +123,7 @@ class MixedPrecisionLinear(nn.Module):
                 f"[{self.out_features}, {self.in_features}]"
             )
         device = next(iter(qw.tensors.values())).device
-        self.method = select_method(qw.spec, device, qw.name)
+        self.method = select_method(qw.spec, device, qw.name, qw, dtype)
         self.input_scale = None if qw.input_scale is None else qw.input_scale.to(dtype)
         self.weight = self.method.prepare(qw, dtype)
 
