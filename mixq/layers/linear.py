@@ -114,6 +114,7 @@ class MixedPrecisionLinear(nn.Module):
         self.method: LinearMethod | None = None
         self.input_scale: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.merged_into: str | None = None  # set when a MergedLinear computes this projection
 
     def load(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         """Take a loaded weight; pick its method for the weight's device; repack once."""
@@ -128,6 +129,8 @@ class MixedPrecisionLinear(nn.Module):
         self.weight = self.method.prepare(qw, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_into is not None:
+            raise RuntimeError(f"{self.weight.name} is computed by the merged {self.merged_into}; call that instead")
         if self.input_scale is not None:  # smoothing compensation (mixq.formats.smoothing)
             x = x * self.input_scale
         return self.method.apply(self.weight, x, self.bias)

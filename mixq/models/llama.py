@@ -10,6 +10,7 @@ from mixq.layers.attention import PagedAttention
 from mixq.layers.embedding import Embedding
 from mixq.layers.forward_batch import ForwardBatch
 from mixq.layers.linear import MixedPrecisionLinear
+from mixq.layers.merged import merge_linears
 from mixq.layers.norm import RMSNorm
 from mixq.layers.rotary import get_rope
 from mixq.models.config import ModelConfig
@@ -28,11 +29,19 @@ class Attention(nn.Module):
         self.qk_norm = c.qk_norm
         self.rotary = get_rope(self.d, c.max_position, c.raw)  # shared by all layers
         self.attn = PagedAttention(self.h, self.kv, self.d, self.d**-0.5)
+        self.qkv_proj = None  # q/k/v as one GEMM once loaded, when their formats agree
+
+    def process_weights_after_loading(self) -> None:
+        self.qkv_proj = merge_linears([self.q_proj, self.k_proj, self.v_proj], "qkv_proj")
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.h, self.d)  # [T, H, D]
-        k = self.k_proj(x).view(-1, self.kv, self.d)  # [T, Hkv, D]
-        v = self.v_proj(x).view(-1, self.kv, self.d)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)  # views of one [T, (H + 2 Hkv) D] output
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(-1, self.h, self.d)  # [T, H, D]
+        k = k.view(-1, self.kv, self.d)  # [T, Hkv, D]
+        v = v.view(-1, self.kv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(batch.positions, q, k)
@@ -45,9 +54,15 @@ class MLP(nn.Module):
         self.names = names
         for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
             setattr(self, name, MixedPrecisionLinear(i, o))
+        self.gate_up_proj = None  # gate/up as one GEMM once loaded, when their formats agree
+
+    def process_weights_after_loading(self) -> None:
+        self.gate_up_proj = merge_linears([getattr(self, n) for n in self.names[:2]], "gate_up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
+        if self.gate_up_proj is not None:
+            return down(silu_and_mul(*self.gate_up_proj(x)))  # two views of one [T, 2 I] output
         return down(silu_and_mul(gate(x), up(x)))  # [T, hidden]
 
 
