@@ -59,7 +59,8 @@ def _act_order(k: int, group: int, g_idx: torch.Tensor | None):
 
 
 class MMAW4A16Method:
-    """GPTQ / AWQ / compressed-tensors INT4 weight-only on the compiled Marlin-class kernel
+    """Opt-in (`MIXQ_W4A16_MMA=1`): GPTQ / AWQ / compressed-tensors INT4 weight-only on the
+    compiled Marlin-class kernel
     (`mixq/kernels/w4a16_mma.py`): CUDA compute capability 8.0+, nvcc or a cached build,
     N and K multiples of 64, groups of 16-64 dividing 64 or multiples of 64 (or per
     channel). Everything else it refuses goes to `triton-wna16` (8-bit, act-order shards
@@ -68,6 +69,10 @@ class MMAW4A16Method:
     name = "cuda-w4a16"
 
     def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        if os.environ.get("MIXQ_W4A16_MMA") != "1":
+            # measured on H100 (bench/RESULTS.md, issue 18): faster than triton-wna16 at 16
+            # rows, slower at 1 and 64, so not the default until it wins everywhere
+            return False, "opt-in (MIXQ_W4A16_MMA=1): slower than triton-wna16 at M=1 and M=64 on H100"
         if spec.layout not in ("gptq", "awq", "ct-packed"):
             return False, f"layout {spec.layout} is not a packed int layout"
         if spec.bits != 4:

@@ -133,8 +133,11 @@ def test_jit_cache_key_and_switches(monkeypatch, tmp_path):
     assert cuda_jit.available("w4a16_mma", (9, 0)) == (True, "")
 
 
-def test_method_refusals_name_the_reason():
+def test_method_refusals_name_the_reason(monkeypatch):
     m = MMAW4A16Method()
+    ok, why = m.can_implement(WeightSpec(layout="gptq", bits=4, dtype=torch.int32, group_size=128), torch.device("cuda"))
+    assert not ok and "opt-in" in why  # not the default kernel (yet): see bench/w4a16-notes.md
+    monkeypatch.setenv("MIXQ_W4A16_MMA", "1")
     ok, why = m.can_implement(WeightSpec(layout="gptq", bits=8, dtype=torch.int32, group_size=128), torch.device("cpu"))
     assert not ok and "8-bit" in why
     ok, why = m.can_implement(WeightSpec(layout="gptq", bits=4, dtype=torch.int32, group_size=128), torch.device("cpu"))
@@ -235,14 +238,15 @@ def test_cuda_graph_replay_reads_new_inputs():
 @cuda_only
 @pytest.mark.parametrize("variant", ["gptq-legacy-4bit-desc-act", "gptq-legacy-4bit-asym", "gptq-legacy-4bit-g-1",
                                      "awq-gemm", "gptq-w4a16", "awq-w4a16", "gptq-w4a16-asym-actorder"])
-def test_method_on_real_checkpoints_equals_their_dequantization(variant):
+def test_method_on_real_checkpoints_equals_their_dequantization(variant, monkeypatch):
     """Real GPTQ/AWQ/compressed-tensors files (tests/fixtures): where the shape fits the
     kernel it runs there, else can_implement_weight says why (the Triton method takes it)."""
+    monkeypatch.setenv("MIXQ_W4A16_MMA", "1")
     cat = CheckpointCatalog(FIX / variant)
     m = MMAW4A16Method()
     gen = torch.Generator().manual_seed(2)
     ran = 0
-    for name in sorted(cat.entries()):
+    for name in sorted(cat.entries):
         if not name.endswith("proj.weight"):
             continue
         qw = cat.read(name).to("cuda")
