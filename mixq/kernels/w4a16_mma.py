@@ -9,10 +9,11 @@ the Triton layout, scales and zeros permuted but not enlarged):
   zeros   uint8 [G, N] | None  same order; None: symmetric around 8
   perm    int32 [K] | None   act-order: kernel column j reads activation column perm[j]
 
-Launch (`choose_launch`, a plain function): up to `DEQUANT_MIN_M` rows the tensor-core
-kernel with 16-64-row tiles (larger M loops over 64-row chunks) on a stream-K persistent
-grid; from there the weight is dequantized to a bf16/fp16 buffer a column chunk at a time
-and multiplied by cuBLAS (the mma.sync kernel cannot reach Hopper's wgmma rate).
+Launch (`choose_launch`, a plain function): the tensor-core kernel with 16-64-row tiles
+(larger M loops over 64-row chunks) on a stream-K persistent grid, until
+`wna16_dequant.dequant_chunk` (or `DEQUANT_MIN_M`) says the weight is better dequantized to
+a bf16/fp16 buffer a column chunk at a time and multiplied by cuBLAS (the mma.sync kernel
+cannot reach Hopper's wgmma rate).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from mixq.kernels import cuda_jit
 from mixq.kernels.tiles import split_counters
+from mixq.kernels.wna16_dequant import dequant_chunk
 
 LIB = "w4a16_mma"
 # launch shapes of the .cu's by_shape: id -> (warps along N, warps along K, k16 slices per
@@ -156,12 +158,18 @@ class MMALaunch:
     chunk: int = 0
 
 
-def default_shape(mb: int, n: int) -> int:
-    """The launch shape by rows (H100 sweep, bench/w4a16-notes.md): 256 threads on 128
-    columns with 4 K-warps at 16 rows, 128 threads on 128 columns above."""
+def default_shape(m: int, n: int) -> int:
+    """The launch shape (H100 sweep of issue 18, bench/w4a16-notes.md): 256 columns per
+    128-thread CTA with no K-split inside (shape 4) at one row on wide weights and at up to
+    16 rows on the widest; else 128 columns, 8 warps, 128-deep stages (shape 5); 4 row
+    blocks on the widest weights: shape 3."""
     if n % 128:
         return 2
-    return 0 if mb == 1 else 3
+    if n % 256 == 0 and ((m == 1 and n >= 5120) or (m <= 16 and n >= 16384)):
+        return 4
+    if m > 16 and n >= 16384:
+        return 3
+    return 5
 
 
 def stream_k_grid(total_iters: int, sms: int, blocks_per_sm: int, min_iters: int) -> int:
@@ -175,20 +183,20 @@ def choose_launch(m: int, n: int, k: int, group: int, sms: int, blocks_per_sm: C
                   shape: int | None = None, min_iters: int | None = None, dequant_min_m: int = DEQUANT_MIN_M,
                   itemsize: int = 2) -> MMALaunch:
     """The launch heuristic (plain function; `blocks_per_sm(mb, shape)` is the occupancy)."""
-    if m >= dequant_min_m:
-        chunk = max(64, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)) // 64 * 64)
-        return MMALaunch("dequant", chunk=chunk)
+    chunk = dequant_chunk(m, n, k, itemsize)
+    if m >= dequant_min_m or chunk:
+        return MMALaunch("dequant", chunk=chunk or max(64, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)) // 64 * 64))
     mb = min(4, -(-m // 16))
     mchunks = -(-m // (16 * mb))
     if shape is None:
-        shape = default_shape(mb, n)
+        shape = default_shape(m, n)
     bn, bk, _ = tile_dims(shape)
     if n % bn or k % bk or (group % bk and bk % group):
         raise ValueError(f"w4a16 launch shape {shape} ({bn} x {bk}) does not tile N={n}, K={k}, group {group}")
     ntiles, kiters = n // bn, k // bk
     total = mchunks * ntiles * kiters
     if min_iters is None:
-        min_iters = 2 if mb == 1 else 4 * mb
+        min_iters = 2 if mb == 1 else 8
     grid = stream_k_grid(total, sms, blocks_per_sm(mb, shape), min_iters)
     return MMALaunch("mma", mb, shape, grid, mchunks, ntiles, kiters)
 

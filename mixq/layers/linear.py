@@ -104,6 +104,13 @@ def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight
     raise ValueError(f"{name or 'linear'}: no kernel implements {spec.describe()} on {device}: " + "; ".join(reasons))
 
 
+def takes_fp8_act(method, weight, input_scale, m: int, dtype: torch.dtype) -> bool:
+    """A method that quantizes its input to FP8 per token at m rows (and no smoothing scale
+    to apply first) takes a producer's FP8Act."""
+    want = getattr(method, "wants_fp8_act", None)
+    return want is not None and weight is not None and input_scale is None and want(weight, m, dtype)
+
+
 class MixedPrecisionLinear(nn.Module):
     """y = x W^T + b with W in its stored format. Created empty; `load(qw)` fills it."""
 
@@ -127,6 +134,11 @@ class MixedPrecisionLinear(nn.Module):
         self.method = select_method(qw.spec, device, qw.name, qw, dtype)
         self.input_scale = None if qw.input_scale is None else qw.input_scale.to(dtype)
         self.weight = self.method.prepare(qw, dtype)
+
+    def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
+        """Whether forward at m rows would quantize its input to FP8 per token: its producer
+        may then pass an FP8Act (mixq.kernels.quant_fused) instead."""
+        return takes_fp8_act(self.method, self.weight, self.input_scale, m, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_into is not None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mixq.formats.spec import QuantizedWeight
-from mixq.layers.linear import MixedPrecisionLinear
+from mixq.layers.linear import MixedPrecisionLinear, takes_fp8_act
 
 # method -> {tensor role: the dim that is N in the prepared layout, or None: must be equal
 # in every part, held once}. A role not listed (or a method not listed) blocks the merge.
@@ -99,6 +99,9 @@ class MergedLinear(nn.Module):
             if p.bias is not None:
                 lo = sum(self.splits[:i])
                 p.bias.data = self.bias_t[lo:lo + self.splits[i]]
+
+    def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
+        return takes_fp8_act(self.method, self.weight, self.input_scale, m, dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_scale is not None:

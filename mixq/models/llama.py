@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixq.layers.activation import silu_and_mul
+from mixq.layers.activation import FP8Act, silu_and_mul
 from mixq.layers.attention import PagedAttention
 from mixq.layers.embedding import Embedding
 from mixq.layers.forward_batch import ForwardBatch
@@ -34,6 +34,10 @@ class Attention(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.qkv_proj = merge_linears([self.q_proj, self.k_proj, self.v_proj], "qkv_proj")
 
+    def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
+        """Whether the input norm should hand q/k/v an FP8Act (merged FP8 W8A8 projections)."""
+        return self.qkv_proj is not None and self.qkv_proj.takes_fp8_act(m, dtype)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x)  # views of one [T, (H + 2 Hkv) D] output
@@ -59,11 +63,15 @@ class MLP(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.gate_up_proj = merge_linears([getattr(self, n) for n in self.names[:2]], "gate_up_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
+        """Whether the norm before this MLP should hand it an FP8Act (merged FP8 gate/up)."""
+        return self.gate_up_proj is not None and self.gate_up_proj.takes_fp8_act(m, dtype)
+
+    def forward(self, x: torch.Tensor | FP8Act) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        if self.gate_up_proj is not None:
-            return down(silu_and_mul(*self.gate_up_proj(x)))  # two views of one [T, 2 I] output
-        return down(silu_and_mul(gate(x), up(x)))  # [T, hidden]
+        g, u = self.gate_up_proj(x) if self.gate_up_proj is not None else (gate(x), up(x))  # views of one output
+        # an FP8 down projection gets its input quantized by the activation kernel
+        return down(silu_and_mul(g, u, quant_fp8=down.takes_fp8_act(g.shape[0], g.dtype)))  # [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -76,13 +84,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, residual, batch: ForwardBatch):
+        # FP8 W8A8 consumers at large M get their input quantized by the norm (quant_fused)
+        m, dtype = x.shape[0], x.dtype
+        mlp = getattr(self, self.mlp_name)
+        q_attn = self.self_attn.takes_fp8_act(m, dtype)
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, quant_fp8=q_attn), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quant_fp8=q_attn)
         x = self.self_attn(x, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return getattr(self, self.mlp_name)(x), residual
+        q_mlp = hasattr(mlp, "takes_fp8_act") and mlp.takes_fp8_act(m, dtype)
+        x, residual = self.post_attention_layernorm(x, residual, quant_fp8=q_mlp)
+        return mlp(x), residual
 
 
 class DecoderModel(nn.Module):

@@ -93,18 +93,21 @@ def test_bad_layouts_are_refused():
 def test_launch_heuristic():
     occ = lambda mb, shape: 2  # noqa: E731
     one = choose_launch(1, 28672, 4096, 128, 132, occ)
-    assert (one.kind, one.mb, one.mchunks, one.shape) == ("mma", 1, 1, 0)
-    assert (one.ntiles, one.kiters, one.grid) == (224, 64, 264)  # every resident slot
+    assert (one.kind, one.mb, one.mchunks, one.shape) == ("mma", 1, 1, 4)
+    assert (one.ntiles, one.kiters, one.grid) == (112, 64, 264)  # every resident slot
+    assert choose_launch(1, 2048, 4096, 128, 132, occ).shape == 5
     assert choose_launch(17, 4096, 4096, 128, 132, occ).mb == 2
-    big = choose_launch(100, 4096, 4096, 128, 132, occ)
-    assert (big.mb, big.mchunks, big.shape) == (4, 2, 3)
+    big = choose_launch(100, 4096, 14336, 128, 132, occ)
+    assert (big.mb, big.mchunks, big.shape) == (4, 2, 5)
+    assert choose_launch(64, 28672, 4096, 128, 132, occ).shape == 3
+    assert choose_launch(128, 2048, 2048, 128, 132, occ).kind == "dequant"  # fits in L2
     assert choose_launch(1, 4032, 4096, 128, 132, occ).shape == 2  # N not a multiple of 128: 64-wide tiles
     d = choose_launch(2048, 28672, 4096, 128, 132, occ)
     assert d.kind == "dequant" and d.chunk % 64 == 0 and d.chunk * 4096 * 2 <= w4a16_mma.DEQUANT_CHUNK_BYTES
     assert choose_launch(2048, 64, 64, 64, 132, occ).chunk == 64
     # few iterations: no CTA gets fewer than min_iters stages (a partial costs more than it saves)
     small = choose_launch(64, 256, 256, 128, 132, occ)
-    assert small.grid == max(1, small.mchunks * small.ntiles * small.kiters // 16)
+    assert small.grid == max(1, small.mchunks * small.ntiles * small.kiters // 8)
     with pytest.raises(ValueError, match="does not tile"):
         choose_launch(1, 192, 256, 128, 132, occ, shape=1)
 
