@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the Llama-3-8B MLP shapes only")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts to time")
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting new shapes after this long")
     ap.add_argument("--sweep-s", type=float, default=120, help="the sweep's time after the table's budget")
     a = ap.parse_args()
@@ -218,7 +219,7 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": [], "sweep": []}
     try:
-        bench(shapes, MS, time_us, out["rows"], deadline)
+        bench(shapes, [int(v) for v in a.ms.split(",")], time_us, out["rows"], deadline)
         table(out["rows"], bw)
         if a.sweep:
             sweep(shapes, (1, 16, 64, 128, 256, 512), time_us, out["sweep"], deadline + a.sweep_s)

@@ -46,8 +46,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.h, self.d)  # [T, H, D]
         k = k.view(-1, self.kv, self.d)  # [T, Hkv, D]
         v = v.view(-1, self.kv, self.d)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:  # (the fused norm kernel wants contiguous rows; merged q/k are views)
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q, k = self.rotary(batch.positions, q, k)
         return self.o_proj(self.attn(q, k, v, batch))  # [T, hidden]
 
