@@ -350,12 +350,24 @@ def _config(m: int, n: int, k: int, group: int, device: torch.device) -> WNA16Co
 CONFIG_OVERRIDE: WNA16Config | None = None
 
 
+# columns per dequantized chunk to force (tests, sweeps): 0 = always the fused kernels,
+# None = wna16_dequant.dequant_chunk decides
+CHUNK_OVERRIDE: int | None = None
+
+
 def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] fp16/bf16 (fp32 under the interpreter) -> [M, N] in x's dtype."""
+    """x [M, K] fp16/bf16 (fp32 under the interpreter) -> [M, N] in x's dtype. Large M
+    dequantizes to a buffer and runs cuBLAS (mixq.kernels.wna16_dequant)."""
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"wna16_gemm: x must be [M, {w.k}], got {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"wna16_gemm: x dtype {x.dtype} not supported")
+    chunk = CHUNK_OVERRIDE
+    if chunk is None:
+        chunk = 0 if CONFIG_OVERRIDE is not None else wna16_dequant.dequant_chunk(x.shape[0], w.n, w.k, x.element_size())
+    if chunk:
+        return torch.ops.mixq.wna16_dequant_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, w.perm, bias, w.bits,
+                                                 w.group_size, w.n, w.gidx, chunk)
     return torch.ops.mixq.wna16_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, w.perm, bias, w.bits,
                                      w.group_size, w.n, w.gidx)
 
@@ -405,3 +417,6 @@ def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 @_wna16_op.register_fake
 def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx=None):
     return x.new_empty((x.shape[0], n))
+
+
+from mixq.kernels import wna16_dequant  # noqa: E402  (it imports this module's kernels)

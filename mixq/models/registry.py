@@ -68,7 +68,7 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
     if missing:
         raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
     # post-load repacks that need several weights at once (MoE experts stacked per format)
-    for mod in model.modules():
+    for mod in list(model.modules()):  # (merging q/k/v adds modules)
         if hasattr(mod, "process_weights_after_loading"):
             mod.process_weights_after_loading()
 
