@@ -129,18 +129,23 @@ def test_custom_op_schema_and_fake():
     torch.library.opcheck(torch.ops.mixq.paged_extend_attention.default, args + (0.25, 16))
 
 
-def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypatch):
+def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypatch, tmp_path):
     """--attention-backend triton vs torch_native with chunked prefill of 16 tokens, so
     prefill chunks (fresh and continued) share steps with decodes: identical greedy tokens,
-    logprobs equal to fp32 rounding, and the extend kernel ran on every non-decode step."""
+    logprobs equal to fp32 rounding, and the extend kernel ran on every non-decode step.
+    Both backends share the engine's positions, rotary and KV-slot code, so both are also
+    held to a float64 forward written from scratch (own rotary, positions 0..T-1, full
+    causal attention, no cache) on a model whose outputs depend strongly on position."""
     from mixq.engine.engine import LLM
     from mixq.engine.sampling_params import SamplingParams
     from mixq.layers import attention
-    from tests.engine.test_engine import FIX, prompts
+    from tests.engine.position_model import logprobs_float64, make_position_model
+    from tests.engine.test_engine import prompts
 
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
-    kw = dict(model_path=str(FIX / "bf16"), max_total_tokens=1024, page_size=8, chunked_prefill_size=16,
+    model = make_position_model(tmp_path / "model")
+    kw = dict(model_path=str(model), max_total_tokens=1024, page_size=8, chunked_prefill_size=16,
               device=DEVICE, dtype="float32", disable_cuda_graph=True)  # decode steps eager too
     ref_llm = LLM(**kw, attention_backend="torch_native")
     fast = LLM(**kw, attention_backend="triton")
@@ -165,6 +170,12 @@ def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypat
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         # fp32 everywhere; the online softmax sums in another order: ~1e-6 relative
         assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
+        # fp32 engine vs float64: ~1e-5 after the model's sharp attention; a position off by
+        # a chunk start moves these by >= 1e-1
+        out = b.outputs[0]
+        want = logprobs_float64(model, b.prompt_token_ids + out.token_ids)[len(b.prompt_token_ids) - 1: -1]
+        want = want.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert max(abs(x - float(y)) for x, y in zip(out.logprobs, want)) < 2e-3, (out.logprobs, want)
 
 
 @pytest.mark.skipif(CUDA, reason="the smoke mode is the CPU interpreter run; on a GPU run bench/extend_attention.py")
