@@ -189,4 +189,19 @@ def test_extend_benchmark_smoke(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(row[m]["ok"] for row in rows for m in ("extend", "sdpa"))
+    # the smoke cases by hand (the script's CASES): (tokens in the cache, new tokens) per sequence
+    want = {"prefill 64": [(0, 64)], "2 x 32": [(0, 32)] * 2, "16 after 48": [(48, 16)],
+            "32 + 3 decodes @40": [(0, 32)] + [(39, 1)] * 3}
+    assert {row["case"]: [tuple(x) for x in row["seqs"]] for row in rows} == want
+    for row in rows:
+        seqs = want[row["case"]]
+        assert row["tokens"] == sum(n for _, n in seqs)
+        # causal FLOPs: query row j of a chunk after a tokens attends a + j + 1 keys; q.k and
+        # p.v are 2 FLOPs per key per head dim each, 4 query heads of 32
+        assert row["flops"] == 4 * 4 * 32 * sum(a + j + 1 for a, n in seqs for j in range(n))
+        for m in ("extend", "sdpa", "layer_torch", "layer_triton"):
+            x = row[m]
+            # vs float64: bf16 inputs exact, bf16 probabilities and output: nonzero, within the
+            # kernel tests' 1.6e-2 relative budget, |out| < 3 bounds the absolute error
+            assert 0 < x["rel_err"] < 1.6e-2 and 0 < x["max_abs_err"] < 0.05 and x["ok"], (row["case"], m, x)
+            assert x["TFLOPs"] == pytest.approx(row["flops"] / x["us"] / 1e6, rel=1e-9)
