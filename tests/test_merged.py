@@ -80,8 +80,6 @@ def test_mixed_formats_stay_separate():
         assert "differs" in merge_problem(ps)
         assert merge_linears(ps, "qkv") is None
         ps, _ = parts(["bf16", "bf16"], (64, 64), 64, gen)
-        with _env("MIXQ_MERGE_PROJECTIONS", "0"):
-            assert merge_linears(ps, "gate_up") is None
         assert merge_linears(ps, "gate_up") is not None
 
 
@@ -110,13 +108,13 @@ def test_modules_merge_on_load_and_account_per_tensor():
     for fmts, qkv_merged in (({}, True), ({"v_proj": "fp8-channel"}, False)):
         ws = _model_weights(c, fmts, gen)
         stats = []
-        for merge in ("0", "1"):
-            with _env("MIXQ_MERGE_PROJECTIONS", merge):
-                model = torch.nn.Module()
-                model.attn, model.mlp = Attention(c), MLP(64, 96)
-                load_model_weights(model, ws.values(), torch.bfloat16)
+        for merge in (False, True):
+            model = torch.nn.Module()
+            model.attn, model.mlp = Attention(c), MLP(64, 96)
+            load_model_weights(model, ws.values(), torch.bfloat16, merge_projections=merge)
+            assert (model.mlp.gate_up_proj is not None) == merge
             stats.append(get_mixed_precision_memory_stats(held_weights(model)))
-            if merge == "1":
+            if merge:
                 assert (model.attn.qkv_proj is not None) == qkv_merged
                 assert model.mlp.gate_up_proj is not None
                 x = torch.randn(3, 64, generator=gen).bfloat16()

@@ -11,8 +11,6 @@ whose formats differ (a mix: q in FP8, k/v in BF16) stay separate GEMMs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -110,8 +108,7 @@ class MergedLinear(nn.Module):
 
 
 def merge_linears(parts: list[MixedPrecisionLinear], name: str) -> MergedLinear | None:
-    """A MergedLinear of `parts`, or None when they cannot share a GEMM (merge_problem) or
-    merging is off (`MIXQ_MERGE_PROJECTIONS=0`, for A/B timing)."""
-    if os.environ.get("MIXQ_MERGE_PROJECTIONS", "1") == "0" or merge_problem(parts) is not None:
+    """A MergedLinear of `parts`, or None when they cannot share a GEMM (merge_problem)."""
+    if merge_problem(parts) is not None:
         return None
     return MergedLinear(parts, name)

@@ -31,7 +31,8 @@ class Attention(nn.Module):
         self.attn = PagedAttention(self.h, self.kv, self.d, self.d**-0.5)
         self.qkv_proj = None  # q/k/v as one GEMM once loaded, when their formats agree
 
-    def process_weights_after_loading(self) -> None:
+    def merge_projections(self) -> None:
+        """q/k/v as one GEMM when their formats agree (load_model_weights calls this)."""
         self.qkv_proj = merge_linears([self.q_proj, self.k_proj, self.v_proj], "qkv_proj")
 
     def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
@@ -60,7 +61,8 @@ class MLP(nn.Module):
             setattr(self, name, MixedPrecisionLinear(i, o))
         self.gate_up_proj = None  # gate/up as one GEMM once loaded, when their formats agree
 
-    def process_weights_after_loading(self) -> None:
+    def merge_projections(self) -> None:
+        """gate/up as one GEMM when their formats agree (load_model_weights calls this)."""
         self.gate_up_proj = merge_linears([getattr(self, n) for n in self.names[:2]], "gate_up_proj")
 
     def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:

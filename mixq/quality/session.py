@@ -50,7 +50,8 @@ class Session:
         from mixq.engine.engine import LLM
 
         llm = LLM(model_path=model_path, mixed_precision_config=config, device=device, dtype=dtype,
-                  max_total_tokens=window + 64, max_running_requests=1, disable_cuda_graph=True)
+                  max_total_tokens=window + 64, max_running_requests=1, disable_cuda_graph=True,
+                  merge_projections=False)  # measure hooks and swaps single projections
         return cls(llm.engine)
 
     @property
