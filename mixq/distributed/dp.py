@@ -33,7 +33,8 @@ log = logging.getLogger("mixq.distributed")
 def _status(engine) -> dict:
     s = engine.scheduler
     return {"unfinished": engine.has_unfinished(), "running": [q.request_id for q in s.running],
-            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used}
+            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used,
+            "admitted_tokens": s.admitted_tokens, "cached_tokens": s.cached_tokens}
 
 
 def _info(engine) -> dict:
@@ -97,6 +98,12 @@ class _SchedulerView:
     blocks: _Blocks
     running: list = field(default_factory=list)
     waiting: list = field(default_factory=list)
+    admitted_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else 0.0
 
 
 @dataclass
@@ -146,6 +153,7 @@ class RemoteEngine:
             self._unfinished = status["unfinished"]
             s = self.scheduler
             s.running, s.waiting, s.blocks.num_used = status["running"], status["waiting"], status["kv_used"]
+            s.admitted_tokens, s.cached_tokens = status["admitted_tokens"], status["cached_tokens"]
         if kind == "value_error":
             raise ValueError(result)
         return result

@@ -41,6 +41,7 @@ class EngineConfig:
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
+    disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
     show_progress: bool = False
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
     # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
@@ -222,7 +223,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
-            eos_token_ids=self.eos_token_ids))
+            eos_token_ids=self.eos_token_ids, enable_prefix_caching=not cfg.disable_radix_cache))
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -380,7 +381,8 @@ class LLMEngine:
             st.emitted = end
             st.out.delta_token_ids = st.out.token_ids[st.tokens_sent :]
             st.tokens_sent = len(st.out.token_ids)
-        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time}
+        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time,
+                   "cached_tokens": req.seqs[0].num_cached_tokens}
         if finished:
             self.requests.pop(req.request_id, None)
             for f in self.finish_hooks:

@@ -41,6 +41,7 @@ class ServerArgs:
     allow_auto_truncate: bool = False
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
@@ -141,6 +142,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
     ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
     ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
+    ("--disable-radix-cache", dict(action="store_true", default=None, help="turn prefix caching off (on by default: "
+                                                                           "requests reuse the KV blocks of a "
+                                                                           "shared prompt prefix)")),
     ("--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA graph "
                                              "(default: --max-running-requests, at most 256)")),
     ("--cuda-graph-bs", dict(type=int, nargs="+", help="the decode batch sizes to capture (default: 1 2 4 8 "

@@ -300,3 +300,23 @@ def test_stop_strings_chat_logprobs_and_chat_errors(server, reference):
         r = httpx.post(f"{server}/v1/chat/completions", content=body,
                        headers={**H, "Content-Type": "application/json"})
         assert r.status_code == status and msg in r.json()["error"]["message"], (body, r.text)
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks(server, reference):
+    """The second request of the same 40-odd-token prompt computes only what follows its
+    whole cached pages (page size 8; the last prompt token is always computed): /metrics
+    counts those tokens as cached, and the answer is the engine's greedy one."""
+    tok = reference.engine.tokenizer
+    prompt = "you are a helpful assistant and you answer briefly " * 4 + "the cat sat on"
+    n = len(tok.encode(prompt))
+    want = greedy(reference, tok.encode(prompt), 5)
+    c = client(server)
+    c.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    time.sleep(0.2)  # metrics are updated by the engine thread right after the step
+    before = metric(server, "mixq_cached_tokens")
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0,
+                             extra_body={"ignore_eos": True})
+    time.sleep(0.2)
+    assert r.choices[0].text == want and r.usage.prompt_tokens == n
+    assert metric(server, "mixq_cached_tokens") - before == (n - 1) // 8 * 8
+    assert 0 < metric(server, "mixq_cache_hit_rate") < 1
