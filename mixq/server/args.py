@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from mixq.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
@@ -128,7 +128,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--ep-size", dict(type=int, help="expert parallel size")),
     ("--enable-ep-moe", dict(action="store_true", default=None, help="expert parallelism for MoE layers")),
     ("--dtype", dict(help=f"activation/dense weight dtype: {', '.join(DTYPES)}")),
-    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)}")),
+    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)} (fp8: 1 byte a value with "
+                                   "per-tensor scales from the checkpoint, else 1.0)")),
     ("--device", dict(help="auto, cuda or cpu")),
     ("--context-length", dict(type=int, help="max tokens per sequence (default: the model's)")),
     ("--max-running-requests", dict(type=int, help="max requests decoding at once")),
