@@ -42,7 +42,7 @@ def _info(engine) -> dict:
     return {"max_model_len": engine.max_model_len, "model_config": engine.model_config,
             "base_path": str(engine.plan.base.path), "device": str(engine.device), "dtype": engine.dtype,
             "num_blocks": engine.scheduler.blocks.num_blocks, "block_size": engine.scheduler.blocks.block_size,
-            "eos_token_ids": engine.eos_token_ids,
+            "eos_token_ids": engine.eos_token_ids, "kv_cache": engine.kv_cache_stats(),
             "weights": {n: w.to("meta") for n, w in engine.weights.items()}}  # shapes and dtypes only
 
 
@@ -144,6 +144,7 @@ class RemoteEngine:
         self.plan = _PlanView(_Base(Path(info["base_path"])))
         self.device, self.dtype, self.weights = info["device"], info["dtype"], info["weights"]
         self.eos_token_ids = info["eos_token_ids"]
+        self._kv_cache = info["kv_cache"]
         self.scheduler = _SchedulerView(_Blocks(info["num_blocks"], info["block_size"]))
 
     def _call(self, method: str, *args):
@@ -179,6 +180,9 @@ class RemoteEngine:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    def kv_cache_stats(self) -> dict:
+        return self._kv_cache
 
     def kv_usage(self) -> float:
         b = self.scheduler.blocks

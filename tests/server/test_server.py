@@ -219,9 +219,14 @@ def test_server_info_and_memory_stats(server, reference):
     assert info["kv_blocks"] == 2048 // 8 and info["device"] == "cpu" and info["dtype"] == "float32"
     assert KEY not in json.dumps(info)  # the API key is never echoed
     mem = httpx.get(f"{server}/memory_stats", headers=H).json()
+    kv = mem.pop("kv_cache")
     # the same checkpoint loaded the same way in this process holds the same bytes
     want = MemoryStats.from_weights(reference.engine.weights).as_dict()
     assert mem == json.loads(json.dumps(want))
+    # float32 KV on the CPU: 2 layers x (K, V) x 2 KV heads x 32 dims x 4 bytes a token, 2048 tokens
+    assert (kv["dtype"], kv["bytes_per_token"], kv["bf16_bytes_per_token"], kv["capacity_tokens"]) == (
+        "float32", 1024, 512, 2048)
+    assert kv["memory_mb"] == 2.0 and kv["memory_saved_mb"] == -1.0
 
 
 def test_native_generate_text_ids_stream_and_errors(server, reference):
