@@ -84,10 +84,38 @@ def run_wave(llm: LLM, prompts: list[list[int]], new_tokens: int, tag: str) -> d
             "wall_s": wall, "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))]}
 
 
+def tokens_only(prompts_by_wave: list[list[list[int]]], page: int, budget: int, new_tokens: int) -> dict:
+    """The prefill accounting alone (no model: the scheduler with a fake sampled token):
+    tokens computed per wave with the prefix cache on and off."""
+    from mixq.engine.scheduler import Scheduler, SchedulerConfig
+    from mixq.engine.sequence import Sequence
+
+    out = {}
+    for name, caching in (("cache on", True), ("cache off", False)):
+        n = len(prompts_by_wave[0])
+        longest = max(len(p) for w in prompts_by_wave for p in w) + new_tokens
+        sched = Scheduler(SchedulerConfig(num_blocks=2 * n * -(-longest // page), block_size=page,
+                                          max_running_requests=n, max_model_len=longest,
+                                          chunked_prefill_size=budget, enable_prefix_caching=caching))
+        waves = {}
+        for w, prompts in zip(("cold", "warm"), prompts_by_wave):
+            a0, c0 = sched.admitted_tokens, sched.cached_tokens
+            for i, p in enumerate(prompts):
+                sched.add(Sequence(f"{w}{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
+            while sched.has_unfinished():
+                b = sched.schedule()
+                sched.postprocess(b, [7] * sum(1 for it in b.items if it.samples))
+            waves[w] = {"admitted_tokens": sched.admitted_tokens - a0, "cached_tokens": sched.cached_tokens - c0,
+                        "computed_tokens": sched.admitted_tokens - a0 - (sched.cached_tokens - c0)}
+        out[name] = waves
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-path")
     ap.add_argument("--config", help="mixed-precision YAML (default: the embedded default mix)")
+    ap.add_argument("--embedded-bf16", action="store_true", help="the embedded model's BF16 checkpoint")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--system-tokens", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -95,16 +123,39 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
     ap.add_argument("--smoke", action="store_true", help="tiny test model, 3 requests, 100-token system prompt")
+    ap.add_argument("--tokens-only", action="store_true",
+                    help="only the prefill accounting, through the scheduler without a model (seconds)")
     a = ap.parse_args()
     if a.smoke:
         a.model_path = str(ROOT / "tests" / "fixtures" / "tiny-llama" / "bf16")
         a.requests, a.system_tokens, a.new_tokens, a.chunked_prefill_size = 3, 100, 2, 64
+    elif a.embedded_bf16:
+        from mixq.assets.default_model import default_model_path
+
+        a.model_path = str(default_model_path())
     elif not a.model_path and not a.config:
         from mixq.assets.default_model import default_config_path
 
         a.config = str(default_config_path())
     results = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "host": platform.node(),
                "engines": {}}
+    if a.tokens_only:
+        from transformers import AutoTokenizer
+
+        from mixq.engine.engine import EngineConfig, load_plan
+
+        plan, _ = load_plan(EngineConfig(model_path=a.model_path, mixed_precision_config=a.config))
+        tok = AutoTokenizer.from_pretrained(str(plan.base.path))
+        waves = [workload(tok, a.system_tokens, a.requests, i) for i in range(2)]
+        r = tokens_only(waves, 16, a.chunked_prefill_size, a.new_tokens)
+        print(f"{a.requests} requests, {a.system_tokens}-token shared system prompt, page 16 (scheduler only)")
+        for name, ws in r.items():
+            for w, x in ws.items():
+                print(f"{name} {w}: admitted {x['admitted_tokens']}, found in cache {x['cached_tokens']}, "
+                      f"computed {x['computed_tokens']}")
+        if a.out:
+            Path(a.out).write_text(json.dumps({**results, "tokens_only": r}, indent=1))
+        return
     for name, disable in (("cache on", False), ("cache off", True)):
         llm = LLM(model_path=a.model_path, mixed_precision_config=a.config, device=a.device,
                   disable_radix_cache=disable, chunked_prefill_size=a.chunked_prefill_size,
@@ -126,8 +177,9 @@ def main() -> None:
         llm.close()
     on, off = results["engines"]["cache on"], results["engines"]["cache off"]
     for w in ("cold", "warm"):
-        if on[w]["tokens"] != off[w]["tokens"]:
-            diff = sum(x != y for x, y in zip(on[w]["tokens"], off[w]["tokens"]))
+        diff = sum(x != y for x, y in zip(on[w]["tokens"], off[w]["tokens"]))
+        results[f"{w}_greedy_differ"] = diff
+        if diff:
             print(f"note: {w}: {diff} of {a.requests} requests' greedy tokens differ between cache on and off")
     print(f"{results['device']}, {results['model']}: {a.requests} requests, {a.system_tokens}-token shared "
           "system prompt")
