@@ -33,7 +33,8 @@ log = logging.getLogger("mixq.distributed")
 def _status(engine) -> dict:
     s = engine.scheduler
     return {"unfinished": engine.has_unfinished(), "running": [q.request_id for q in s.running],
-            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used}
+            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used,
+            "admitted_tokens": s.admitted_tokens, "cached_tokens": s.cached_tokens}
 
 
 def _info(engine) -> dict:
@@ -41,7 +42,7 @@ def _info(engine) -> dict:
     return {"max_model_len": engine.max_model_len, "model_config": engine.model_config,
             "base_path": str(engine.plan.base.path), "device": str(engine.device), "dtype": engine.dtype,
             "num_blocks": engine.scheduler.blocks.num_blocks, "block_size": engine.scheduler.blocks.block_size,
-            "eos_token_ids": engine.eos_token_ids,
+            "eos_token_ids": engine.eos_token_ids, "kv_cache": engine.kv_cache_stats(),
             "weights": {n: w.to("meta") for n, w in engine.weights.items()}}  # shapes and dtypes only
 
 
@@ -97,6 +98,12 @@ class _SchedulerView:
     blocks: _Blocks
     running: list = field(default_factory=list)
     waiting: list = field(default_factory=list)
+    admitted_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else 0.0
 
 
 @dataclass
@@ -137,6 +144,7 @@ class RemoteEngine:
         self.plan = _PlanView(_Base(Path(info["base_path"])))
         self.device, self.dtype, self.weights = info["device"], info["dtype"], info["weights"]
         self.eos_token_ids = info["eos_token_ids"]
+        self._kv_cache = info["kv_cache"]
         self.scheduler = _SchedulerView(_Blocks(info["num_blocks"], info["block_size"]))
 
     def _call(self, method: str, *args):
@@ -146,6 +154,7 @@ class RemoteEngine:
             self._unfinished = status["unfinished"]
             s = self.scheduler
             s.running, s.waiting, s.blocks.num_used = status["running"], status["waiting"], status["kv_used"]
+            s.admitted_tokens, s.cached_tokens = status["admitted_tokens"], status["cached_tokens"]
         if kind == "value_error":
             raise ValueError(result)
         return result
@@ -171,6 +180,9 @@ class RemoteEngine:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    def kv_cache_stats(self) -> dict:
+        return self._kv_cache
 
     def kv_usage(self) -> float:
         b = self.scheduler.blocks

@@ -40,7 +40,8 @@ class EngineConfig:
     page_size: int = 16
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
+    disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
     show_progress: bool = False
     # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
     # tools that hook or swap single projections (mixq.quality) and for A/B timing
@@ -124,6 +125,21 @@ def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dt
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: auto (the model dtype), bfloat16, float16, float32, fp8_e4m3 or
+    fp8_e5m2 (8-bit with per-tensor scales, mixq.kernels.kv_quant)."""
+    from mixq.kernels.kv_quant import KV_CACHE_DTYPES
+
+    plain = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name == "auto":
+        return model_dtype
+    if name in plain:
+        return plain[name]
+    if name in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[name]
+    raise ValueError(f"--kv-cache-dtype {name!r}: expected auto, {', '.join(plain)}, {', '.join(KV_CACHE_DTYPES)}")
+
+
 def load_plan(cfg: EngineConfig):
     """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
     from mixq.config.schema import MixedPrecisionConfig
@@ -169,7 +185,7 @@ class LLMEngine:
 
         from mixq.formats import iter_weights
         from mixq.models import build_model, load_model_weights
-        from mixq.models.registry import held_weights
+        from mixq.models.registry import held_weights, load_kv_scales
         from mixq.tracking.memory import register_loaded_weights
 
         self.cfg = cfg
@@ -182,8 +198,7 @@ class LLMEngine:
             dtype = mp.inference.dtype if dtype == "auto" else dtype
             max_len = max_len or mp.inference.max_seq_length
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
-        self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, self.device,
-                                                                                        hf_cfg)
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
         max_len = min(max_len or limit, limit)
         t0 = time.perf_counter()
@@ -201,6 +216,7 @@ class LLMEngine:
 
                 weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
             load_model_weights(self.model, weights, self.dtype, cfg.merge_projections)
+            load_kv_scales(self.model, self.plan)
         self.weights = held_weights(self.model)  # this process's weights (its shard under TP)
         register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0
@@ -225,7 +241,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
-            eos_token_ids=self.eos_token_ids))
+            eos_token_ids=self.eos_token_ids, enable_prefix_caching=not cfg.disable_radix_cache))
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -383,7 +399,8 @@ class LLMEngine:
             st.emitted = end
             st.out.delta_token_ids = st.out.token_ids[st.tokens_sent :]
             st.tokens_sent = len(st.out.token_ids)
-        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time}
+        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time,
+                   "cached_tokens": req.seqs[0].num_cached_tokens}
         if finished:
             self.requests.pop(req.request_id, None)
             for f in self.finish_hooks:
@@ -391,6 +408,19 @@ class LLMEngine:
         outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, list(o.logprobs),
                                  list(o.top_logprobs), o.delta_text, list(o.delta_token_ids)) for o in req.outputs]
         return RequestOutput(req.request_id, req.prompt_ids, outs, finished, metrics)
+
+    def kv_cache_stats(self) -> dict:
+        """This process's KV cache against the same cache in bf16 (/memory_stats)."""
+        from mixq.kernels.kv_quant import KV_CACHE_DTYPES
+        from mixq.tracking.memory import kv_cache_stats
+
+        name = next((k for k, v in KV_CACHE_DTYPES.items() if v == self.kv_dtype),
+                    str(self.kv_dtype).removeprefix("torch."))
+        per = ModelRunner.kv_bytes_per_block(self.model, 1, self.kv_dtype)
+        bf16 = ModelRunner.kv_bytes_per_block(self.model, 1, torch.bfloat16)
+        scaled = sum(1 for m in self.runner.attn_layers if (m.k_scale, m.v_scale) != (1.0, 1.0))
+        tokens = self.scheduler.blocks.num_blocks * self.scheduler.blocks.block_size
+        return kv_cache_stats(name, per, tokens, bf16, scaled)
 
     def kv_usage(self) -> float:
         b = self.scheduler.blocks

@@ -18,6 +18,7 @@ from mixq.formats.dense import DenseReader
 from mixq.formats.fp8 import FP8BlockReader, FP8Dequant
 from mixq.formats.gptq import GPTQReader
 from mixq.formats.int8 import Int8Dequant
+from mixq.formats.kv_scales import is_kv_scale
 from mixq.formats.spec import QuantizedWeight
 
 QUANT_METHODS = ("compressed-tensors", "gptq", "awq", "fp8")
@@ -69,7 +70,8 @@ class CheckpointCatalog:
 
     @cached_property
     def entries(self) -> dict[str, Entry]:
-        unclaimed = set(self.ckpt.tensors)
+        # KV-cache scales are not weights: mixq.formats.kv_scales reads them
+        unclaimed = {n for n in self.ckpt.tensors if not is_kv_scale(n)}
         out: list[Entry] = []
         if self.quant_reader is not None:
             out += self.quant_reader.claim(self.ckpt, unclaimed)

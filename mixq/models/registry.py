@@ -81,6 +81,23 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
 
 
 
+def load_kv_scales(model: nn.Module, plan) -> tuple[int, int]:
+    """Give each attention layer its checkpoint's per-tensor KV-cache scales (1.0 where
+    there are none; used only by an fp8 cache). Returns (layers with scales, layers)."""
+    from mixq.formats.kv_scales import kv_cache_scales
+    from mixq.layers.attention import PagedAttention
+
+    scales = kv_cache_scales(plan)
+    found = total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, PagedAttention):
+            k, v = scales.get(name.rpartition(".")[0], (None, None))
+            m.k_scale, m.v_scale = k or 1.0, v or 1.0
+            total += 1
+            found += k is not None or v is not None
+    return found, total
+
+
 def held_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
     """What the model holds after loading (post-repack, in the model dtype), by name:
     the input to memory stats, which must count bytes actually held."""

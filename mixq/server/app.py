@@ -291,7 +291,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
     async def memory_stats():
         from mixq.tracking.memory import MemoryStats
 
-        return MemoryStats.from_weights(engine.weights).as_dict()
+        return {**MemoryStats.from_weights(engine.weights).as_dict(), "kv_cache": engine.kv_cache_stats()}
 
     @app.exception_handler(ValidationError)
     async def _pyd(_, e: ValidationError):

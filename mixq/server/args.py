@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from mixq.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
@@ -41,6 +41,7 @@ class ServerArgs:
     allow_auto_truncate: bool = False
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
@@ -127,7 +128,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--ep-size", dict(type=int, help="expert parallel size")),
     ("--enable-ep-moe", dict(action="store_true", default=None, help="expert parallelism for MoE layers")),
     ("--dtype", dict(help=f"activation/dense weight dtype: {', '.join(DTYPES)}")),
-    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)}")),
+    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)} (fp8: 1 byte a value with "
+                                   "per-tensor scales from the checkpoint, else 1.0)")),
     ("--device", dict(help="auto, cuda or cpu")),
     ("--context-length", dict(type=int, help="max tokens per sequence (default: the model's)")),
     ("--max-running-requests", dict(type=int, help="max requests decoding at once")),
@@ -141,6 +143,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
     ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
     ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
+    ("--disable-radix-cache", dict(action="store_true", default=None, help="turn prefix caching off (on by default: "
+                                                                           "requests reuse the KV blocks of a "
+                                                                           "shared prompt prefix)")),
     ("--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA graph "
                                              "(default: --max-running-requests, at most 256)")),
     ("--cuda-graph-bs", dict(type=int, nargs="+", help="the decode batch sizes to capture (default: 1 2 4 8 "

@@ -75,7 +75,8 @@ def engine_config(args: ServerArgs):
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True,
         attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
-        disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph, disable_radix_cache=args.disable_radix_cache,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
         cuda_graph_bs=args.cuda_graph_bs,
         enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr, moe_dispatch=args.moe_dispatch)

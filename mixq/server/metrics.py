@@ -27,6 +27,11 @@ class ServerMetrics:
             "mixq_num_queue_requests": ("requests waiting", lambda: len(engine.scheduler.waiting)),
             "mixq_kv_cache_usage": ("fraction of KV blocks in use", engine.kv_usage),
             "mixq_kv_cache_used_blocks": ("KV blocks in use", lambda: engine.scheduler.blocks.num_used),
+            # SGLang's cache_hit_rate: prompt tokens found in the prefix cache / tokens admitted
+            "mixq_cache_hit_rate": ("fraction of admitted prompt tokens found in the prefix cache",
+                                    lambda: engine.scheduler.cache_hit_rate),
+            "mixq_cached_tokens": ("prompt tokens found in the prefix cache since start (not computed)",
+                                   lambda: engine.scheduler.cached_tokens),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -57,10 +58,19 @@ def run_to_completion(sched, check=None, max_steps=10_000, eos_at=None):
 
 
 def invariants(sched):
-    owned = [b for s in sched.running for b in s.block_table]
-    assert len(owned) == len(set(owned)), "block owned twice"
-    assert len(owned) + sched.blocks.num_free == sched.blocks.num_blocks
-    assert not set(owned) & set(sched.blocks.free_blocks)
+    """Reference counts equal the tables holding each block; free blocks are held by
+    nobody; a block held twice is a registered (full, written) one; a sequence's blocks
+    from its next position on are its own and unregistered (never shared while written)."""
+    bm = sched.blocks
+    holders = Counter(b for s in sched.running for b in s.block_table)
+    assert bm.ref == [holders.get(b, 0) for b in range(bm.num_blocks)]
+    free = [*bm.never_used, *bm.evictable]
+    assert len(free) == len(set(free)) == bm.num_free and not set(free) & set(holders)
+    assert len(holders) + bm.num_free == bm.num_blocks
+    assert all(bm.key[b] is not None for b, n in holders.items() if n > 1)
+    for s in sched.running:
+        for b in s.block_table[s.num_computed // bm.block_size:]:
+            assert holders[b] == 1 and bm.key[b] is None, f"{s!r} would write block {b}, which is shared"
     for s in sched.waiting:
         assert s.block_table == [] and s.num_computed == 0
 
