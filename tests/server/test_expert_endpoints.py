@@ -87,7 +87,11 @@ def test_export_stays_inside_the_stats_dir(tracked):
     assert list(outside.iterdir()) == [] and not (stats_dir.parent / "escape.json").exists()
     r = httpx.post(f"{url}/expert_stats/export", json={"path": str(stats_dir / "inside.json")})  # absolute, inside
     assert r.status_code == 200 and (stats_dir / "inside.json").is_file()
-    for body, msg in (({"path": "runs"}, "is a directory"), ({}, "path"), ({"path": "x", "bogus": 1}, "bogus")):
+    for body, msg in (({"path": "runs"}, "is a directory"), ({}, "path is required"),
+                      ({"path": "x", "bogus": 1}, "unknown field 'bogus'"),
+                      ({"path": "n" * 300 + ".json"}, "File name too long"),  # was a 500
+                      ({"path": "x", "top_k": "3"}, "top_k must be an integer >= 0, got '3'"),
+                      ({"path": "runs/a.json/x.json"}, "File exists")):
         r = httpx.post(f"{url}/expert_stats/export", json=body)
         assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
 
