@@ -12,7 +12,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         help_ = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_:
+        if any(action.default is x for x in (None, False, argparse.SUPPRESS)) or "default" in help_:
             return help_
         return super()._get_help_string(action)
 

@@ -76,7 +76,7 @@ _RULES: dict[str, tuple] = {
     "repetition_penalty": (_num_in(0, 2, lo_open=True), "a number in (0, 2] (1: off)"),
     "frequency_penalty": (_num_in(-2, 2), "a number in [-2, 2]"),
     "presence_penalty": (_num_in(-2, 2), "a number in [-2, 2]"),
-    "seed": (lambda v: v is None or _int_in(INT64_MIN, INT64_MAX)(v), "null or a 64-bit signed integer"),
+    "seed": (lambda v: v is None or _int_in(INT64_MIN, INT64_MAX)(v), "a 64-bit signed integer (or null: unseeded)"),
     "stop": (_stop_ok, f"a string or a list of at most {MAX_STOP_STRINGS} strings, each of 1 to "
                        f"{MAX_STOP_CHARS} characters"),
     "stop_token_ids": (lambda v: isinstance(v, list) and len(v) <= MAX_STOP_TOKEN_IDS

@@ -212,7 +212,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     for group, flag, kw in _FLAGS:
         g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
         default = defaults.get(flag[2:].replace("-", "_"))
-        if default not in (None, False) and "default" not in kw.get("help", ""):
+        if default is not None and default is not False and "default" not in kw.get("help", ""):
             kw = {**kw, "help": f"{kw.get('help', '')} (default: {default})"}
         g.add_argument(flag, **kw)
 
