@@ -227,17 +227,16 @@ def gpu_count(device: str) -> int | None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """ConfigError if nothing can listen on host:port now (bound as uvicorn binds, with
-    SO_REUSEADDR), so a port in use is refused before the model loads."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
+    """ConfigError if nothing can listen on host:port now, bound the way uvicorn binds
+    (IPv6 for a host with a colon, else IPv4; SO_REUSEADDR), so a port in use is refused
+    before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(addr)
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
         except OSError as e:
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {e.strerror}") from None
 
