@@ -81,7 +81,8 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
-        message, param = validation_message(list(e.errors()), request.app.state.body_models.get(request.url.path))
+        message, param = validation_message(list(e.errors()), request.app.state.body_models.get(request.url.path),
+                                            request.scope.get("route"))
         return error_response(400, message, param=param)
 
     @app.exception_handler(Exception)

@@ -64,13 +64,32 @@ def _field_at(model: type[BaseModel] | None, loc: list) -> tuple[str, str | None
     return name, desc, tail
 
 
-def validation_message(errors: list[dict], model: type[BaseModel] | None) -> tuple[str, str | None]:
-    """(message, param) for pydantic's errors on a request body of `model`: the first bad
-    field, what it accepts (its `description`) and what it got."""
+def _parameter_message(error: dict, route) -> tuple[str, str]:
+    """A bad query/path/header parameter: its name, what it accepts (the `description` the
+    route gave it) and what it got."""
+    where, name = error["loc"][0], str(error["loc"][1])
+    desc = None
+    dependant = getattr(route, "dependant", None)
+    for p in (getattr(dependant, f"{where}_params", None) or []):
+        if p.name == name or getattr(p, "alias", None) == name:
+            desc = p.field_info.description
+    if error.get("type") == "missing":
+        return f"{where} parameter {name} is required" + (f": {desc}" if desc else ""), name
+    got = f"got {_preview(error.get('input'))}"
+    return (f"{where} parameter {name} must be {desc}, {got}" if desc else
+            f"{where} parameter {name} has an invalid value: {got}"), name
+
+
+def validation_message(errors: list[dict], model: type[BaseModel] | None, route=None) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors on a request of `model` (its body) and
+    `route` (its parameters): the first bad field, what it accepts (its `description`) and
+    what it got."""
     if not errors:
-        return "invalid request body", None
+        return "invalid request", None
     first = errors[0]
     kind = first.get("type", "")
+    if len(first.get("loc", ())) >= 2 and first["loc"][0] in ("query", "path", "header", "cookie"):
+        return _parameter_message(first, route)
     if kind == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', 'not valid JSON')}", None
     loc = [p for p in first.get("loc", ()) if p != "body"]

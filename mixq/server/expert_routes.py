@@ -59,8 +59,9 @@ def add_expert_routes(app: FastAPI, aengine: AsyncEngine, stats_dir: str | None)
             raise APIError(503, str(e), "server_error") from None
 
     @app.get("/expert_stats")
-    async def expert_stats(layer_id: int | None = Query(None, ge=0), expert_id: int | None = Query(None, ge=0),
-                           top_k: int = Query(10, ge=0)):
+    async def expert_stats(layer_id: int | None = Query(None, ge=0, description="a MoE layer's index (an integer >= 0)"),
+                           expert_id: int | None = Query(None, ge=0, description="an expert's index (an integer >= 0)"),
+                           top_k: int = Query(10, ge=0, description="an integer >= 0")):
         t = tracker()
         return await on_engine(lambda: t.stats(layer_id, expert_id, top_k))
 

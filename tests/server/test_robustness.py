@@ -50,6 +50,16 @@ def metric(url, name) -> float:
     return 0.0
 
 
+def raw_post(url, path: str, body: dict, key: str = "k") -> socket.socket:
+    """Send a POST on a bare socket and return it unread: closing it is a client leaving."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), key.encode(), len(data), data))
+    return sock
+
+
 def greedy(ref, ids, n, **kw):
     return ref.generate([ids], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, **kw))[0].outputs
 
@@ -146,11 +156,7 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it_and_it_is_counted(li
     url, h = limited_server
     idle(url, h)
     aborted, generated = metric(url, 'mixq_requests_total{reason="abort"}'), metric(url, "mixq_generation_tokens_total")
-    body = json.dumps({"prompt": "the", "max_tokens": 500, "n": 4, "ignore_eos": True}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = raw_post(url, "/v1/completions", {"prompt": "the", "max_tokens": 500, "n": 4, "ignore_eos": True})
     deadline = time.time() + 30
     while info(url, h)["num_engine_requests"] == 0 and time.time() < deadline:
         time.sleep(0.01)
@@ -273,29 +279,28 @@ def test_top_level_body_errors(limited_server):
 
 
 def test_a_full_queue_is_503_and_the_others_go_on(limited_server):
-    """--max-running-requests 4 + --max-queued-requests 4: the ninth request in flight is
-    refused with SGLang's 503 'The request queue is full.'; the eight finish."""
+    """--max-running-requests 4 + --max-queued-requests 4: with eight long requests in
+    flight a ninth is refused with SGLang's 503 'The request queue is full.'; once they
+    are gone (their clients leave), requests are served again."""
     url, h = limited_server
     idle(url, h)
-    results: list = [None] * 8
-
-    def one(i):
-        results[i] = post(url, h, "/v1/completions", {"prompt": f"the cat {i}", "max_tokens": 60,
-                                                      "ignore_eos": True, "temperature": 0}, timeout=180)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.time() + 60
-    while info(url, h)["num_requests_in_flight"] < 8 and time.time() < deadline:
-        time.sleep(0.02)
-    r = post(url, h, "/v1/completions", {"prompt": "late", "max_tokens": 2})
-    assert r.status_code == 503 and r.json()["error"] == {
-        "message": "The request queue is full.", "type": "server_error", "param": None, "code": "queue_full"}
-    for t in threads:
-        t.join(180)
-    assert all(x is not None and x.status_code == 200 and x.json()["usage"]["completion_tokens"] == 60
-               for x in results)
+    socks = [raw_post(url, "/v1/completions", {"prompt": f"the cat {i}", "max_tokens": 400, "ignore_eos": True})
+             for i in range(8)]
+    try:
+        deadline = time.time() + 60
+        while info(url, h)["num_requests_in_flight"] < 8 and time.time() < deadline:
+            time.sleep(0.02)
+        s = info(url, h)
+        assert s["num_requests_in_flight"] == 8 and s["num_running_requests"] == 4, s
+        r = post(url, h, "/v1/completions", {"prompt": "late", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"] == {
+            "message": "The request queue is full.", "type": "server_error", "param": None, "code": "queue_full"}
+    finally:
+        for sock in socks:
+            sock.close()
+    s = idle(url, h)
+    assert (s["num_requests_in_flight"], s["kv_blocks_used"]) == (0, 0), s
+    assert_serving(url, h)
 
 
 def test_usage_counts_every_choice(limited_server):
