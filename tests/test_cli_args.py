@@ -37,12 +37,22 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("args, message", BAD_FLAGS)
-def test_generate_refuses_a_bad_flag_in_one_line_before_loading(args, message):
+def test_generate_refuses_a_bad_flag_in_one_line_before_loading(args, message, capfd):
     argv = ["--model-path", str(TINY), *args] if "--model-path" not in args else args
-    r = subprocess.run([sys.executable, "-m", "mixq", "generate", *argv], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
-    assert "loading weights" not in r.stderr + r.stdout
+    try:
+        rc = cli_main(["generate", *argv])
+    except SystemExit as e:  # argparse's own refusals exit
+        rc = e.code
+    out, err = capfd.readouterr()
+    assert rc == 2 and message in err, err
+    assert err.strip().count("\n") == 0, err  # one line, no traceback
+    assert "loading weights" not in err + out
+
+
+def test_the_real_command_refuses_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "mixq", "generate", "--model-path", str(TINY), "--top-p", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "mixq generate: error: --top-p must be a number in (0, 1], got 2.0\n"
 
 
 def _actions(parser: argparse.ArgumentParser):
