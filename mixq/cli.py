@@ -65,17 +65,21 @@ def _model_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete prompts (default: the embedded SmolLM2 mix)",
                        description="Load a (mixed-precision) model and print completions, tokens/s and "
-                       "the memory stats. With no --model-path and no config: the embedded default mix.")
-    p.add_argument("--model-path")
-    p.add_argument("--mixed-precision-config")
-    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+                       "the memory stats. With no --model-path and no config: the embedded default mix "
+                       "(prepared into ~/.cache/mixq on first use, about a minute).")
+    p.add_argument("--model-path", help="model directory (the base checkpoint)")
+    p.add_argument("--mixed-precision-config", help="mixed-precision YAML (docs/config.md)")
+    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch) (default: 'The capital of "
+                   "France is')")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template and "
+                   "print the answer under it")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, help="seed for sampling (64-bit signed integer)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on CPU, the "
+                   "checkpoint's 16-bit dtype on GPU)")
     p.add_argument("--enable-expert-tracking", action="store_true", help="count MoE expert activations")
     p.add_argument("--expert-stats-out", metavar="PATH", help="write the expert stats JSON here (implies tracking)")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (this process is rank 0)")
@@ -85,36 +89,39 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mixq.engine.engine import LLM
+    from mixq.server.args import check_generate_args
 
+    sp = check_generate_args(args)  # every flag checked before anything is prepared or loaded
     model_path, cfg = _model_args(args)
     track = args.enable_expert_tracking or args.expert_stats_out is not None
     llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
               show_progress=True, enable_expert_tracking=track, tp_size=args.tp_size, ep_size=args.ep_size)
     try:
-        return _generate(llm, args)
+        return _generate(llm, args, sp)
     finally:
         llm.close()
 
 
-def _generate(llm, args: argparse.Namespace) -> int:
+def _generate(llm, args: argparse.Namespace, sp) -> int:
     import time
 
-    from mixq.engine.sampling_params import SamplingParams
     from mixq.tracking.memory import get_mixed_precision_memory_stats
 
     prompts = args.prompt or ["The capital of France is"]
     tok = llm.engine.tokenizer
+    inputs = prompts
     if args.chat:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed)
+        # the template writes the special tokens itself: encode it without adding more
+        inputs = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True), add_special_tokens=False)
+                  for p in prompts]
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp)
+    outs = llm.generate(inputs, sp)
     dt = time.perf_counter() - t0
     n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
-    for p, o in zip(args.prompt or prompts, outs):
-        print(f"{p}{o.outputs[0].text}")
+    for p, o in zip(prompts, outs):
+        # a completion continues its prompt; a chat answer is a reply, printed under it
+        print(f"{p}\n{o.outputs[0].text}" if args.chat else f"{p}{o.outputs[0].text}")
         print("-" * 40)
     if llm.engine.dist is not None:  # tensor/expert parallel: what each rank holds
         from mixq.distributed.report import format_layout
@@ -164,7 +171,9 @@ def _cmd_plot_experts(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixq", description="LLM inference in true mixed precision.")
+    from mixq.argparsing import Parser
+
+    parser = Parser(prog="mixq", description="LLM inference in true mixed precision.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     _add_generate(sub)

@@ -211,7 +211,7 @@ class RemoteEngine:
 class DataParallelEngine:
     """The server's engine when --dp-size > 1: AsyncEngine's interface over D replicas."""
 
-    def __init__(self, cfg: EngineConfig, dp_size: int, on_step_factory=None):
+    def __init__(self, cfg: EngineConfig, dp_size: int, metrics_factory=None):
         import torch
         from transformers import AutoTokenizer
 
@@ -235,8 +235,8 @@ class DataParallelEngine:
                 r.close(5.0)
             raise
         self.engine = self.replicas[0]  # what the API reads: tokenizer, limits, model info
-        hooks = [on_step_factory(r) if on_step_factory else None for r in self.replicas]
-        self.async_engines = [AsyncEngine(r, on_step=h) for r, h in zip(self.replicas, hooks)]
+        metrics = [metrics_factory(r) if metrics_factory else None for r in self.replicas]
+        self.async_engines = [AsyncEngine(r, metrics=m) for r, m in zip(self.replicas, metrics)]
         self.in_flight = [0] * dp_size  # requests sent to each replica and not finished
         self.owner: dict[str, int] = {}
 
@@ -255,6 +255,13 @@ class DataParallelEngine:
     @property
     def alive(self) -> bool:
         return all(a.alive for a in self.async_engines)
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(a.num_in_flight for a in self.async_engines)
+
+    def fail_all(self, message: str) -> int:
+        return sum(a.fail_all(message) for a in self.async_engines)
 
     async def generate(self, request_id: str, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The replica with the fewest requests in flight (shortest queue) serves it."""

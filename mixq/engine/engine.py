@@ -304,34 +304,41 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request (n sequences). ValueError when it can never be served."""
+        """Queue a request (n sequences), all or nothing: ValueError (nothing queued, no other
+        request touched) when it can never be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"request {request_id}: params must be SamplingParams, got {type(params).__name__}")
+        params.validate()  # fields may have been changed since construction
         ids = self.encode(prompt)
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
+        if any(type(t) is not int or not 0 <= t < vocab for t in ids):
             raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
         seqs = [Sequence(request_id, ids, params, i) for i in range(params.n)]
+        self.scheduler.check(seqs[0])  # the n sequences are alike
         for s in seqs:
-            self.scheduler.add(s)  # raises before anything is queued for the first one
             gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + s.index)
+            if params.seed is not None:  # sequence i draws from seed + i (mod 2**64, manual_seed's range)
+                gen = torch.Generator(device=self.device).manual_seed((params.seed + s.index) % 2**64)
             s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen)
+        for s in seqs:  # nothing above queued anything; from here nothing can fail
+            self.scheduler.add(s)
         self.requests[request_id] = _Request(request_id, ids, params, seqs, [s.engine_state.out for s in seqs],
                                              time.monotonic())
         self.stats["requests_total"] += 1
         self.stats["prompt_tokens_total"] += len(ids)
 
-    def abort(self, request_id: str) -> bool:
-        """Abort a request; its KV blocks are freed at once. False if unknown/finished."""
+    def abort(self, request_id: str) -> int:
+        """Abort a request; its KV blocks are freed at once. Returns how many of its
+        sequences it ended (0, falsy, if the request is unknown or finished)."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
-        self.scheduler.abort(request_id)
+            return 0
+        ended = len(self.scheduler.abort(request_id))
         for f in self.finish_hooks:
             f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
-        return True
+        return ended
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -83,20 +83,31 @@ class Scheduler:
         """Fraction of admitted tokens found in the prefix cache (SGLang's cache_hit_rate)."""
         return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else 0.0
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; one that can never fit is refused with its lengths."""
-        total = seq.num_tokens + seq.params.max_new_tokens
-        limit = min(self.config.max_model_len, self.capacity)
-        if seq.num_tokens > limit:
+    def check(self, seq: Sequence) -> None:
+        """Refuse (ValueError naming the lengths) a sequence that can never be served: its
+        prompt must leave room for one generated token within max_model_len, and what it can
+        grow to must fit the KV cache. Queues nothing."""
+        m = self.config.max_model_len
+        if seq.num_tokens >= m:
             raise ValueError(
-                f"request {seq.request_id}: prompt of {seq.num_tokens} tokens exceeds the limit of {limit} "
-                f"(max_model_len {self.config.max_model_len}, KV capacity {self.capacity} tokens)"
+                f"request {seq.request_id}: a prompt of {seq.num_tokens} tokens leaves no room to generate within "
+                f"max_model_len {m} (prompt + output); it may have at most {m - 1} tokens"
             )
-        if total > self.capacity:
+        if seq.num_tokens > self.capacity:
+            raise ValueError(
+                f"request {seq.request_id}: prompt of {seq.num_tokens} tokens exceeds the limit of {self.capacity} "
+                f"(max_model_len {m}, KV capacity {self.capacity} tokens)"
+            )
+        # generation stops at max_model_len, so a larger max_new_tokens needs no more room
+        if min(seq.num_tokens + seq.params.max_new_tokens, m) > self.capacity:
             raise ValueError(
                 f"request {seq.request_id}: prompt {seq.num_tokens} + max_new_tokens "
                 f"{seq.params.max_new_tokens} exceeds the KV cache capacity of {self.capacity} tokens"
             )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; one that can never fit is refused with its lengths (`check`)."""
+        self.check(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:

@@ -13,7 +13,8 @@ class ServerMetrics:
     def __init__(self, engine):
         self.engine = engine
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("mixq_requests", "requests finished, by finish reason", ["reason"], registry=r)
+        self.requests = Counter("mixq_requests", "completions (choices) ended, by finish reason (abort: the client "
+                                "went away or the server stopped)", ["reason"], registry=r)
         self.prompt_tokens = Counter("mixq_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("mixq_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("mixq_time_to_first_token_seconds", "time to first token", buckets=_LAT, registry=r)
@@ -56,6 +57,11 @@ class ServerMetrics:
                 self.e2e.observe(now - o.metrics["arrival"])
                 for c in o.outputs:
                     self.requests.labels(reason=c.finish_reason or "unknown").inc()
+
+    def on_abort(self, request_id: str, n_ended: int) -> None:
+        """Engine thread: a request was aborted, ending `n_ended` of its completions."""
+        self._last_token.pop(request_id, None)
+        self.requests.labels(reason="abort").inc(n_ended)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
