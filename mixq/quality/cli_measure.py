@@ -58,11 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimators", default="exact,proxy", help="exact, proxy or both (default: exact,proxy)")
     p.add_argument("--text", metavar="FILE", help=f"UTF-8 calibration text (default: {CALIBRATION_TEXT_NAME})")
     p.add_argument("--max-tokens", type=int, default=512, help="calibrate on the first N tokens (default 512)")
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--window", type=int, default=512, help="tokens per window (each starts fresh; default 512)")
     p.add_argument("--stats", metavar="JSON", help="expert stats (--enable-expert-tracking): routing frequency "
                    "of each expert for the proxy, instead of counting it on the calibration text")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: the engine's "
+                   "default for the device)")
     p.set_defaults(func=run)
 
 
