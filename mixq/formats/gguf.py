@@ -43,6 +43,7 @@ _MIXTRAL_EXPERTS = {"block_sparse_moe.experts.w1": "block_sparse_moe.experts.{e}
                     "block_sparse_moe.experts.w3": "block_sparse_moe.experts.{e}.w3",
                     "block_sparse_moe.experts.w2": "block_sparse_moe.experts.{e}.w2"}
 _PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")  # llama.cpp's rotary row order (see top)
+_BIASED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the only biases the models hold
 
 
 def gguf_spec(qtype: str) -> WeightSpec:
@@ -100,7 +101,7 @@ class GGUFReader(FormatReader):
             if base in merged:
                 entries += self._experts(f, name, merged[base], qtype)
                 continue
-            if base not in names:
+            if base not in names or (suffix == "bias" and not names[base].endswith(_BIASED)):
                 raise UnsupportedFormatError(
                     f"gguf {f.path}: tensor {name!r} has no counterpart in mixq's {archname} model")
             hf = f"{names[base]}.{suffix}"

@@ -138,11 +138,13 @@ class GGUFFile:
     def config(self) -> dict:
         """The HF config.json of the model, from the metadata (see the module docstring)."""
         from transformers import AutoConfig
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+        from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
         archname, model_type = self.hf_architecture()
         table = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING[self.arch.replace("moe", "_moe")]
-        cfg: dict = {}
+        # llama.cpp's semantics where they differ from the HF class defaults (qwen3_moe
+        # renormalizes its top-k weights)
+        cfg: dict = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
         for key, hf_key in table.items():
             value = self.arch_field(key)
             if hf_key is not None and value is not None:
