@@ -165,17 +165,19 @@ def _nibbles_k(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """uint8 [N, K/B, T] -> float32 [N, K], bit-exact with gguf.quants.dequantize."""
+    t = QUANT_TYPES[qtype]
+    if qtype == "q8_0":  # the hot CPU path of Q8_0 embeddings/heads: two passes, no uint8 detour
+        n = blocks.shape[0]
+        x = blocks[..., 2:].contiguous().view(torch.int8).float()
+        return (x * _f16(blocks[..., 0:2])).reshape(n, -1)  # numpy: x * d
     p = decode(blocks, qtype)
     n, k = p.q.shape
-    t = QUANT_TYPES[qtype]
     d = p.d.float()
     if p.sc is None:  # one scale per 32-value block
         q = p.q.reshape(n, -1, t.block).float()
         if p.zero:
             q = (p.q.reshape(n, -1, t.block).to(torch.int16) - p.zero).float()
-        if qtype == "q8_0":
-            w = q * d[..., None]  # numpy: x * d
-        elif p.m is not None:
+        if p.m is not None:
             w = d[..., None] * q + p.m.float()[..., None]  # (d * qs) + m
         else:
             w = d[..., None] * q
