@@ -27,10 +27,18 @@ def test_prepared_checkpoints_and_the_default_mix(root):
         assert (root / d / "config.json").is_file()
     plan = build_plan(MixedPrecisionConfig.from_yaml(root / "default-mix.yaml"))
     t = plan.tensors
-    assert {x.spec.layout for x in t.values()} == {"dense", "fp8", "int8", "gptq", "awq"}
+    assert {x.spec.layout for x in t.values()} == {"dense", "fp8", "int8", "gguf", "awq"}
     assert t["model.layers.0.self_attn.q_proj.weight"].spec.layout == "dense"
     assert t["model.layers.3.mlp.down_proj.weight"].spec.layout == "fp8"
-    assert t["model.layers.3.mlp.gate_proj.weight"].spec.describe() == "gptq int4 g64"
+    # the INT4 MLP weights and the embeddings are the published GGUF's own blocks
+    assert t["model.layers.3.mlp.gate_proj.weight"].spec.describe() == "gguf q4_1"
+    assert t["model.embed_tokens.weight"].spec.describe() == "gguf q8_0"
+    # ... which are exactly the model: the BF16 base (transformers' dequantization of the
+    # same file) is their rounding to bf16, not a second quantization
+    for name in ("model.layers.3.mlp.gate_proj.weight", "model.embed_tokens.weight"):
+        ours = plan.catalog(t[name]).read(name).dequantize()
+        base = plan.base.read(name).dequantize()
+        assert torch.equal(ours.bfloat16().float(), base), name
     assert t["model.layers.10.mlp.down_proj.weight"].spec.layout == "int8"
     assert {t[f"model.layers.29.mlp.{p}.weight"].spec.layout for p in ("gate_proj", "up_proj", "down_proj")} == {"awq"}
 
