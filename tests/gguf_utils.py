@@ -3,8 +3,8 @@ package's writer and quantizers (tests only).
 
 Names go through gguf's TensorNameMap, Llama/Mixtral q/k rows are permuted into GGML's
 rotary order (convert_hf_to_gguf.py's `permute`), per-expert tensors are stacked into
-`ffn_*_exps`, and a byte-level "gpt2" vocabulary (256 tokens, one per byte, no merges) is
-written so transformers can build the tokenizer from the file.
+`ffn_*_exps`, and a byte-level "gpt2" vocabulary (one token per byte, one merge) is
+written so transformers and llama.cpp can build the tokenizer from the file.
 """
 
 from __future__ import annotations
@@ -86,14 +86,16 @@ def write_gguf(path: Path, cfg: dict, tensors: dict[str, torch.Tensor], types=No
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    byte_chars = list(gguf.vocab.bytes_to_unicode().values())  # a byte-level BPE, one token per byte
-    tokens = (byte_chars + [f"<extra_{i}>" for i in range(cfg["vocab_size"])])[: cfg["vocab_size"]]
+    # a byte-level BPE: one token per byte, but the last, which is the one merge "x y" -> "xy"
+    # (llama.cpp refuses a BPE vocabulary without merges)
+    byte_chars = list(gguf.vocab.bytes_to_unicode().values())
+    tokens = (byte_chars[:255] + ["xy"] + [f"<extra_{i}>" for i in range(cfg["vocab_size"])])[: cfg["vocab_size"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
     w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges([])
+    w.add_token_merges(["x y"])
     w.add_bos_token_id(cfg.get("bos_token_id", 1))
     w.add_eos_token_id(cfg.get("eos_token_id", 2))
 
