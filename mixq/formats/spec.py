@@ -62,7 +62,7 @@ class WeightSpec:
             )
         if self.layout == "fp8":
             return "fp8"
-        if self.layout == "gguf":
+        if self.layout == "gguf" and self.qtype:
             return self.qtype
         return f"int{self.bits}"
 
@@ -70,7 +70,7 @@ class WeightSpec:
         """Short human-readable description, e.g. 'gptq int4 g128 asym act-order'."""
         if self.layout == "dense":
             return self.family
-        if self.layout == "gguf":
+        if self.layout == "gguf" and self.qtype:
             return f"gguf {self.qtype}"
         parts = [self.family] if self.layout == self.family else [self.layout, self.family]
         if self.scale_layout == "group":

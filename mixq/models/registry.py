@@ -43,9 +43,12 @@ def build_model(hf_config: dict, device: torch.device | str = "cpu") -> nn.Modul
         return cls(c)
 
 
-def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dtype: torch.dtype) -> None:
+def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dtype: torch.dtype,
+                       merge_projections: bool = True) -> None:
     """Place each weight on its module (by name); every module weight must be filled. Then
-    call `process_weights_after_loading()` on every module that has one."""
+    call `process_weights_after_loading()` on every module that has one, and (unless
+    `merge_projections` is False: tools that hook or swap single projections) let modules
+    merge sibling projections into one GEMM (`merge_projections()`, mixq.layers.merged)."""
     modules = dict(model.named_modules())
     seen = set()
     for qw in weights:
@@ -69,9 +72,13 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
     if missing:
         raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
     # post-load repacks that need several weights at once (MoE experts stacked per format)
-    for mod in model.modules():
+    for mod in list(model.modules()):
         if hasattr(mod, "process_weights_after_loading"):
             mod.process_weights_after_loading()
+    if merge_projections:
+        for mod in list(model.modules()):  # (merging q/k/v adds modules)
+            if hasattr(mod, "merge_projections"):
+                mod.merge_projections()
 
 
 

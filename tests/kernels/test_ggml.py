@@ -123,3 +123,26 @@ def test_ggml_kernel_refuses_bad_input():
         ggml.ggml_gemm(torch.zeros(2, 256), t, "q2_k", 8)
     ok, why = GGMLMethod().can_implement(gguf_spec("q4_0"), DEV)
     assert not ok and "not a gguf" in why
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q4_k"])
+def test_merged_gguf_projections_equal_the_separate_ones(qtype, monkeypatch):
+    """q/k/v in one GGUF type merge into one GEMM (wna16 with offsets, or ggml) whose
+    outputs are the separate projections' own."""
+    from mixq.layers.linear import MixedPrecisionLinear
+    from mixq.layers.merged import merge_linears
+
+    monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
+    k, outs = 256, (64, 32, 32)
+    ps = []
+    for i, n in enumerate(outs):
+        lin = MixedPrecisionLinear(k, n)
+        blocks = torch.from_numpy(gguf_blocks(qtype, n, k, seed=i)).to(DEV)
+        lin.load(QuantizedWeight(f"p{i}.weight", gguf_spec(qtype), (n, k), {"blocks": blocks}), torch.float32)
+        ps.append(lin)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(5)).to(DEV)
+    sep = [p(x) for p in ps]
+    m = merge_linears(ps, "qkv")
+    assert m is not None, "GGUF projections of one type should merge"
+    for a, b in zip(m(x), sep):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # the same kernel on the same bits
