@@ -93,8 +93,11 @@ def test_gemm_matches_gguf_dequantization(qtype, dtype, monkeypatch):
         assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), (qtype, m, float(err))
 
 
-def test_wna16_offset_matches_reference():
-    """The floating offset (w = q s + o) in both wna16 kernels, without GGUF in the way."""
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_wna16_offset_matches_reference(chunk, monkeypatch):
+    """The floating offset (w = q s + o) in both wna16 kernels, and (chunk) in the
+    dequantize + cuBLAS path that large batches take, without GGUF in the way."""
+    monkeypatch.setattr(wna16, "CHUNK_OVERRIDE", chunk)
     gen = torch.Generator().manual_seed(3)
     n, k = 80, 256
     q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
