@@ -36,7 +36,8 @@ sys.path[0] = str(ROOT)  # not bench/: its kernels.py would shadow the `kernels`
 
 from mixq.cli import main as mixq  # noqa: E402
 
-PRECISIONS = {"fp8": "fp8_path", "int8": "int8_path", "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path"}
+PRECISIONS = {"fp8": "fp8_path", "int8": "int8_path", "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path",
+              "gguf": "gguf_path"}  # gguf: the published file's own Q4_1 tensors (full run only)
 
 
 def round1_default(num_layers: int) -> dict:
@@ -75,7 +76,7 @@ def sources(smoke: bool) -> dict:
 
     root = prepare_default_model()
     return {"fp16_path": root / "bf16", "fp8_path": root / "fp8", "int8_path": root / "int8",
-            "gptq_int4_path": root / "gptq-int4", "awq_int4_path": root / "awq-int4"}
+            "gptq_int4_path": root / "gptq-int4", "awq_int4_path": root / "awq-int4", "gguf_path": root / "gguf"}
 
 
 def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
@@ -92,7 +93,7 @@ def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
         if same:
             print(f"reusing {mfile} (measured in {doc['seconds']:.0f} s)", flush=True)
             return doc
-    argv = ["measure", "--model-path", str(paths["fp16_path"]), *[a for k, key in PRECISIONS.items()
+    argv = ["measure", "--model-path", str(paths["fp16_path"]), *[a for k, key in PRECISIONS.items() if key in paths
             for a in (f"--{k.replace('_', '-')}-path", str(paths[key]))],
             "--max-tokens", str(cal_tokens), "--window", str(window), "-o", str(mfile)]
     assert mixq(argv) == 0
@@ -121,6 +122,10 @@ def main() -> int:
     cfgs = {"bf16": write(out / "bf16.yaml", paths, {})}
     for name, p in (("fp8", "fp8"), ("int8", "int8"), ("gptq-int4", "gptq_int4"), ("awq-int4", "awq_int4")):
         cfgs[name] = write(out / f"{name}.yaml", paths, {"model.layers.*_proj.weight": p})
+    if "gguf_path" in paths:  # the published GGUF (Q4_1 projections), and with its Q8_0 embeddings
+        cfgs["gguf"] = write(out / "gguf.yaml", paths, {"model.layers.*_proj.weight": "gguf"})
+        cfgs["gguf + Q8_0 embeddings (the file)"] = write(out / "gguf-file.yaml", paths, {
+            "model.layers.*_proj.weight": "gguf", "model.embed_tokens.weight": "gguf"})
     if not args.smoke:
         cfgs["default (round 1)"] = write(out / "round1-default.yaml", paths, round1_default(layers))
     cfgs["llama.cpp-style rule"] = write(out / "rule.yaml", paths, llamacpp_rule(layers))
