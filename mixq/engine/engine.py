@@ -19,6 +19,7 @@ from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
 from mixq.engine.sequence import Sequence
+from mixq.errors import ConfigError
 from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
@@ -39,6 +40,10 @@ class EngineConfig:
     max_total_tokens: int | None = None
     page_size: int = 16
     mem_fraction_static: float = 0.85
+    # CPU KV cache budget in GiB (as vLLM's VLLM_CPU_KVCACHE_SPACE, whose default is 4): the
+    # cache is the smaller of this and what --max-running-requests full-length sequences
+    # need; --max-total-tokens overrides both (`mixq generate` sizes it to its prompts)
+    cpu_kv_cache_space: float = 1.0
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
     show_progress: bool = False
@@ -132,24 +137,38 @@ def load_plan(cfg: EngineConfig):
     return build_plan(mp, model_path=cfg.model_path), mp
 
 
+def tokenizer_path(cfg: EngineConfig, plan) -> str:
+    """Where the engine loads its tokenizer: --tokenizer-path, else the base checkpoint."""
+    return cfg.tokenizer_path or str(plan.base.path)
+
+
 def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
-    """KV blocks this process can hold: --max-total-tokens, else the GPU memory left under
-    --mem-fraction-static, else (CPU) room for every running request within 4 GiB."""
+    """KV blocks this process holds: --max-total-tokens when given; else on a GPU the memory
+    left under --mem-fraction-static; else (CPU) what --max-running-requests sequences of
+    max_model_len need, at most --cpu-kv-cache-space GiB. Raises when one sequence of
+    max_model_len does not fit the budget (rather than allocating past it)."""
     bs = cfg.page_size
     if cfg.max_total_tokens:
         return max(1, -(-cfg.max_total_tokens // bs))
     per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
+    one_seq = -(-max_model_len // bs)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = total * cfg.mem_fraction_static - (total - free)
-        if budget < per * (-(-max_model_len // bs)):
+        if budget < per * one_seq:
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache of one {max_model_len}-token sequence at "
                 f"--mem-fraction-static {cfg.mem_fraction_static}; raise it or lower --context-length"
             )
         return int(budget // per)
-    want = cfg.max_running_requests * -(-max_model_len // bs)
-    return max(-(-max_model_len // bs), min(want, int(4 * 2**30 // per)))
+    budget = int(cfg.cpu_kv_cache_space * 2**30 // per)
+    if budget < one_seq:
+        raise ConfigError(
+            f"--cpu-kv-cache-space {cfg.cpu_kv_cache_space:g} GiB holds {budget * bs} tokens of KV cache, less "
+            f"than one {max_model_len}-token sequence ({one_seq * per / 2**30:.2f} GiB); raise it, lower "
+            "--context-length or set --max-total-tokens"
+        )
+    return min(cfg.max_running_requests * one_seq, budget)
 
 
 class LLMEngine:
@@ -203,8 +222,7 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
 
-        tok_path = cfg.tokenizer_path or str(self.plan.base.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(cfg, self.plan))
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)
@@ -219,6 +237,10 @@ class LLMEngine:
             num_blocks = self._num_blocks()
             self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
                                       cfg.attention_backend)
+        self.kv_cache_tokens = num_blocks * cfg.page_size
+        self.kv_cache_bytes = num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.page_size, self.kv_dtype)
+        log.info("KV cache: %d tokens (%d blocks of %d), %.1f MiB of %s on %s", self.kv_cache_tokens, num_blocks,
+                 cfg.page_size, self.kv_cache_bytes / 2**20, str(self.kv_dtype).removeprefix("torch."), self.device)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,

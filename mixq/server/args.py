@@ -34,6 +34,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 2048
     mem_fraction_static: float = 0.85
+    cpu_kv_cache_space: float = 1.0  # GiB (mixq.engine.engine.EngineConfig)
     page_size: int = 16
     host: str = "127.0.0.1"
     port: int = 30000
@@ -62,6 +63,8 @@ class ServerArgs:
             raise ConfigError(f"--port must be <= 65535, got {self.port}")
         if not 0 < self.mem_fraction_static < 1:
             raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if not 0 < self.cpu_kv_cache_space < float("inf"):
+            raise ConfigError(f"--cpu-kv-cache-space must be > 0 GiB, got {self.cpu_kv_cache_space}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
@@ -134,6 +137,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-total-tokens", dict(type=int, help="KV cache capacity in tokens (default: from memory)")),
     ("--chunked-prefill-size", dict(type=int, help="max prefill tokens per step; -1 disables chunking")),
     ("--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights + KV cache")),
+    ("--cpu-kv-cache-space", dict(type=float, metavar="GIB", help="on a CPU: KV cache budget in GiB (default 1; "
+                                  "like vLLM's VLLM_CPU_KVCACHE_SPACE); the cache is the smaller of this and what "
+                                  "--max-running-requests full-length sequences need. --max-total-tokens overrides")),
     ("--page-size", dict(type=int, help="tokens per KV cache block")),
     ("--host", dict(help="bind address")),
     ("--port", dict(type=int, help="port")),
