@@ -20,7 +20,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from mixq.engine.engine import EngineConfig, RequestOutput
+from mixq.engine.engine import RequestOutput
+from mixq.engine.engine_config import EngineConfig
 from mixq.engine.sampling_params import SamplingParams
 from mixq.errors import MixqError
 
@@ -50,7 +51,8 @@ def replica_main(conn, cfg: EngineConfig, cpu_threads: int) -> None:
     goes away: the pipe closes and the replica exits with it)."""
     import torch
 
-    from mixq.engine.engine import LLMEngine, resolve_device
+    from mixq.engine.engine import LLMEngine
+    from mixq.engine.engine_config import resolve_device
 
     if resolve_device(cfg.device).type == "cpu":  # replicas share the CPU's cores
         torch.set_num_threads(cpu_threads)
@@ -203,7 +205,7 @@ class DataParallelEngine:
         import torch
         from transformers import AutoTokenizer
 
-        from mixq.engine.engine import load_plan
+        from mixq.engine.engine_config import load_plan
         from mixq.server.async_engine import AsyncEngine
 
         plan, _ = load_plan(cfg)  # headers only: fails fast, names the tokenizer's home

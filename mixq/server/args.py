@@ -34,7 +34,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 2048
     mem_fraction_static: float = 0.85
-    cpu_kv_cache_space: float = 1.0  # GiB (mixq.engine.engine.EngineConfig)
+    cpu_kv_cache_space: float = 1.0  # GiB (mixq.engine.engine_config.EngineConfig)
     page_size: int = 16
     host: str = "127.0.0.1"
     port: int = 30000

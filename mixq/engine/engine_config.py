@@ -1,0 +1,120 @@
+"""What the engine resolves before it runs, shared by the engine and the ranks of a
+tensor-parallel group (mixq.distributed.workers): the config, the device and dtypes, the
+load plan, the tokenizer's path and the KV-cache size. Nothing here imports the engine or
+the rank processes (only the leaf mixq.distributed.config, for ParallelConfig), so both
+import it and the arrows point one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixq.engine.model_runner import ModelRunner
+from mixq.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    """What the engine needs; built by the CLI/launcher from flags (one place)."""
+
+    model_path: str | None = None
+    mixed_precision_config: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048
+    max_total_tokens: int | None = None
+    page_size: int = 16
+    mem_fraction_static: float = 0.85
+    # CPU KV cache budget in GiB (as vLLM's VLLM_CPU_KVCACHE_SPACE, whose default is 4): the
+    # cache is the smaller of this and what --max-running-requests full-length sequences
+    # need; --max-total-tokens overrides both (`mixq generate` sizes it to its prompts)
+    cpu_kv_cache_space: float = 1.0
+    attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
+    show_progress: bool = False
+    enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
+    # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # None: --max-running-requests, at most 256
+    cuda_graph_bs: list[int] | None = None  # explicit buckets (SGLang's --cuda-graph-bs)
+    # parallelism (mixq.distributed.config.ParallelConfig has the meanings)
+    tp_size: int = 1
+    ep_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    moe_dispatch: str = "all-reduce"
+    base_gpu_id: int = 0
+    dist_timeout_s: float = 600.0
+
+    def parallel(self):
+        """The ParallelConfig these fields describe (checked: ConfigError when impossible)."""
+        from mixq.distributed.config import ParallelConfig
+
+        return ParallelConfig(self.tp_size, self.ep_size, self.nnodes, self.node_rank, self.dist_init_addr,
+                              self.moe_dispatch, self.base_gpu_id, self.dist_timeout_s)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # CPU bf16 GEMMs are slow and lossy; fp32 is the reference
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
+        return {"float16": torch.float16, "float32": torch.bfloat16}.get(name, torch.bfloat16)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def load_plan(cfg: EngineConfig):
+    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
+    from mixq.config.schema import MixedPrecisionConfig
+    from mixq.formats import build_plan
+
+    mp = None
+    if cfg.mixed_precision_config:
+        mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
+    return build_plan(mp, model_path=cfg.model_path), mp
+
+
+def tokenizer_path(cfg: EngineConfig, plan) -> str:
+    """Where the engine loads its tokenizer: --tokenizer-path, else the base checkpoint."""
+    return cfg.tokenizer_path or str(plan.base.path)
+
+
+def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    """KV blocks this process holds: --max-total-tokens when given; else on a GPU the memory
+    left under --mem-fraction-static; else (CPU) what --max-running-requests sequences of
+    max_model_len need, at most --cpu-kv-cache-space GiB. Raises when one sequence of
+    max_model_len does not fit the budget (rather than allocating past it)."""
+    bs = cfg.page_size
+    if cfg.max_total_tokens:
+        return max(1, -(-cfg.max_total_tokens // bs))
+    per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
+    one_seq = -(-max_model_len // bs)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * cfg.mem_fraction_static - (total - free)
+        if budget < per * one_seq:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache of one {max_model_len}-token sequence at "
+                f"--mem-fraction-static {cfg.mem_fraction_static}; raise it or lower --context-length"
+            )
+        return int(budget // per)
+    budget = int(cfg.cpu_kv_cache_space * 2**30 // per)
+    if budget < one_seq:
+        raise ConfigError(
+            f"--cpu-kv-cache-space {cfg.cpu_kv_cache_space:g} GiB holds {budget * bs} tokens of KV cache, less "
+            f"than one {max_model_len}-token sequence ({one_seq * per / 2**30:.2f} GiB); raise it, lower "
+            "--context-length or set --max-total-tokens"
+        )
+    return min(cfg.max_running_requests * one_seq, budget)
