@@ -108,6 +108,9 @@ def quantize_checkpoint(dense: dict[str, torch.Tensor], fmt: str, **kw) -> tuple
     elif fmt == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": kw.get("group", 32), "zero_point": True,
               "version": "gemm"}
-    else:
-        qc = CT_FP8_QC
+    elif kw.get("activations", True):
+        qc = CT_FP8_QC  # FP8_DYNAMIC: per-token FP8 activations
+    else:  # FP8 weights only (W8A16)
+        group = dict(CT_FP8_QC["config_groups"]["group_0"], input_activations=None)
+        qc = dict(CT_FP8_QC, config_groups={"group_0": group})
     return out, qc

@@ -21,6 +21,8 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
+from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
+from mixq.kernels.cpu_quant import quantize_input
 from mixq.kernels.methods import WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 
@@ -80,11 +82,16 @@ class TorchDequantMethod:
 
     def apply(self, weight, x, bias):
         w = reader_for_layout(weight.spec.layout).dequantize(weight).to(x.dtype)
+        if weight.spec.activation != "none":  # W8A8 / FP8 schemes quantize their inputs (per token, ...)
+            static = weight.tensors.get("input_scale")
+            x2 = quantize_input(x.reshape(-1, x.shape[-1]), weight.spec, None if static is None else static.float())
+            x = x2.to(x.dtype).reshape(x.shape)
         return F.linear(x, w, bias)
 
 
-# Tried in order: the kernels made for a format first, the torch reference last.
-METHODS: list[LinearMethod] = [WNA16Method(), FP8Method(), Int8Method(), DenseMethod(), TorchDequantMethod()]
+# Tried in order: the kernels made for a format first (GPU, then CPU), the torch reference last.
+METHODS: list[LinearMethod] = [WNA16Method(), FP8Method(), Int8Method(), CPUInt4Method(), CPUInt8Method(),
+                               CPUFP8Method(), DenseMethod(), TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:
