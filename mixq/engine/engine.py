@@ -21,6 +21,7 @@ from mixq.engine.engine_config import (  # also the engine's public names (mixq.
     resolve_device,
     resolve_dtype,
     tokenizer_path,
+    usable_cpus,
 )
 from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.engine.sampler import Sampler, SampleRow
@@ -100,6 +101,10 @@ class LLMEngine:
             dtype = mp.inference.dtype if dtype == "auto" else dtype
             max_len = max_len or mp.inference.max_seq_length
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
+        if self.device.type == "cpu" and torch.get_num_threads() > (cores := usable_cpus()):
+            torch.set_num_threads(cores)  # a CPU quota below the affinity mask: more threads only spin
+        if self.device.type == "cpu":
+            log.info("CPU: %d threads, %s", torch.get_num_threads(), str(self.dtype).removeprefix("torch."))
         self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, self.device,
                                                                                         hf_cfg)
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
