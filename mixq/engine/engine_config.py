@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,34 +69,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 / AMX-BF16, Arm BF16):
     there torch's bf16 GEMMs and its int4/int8 weight-only kernels are the fast ones (the
     fp32 int4 path is ~30x slower than bf16 on a Sapphire Rapids core); elsewhere bf16 is
-    emulated and fp32 is faster."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:  # not Linux: no cheap, dependable way to ask
-        return False
-    for line in text.splitlines():
+    emulated and fp32 is faster. `cpuinfo`: /proc/cpuinfo's text (read when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap, dependable way to ask
+            return False
+    for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
             flags = set(line.split(":", 1)[1].split())
             return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     return False
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """Cores this process may run on: its affinity mask, capped by a cgroup CPU quota
     (containers: docker --cpus); torch's default thread count follows only the first."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = None
-    try:  # cgroup v2, then v1
-        q, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        q, period = (cgroup / "cpu.max").read_text().split()[:2]
         quota = None if q == "max" else int(q) / int(period)
     except (OSError, ValueError):
-        try:
-            q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
-            quota = None if q <= 0 else q / int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        try:  # cgroup v1: -1 when unlimited
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            quota = None if q <= 0 else q / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
             pass
     return max(1, min(n, math.ceil(quota))) if quota else n
