@@ -38,6 +38,7 @@ log = logging.getLogger("mixq.kernels")
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -88,11 +89,23 @@ static inline float hsum(v16f v) {
     return s;
 }
 
-/* R rows of x (R <= 4, a constant at every call) against row n of w:
-   out[r * N] = sum over K blocks of (x[r] . w[n] over the block) * scale */
-static inline __attribute__((always_inline)) void rows(const int R, const float *x, int64_t K,
-        const uint8_t *wr, const float *sr, int64_t bk, float *out, int64_t N) {
-    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* R rows of fp32 x (R <= 4, a constant at every call) against row n of w: acc[r] = sum over
+   K blocks of (x[r] . w[n] over the block) * scale */
+static inline __attribute__((always_inline)) void rows_f32(const int R, const float *x, int64_t K,
+        const uint8_t *wr, const float *sr, int64_t bk, float *acc) {
     for (int64_t k0 = 0; k0 < K; k0 += bk) {
         const int64_t k1 = k0 + bk < K ? k0 + bk : K;
         v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, xv;
@@ -113,31 +126,117 @@ static inline __attribute__((always_inline)) void rows(const int R, const float 
             if (R > 3) s3 += x[3 * K + k] * wf;
         }
         const float s = sr[k0 / bk];
-        t0 += s0 * s; t1 += s1 * s; t2 += s2 * s; t3 += s3 * s;
+        acc[0] += s0 * s;
+        if (R > 1) acc[1] += s1 * s;
+        if (R > 2) acc[2] += s2 * s;
+        if (R > 3) acc[3] += s3 * s;
     }
-    out[0] = t0;
-    if (R > 1) out[N] = t1;
-    if (R > 2) out[2 * N] = t2;
-    if (R > 3) out[3 * N] = t3;
 }
 
-void fp8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
-              int64_t bn, int64_t bk, int64_t sk, float *out, int nthreads) {
+#if defined(__AVX512BF16__)
+/* 32 e4m3 bytes -> 32 bf16 (exact: e4m3 has 3 mantissa bits, bf16 7): normal magnitudes by
+   shifting the bits into place and rebasing the exponent (+120), the 7 subnormal ones
+   (m * 2**-9) from a table, the sign bit moved from bit 7 to bit 15 */
+static inline __m512i e4m3x32_bf16(const uint8_t *p) {
+    static const uint16_t sub_table[32] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+    const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi16(0x7f));
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    const __m512i sub = _mm512_permutexvar_epi16(mag, _mm512_loadu_si512(sub_table));
+    const __m512i v = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
+    /* v | (u << 8 & 0x8000) */
+    return _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(u, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+}
+
+/* as rows_f32 for bf16 x: pairs of products summed in fp32 by vdpbf16ps */
+static inline __attribute__((always_inline)) void rows_bf16(const int R, const uint16_t *x, int64_t K,
+        const uint8_t *wr, const float *sr, int64_t bk, float *acc) {
+    for (int64_t k0 = 0; k0 < K; k0 += bk) {
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) {
+            const __m512bh wb = (__m512bh)e4m3x32_bf16(wr + k);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), wb);
+            if (R > 1) a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + K + k), wb);
+            if (R > 2) a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(x + 2 * K + k), wb);
+            if (R > 3) a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(x + 3 * K + k), wb);
+        }
+        float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
+        float s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+        for (; k < k1; k++) {
+            const float wf = e4m3(wr[k]);
+            s0 += bf16_to_f32(x[k]) * wf;
+            if (R > 1) s1 += bf16_to_f32(x[K + k]) * wf;
+            if (R > 2) s2 += bf16_to_f32(x[2 * K + k]) * wf;
+            if (R > 3) s3 += bf16_to_f32(x[3 * K + k]) * wf;
+        }
+        const float s = sr[k0 / bk];
+        acc[0] += s0 * s;
+        if (R > 1) acc[1] += s1 * s;
+        if (R > 2) acc[2] += s2 * s;
+        if (R > 3) acc[3] += s3 * s;
+    }
+}
+#endif
+
+int fp8_has_bf16_dot(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out[m, n] = xscale[m] * sum over K blocks of (x[m] . w[n] over the block) * scale[n / bn, block]
+   x: fp32, or bf16 when x_bf16 (multiplied in bf16 pairs where the CPU has AVX512-BF16, else
+   widened to fp32 first); xscale: fp32 [M] or NULL; out: fp32, or bf16 when out_bf16 */
+void fp8_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
+              int64_t bn, int64_t bk, int64_t sk, const float *xscale, void *out, int out_bf16, int nthreads) {
+    float *xf = NULL;
+#if !defined(__AVX512BF16__)
+    if (x_bf16) {
+        xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        x = xf;
+        x_bf16 = 0;
+    }
+#endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K;
         const float *sr = scale + (n / bn) * sk;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xm = x + m0 * K;
-            float *om = out + m0 * N + n;
-            switch (M - m0 < 4 ? M - m0 : 4) {  /* constant R: each case is specialised */
-                case 1: rows(1, xm, K, wr, sr, bk, om, N); break;
-                case 2: rows(2, xm, K, wr, sr, bk, om, N); break;
-                case 3: rows(3, xm, K, wr, sr, bk, om, N); break;
-                default: rows(4, xm, K, wr, sr, bk, om, N); break;
+            const int R = M - m0 < 4 ? (int)(M - m0) : 4;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (!x_bf16) {
+                const float *xm = (const float *)x + m0 * K;
+                switch (R) {  /* constant R: each case is specialised */
+                    case 1: rows_f32(1, xm, K, wr, sr, bk, acc); break;
+                    case 2: rows_f32(2, xm, K, wr, sr, bk, acc); break;
+                    case 3: rows_f32(3, xm, K, wr, sr, bk, acc); break;
+                    default: rows_f32(4, xm, K, wr, sr, bk, acc); break;
+                }
+            }
+#if defined(__AVX512BF16__)
+            else {
+                const uint16_t *xm = (const uint16_t *)x + m0 * K;
+                switch (R) {
+                    case 1: rows_bf16(1, xm, K, wr, sr, bk, acc); break;
+                    case 2: rows_bf16(2, xm, K, wr, sr, bk, acc); break;
+                    case 3: rows_bf16(3, xm, K, wr, sr, bk, acc); break;
+                    default: rows_bf16(4, xm, K, wr, sr, bk, acc); break;
+                }
+            }
+#endif
+            for (int r = 0; r < R; r++) {
+                const float v = xscale ? acc[r] * xscale[m0 + r] : acc[r];
+                if (out_bf16) ((uint16_t *)out)[(m0 + r) * N + n] = f32_to_bf16(v);
+                else ((float *)out)[(m0 + r) * N + n] = v;
             }
         }
     }
+    free(xf);
 }
 
 static inline void store(v16f v, void *out, int64_t k, int bf16) {
@@ -217,7 +316,9 @@ def _build() -> ctypes.CDLL:
             os.replace(out, lib)  # atomic: concurrent builders each write their own temp file
     dll = ctypes.CDLL(str(lib))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.fp8_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    c_int = ctypes.c_int
+    dll.fp8_gemm.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, c_int, c_int]
+    dll.fp8_has_bf16_dot.restype = c_int
     dll.fp8_dequant.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     return dll
 
@@ -246,20 +347,23 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bn: int, bk: i
                          f"got {scale.dtype} {list(scale.shape)}")
 
 
-@torch.library.custom_op("mixq::cpu_fp8_linear", mutates_args=())
-def _fp8_linear_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+def _impl(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bn: int, bk: int,
+          x_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
     threads = torch.get_num_threads()
     wp = w.view(torch.uint8)
     if m < TILE_MIN_ROWS:
-        xf = x.float().contiguous()
-        out = torch.empty(m, n, dtype=torch.float32)
-        _lib.fp8_gemm(xf.data_ptr(), m, k, wp.data_ptr(), n, scale.data_ptr(), bn, bk, scale.shape[1],
-                      out.data_ptr(), threads)
-        return out.to(x.dtype)
-    dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    xc = x.to(dt).contiguous()
+        xc = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        xc = xc.contiguous()
+        out = torch.empty(m, n, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+        _lib.fp8_gemm(xc.data_ptr(), int(xc.dtype == torch.bfloat16), m, k, wp.data_ptr(), n, scale.data_ptr(), bn,
+                      bk, scale.shape[1], None if x_scale is None else x_scale.data_ptr(), out.data_ptr(),
+                      int(out.dtype == torch.bfloat16), threads)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+    dt = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+    xc = x.float() * x_scale[:, None] if x_scale is not None else x
+    xc = xc.to(dt).contiguous()
     out = torch.empty(m, n, dtype=dt)
     rows = max(1, TILE_BYTES // (k * dt.itemsize))
     tile = torch.empty(min(rows, n), k, dtype=dt)
@@ -269,24 +373,48 @@ def _fp8_linear_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bn: in
         _lib.fp8_dequant(wp.data_ptr(), n0, n1, k, scale.data_ptr(), bn, bk, scale.shape[1], t.data_ptr(),
                          int(dt == torch.bfloat16), threads)
         out[:, n0:n1] = xc @ t.t()
-    return out.to(x.dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@torch.library.custom_op("mixq::cpu_fp8_linear", mutates_args=())
+def _fp8_linear_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bn: int, bk: int,
+                   x_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _impl(x, w, scale, bn, bk, x_scale, out_dtype)
 
 
 @_fp8_linear_op.register_fake
-def _(x, w, scale, bn, bk):
-    return x.new_empty((x.shape[0], w.shape[0]))
+def _(x, w, scale, bn, bk, x_scale, out_dtype):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """x [M, K] float (fp32/bf16/fp16) @ (w * scale)^T -> [M, N] in x's dtype, on the CPU.
+def has_bf16_dot() -> bool:
+    """Whether the built kernel multiplies bf16 activations in bf16 pairs (AVX512-BF16):
+    then bf16 inputs, FP8 codes included (exact in bf16), skip the widening to fp32."""
+    return available()[0] and bool(_lib.fp8_has_bf16_dot())
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] float (fp32/bf16/fp16) @ (w * scale)^T, rows scaled by x_scale -> [M, N] in
+    out_dtype (default x's), on the CPU.
 
     w: float8_e4m3fn [N, K] contiguous; scale: float32 [ceil(N/bn), ceil(K/bk)] for `block`
-    = (bn, bk): (1, K) per channel, (bn, bk) block-scaled, (1, G) group. Fewer than
-    TILE_MIN_ROWS rows run the GEMV kernel (fp32 sums); more dequantize ~4 MiB tiles of w
-    (bf16 when x is bf16, else fp32) for torch's GEMM."""
+    = (bn, bk): (1, K) per channel, (bn, bk) block-scaled, (1, G) group; x_scale: float32
+    [M] or None (per-token activation scales of FP8 codes passed as x). Fewer than
+    TILE_MIN_ROWS rows run the GEMV kernel (fp32 sums; bf16 x in bf16 pairs where the CPU
+    has AVX512-BF16); more dequantize ~4 MiB tiles of w (bf16 for a bf16 output, else fp32)
+    for torch's GEMM."""
     ok, why = available()
     if not ok:
         raise RuntimeError(why)
     bn, bk = block
     _check(x, w, scale, bn, bk)
-    return torch.ops.mixq.cpu_fp8_linear(x, w, scale, bn, bk)
+    m = x.shape[0]
+    if x_scale is not None and (x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,)
+                                or not x_scale.is_contiguous()):
+        raise ValueError(f"cpu fp8: x_scale must be contiguous float32 [{m}], got {x_scale.dtype} "
+                         f"{list(x_scale.shape)}")
+    out_dtype = out_dtype or x.dtype
+    if torch.compiler.is_compiling():
+        return torch.ops.mixq.cpu_fp8_linear(x, w, scale, bn, bk, x_scale, out_dtype)
+    return _impl(x, w, scale, bn, bk, x_scale, out_dtype)  # eager: skip the op dispatch (~15 us a call)

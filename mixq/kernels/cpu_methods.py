@@ -36,7 +36,7 @@ import torch
 from mixq.errors import CheckpointError, UnsupportedFormatError
 from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import cpu_fp8
-from mixq.kernels.cpu_quant import quantize_input
+from mixq.kernels.cpu_quant import quantize_input, token_codes
 from mixq.kernels.methods import canonical_int
 
 KERNEL_GROUPS = (256, 128, 64, 32)
@@ -269,11 +269,20 @@ class CPUFP8Method:
         shape = x.shape
         x2 = x.reshape(-1, k)
         bn, bk = (int(v) for v in t["block"])
-        if spec.activation != "none":
-            x2 = quantize_input(x2, spec, t.get("input_scale"))  # fp32: exact codes * scales
-            if x.dtype != torch.float32 and x2.shape[0] >= cpu_fp8.TILE_MIN_ROWS:
-                x2 = x2.to(x.dtype)  # prefill tiles run torch's GEMM in the model dtype
-        y = cpu_fp8.fp8_linear(x2, t["weight"], t["weight_scale"], (bn, bk)).to(x.dtype)
+        static = t.get("input_scale")
+        per_token = spec.activation == "dynamic-token" or (spec.activation == "static-tensor" and static is not None)
+        if (per_token and spec.scale_layout in ("tensor", "channel") and x.dtype == torch.bfloat16
+                and x2.shape[0] < cpu_fp8.TILE_MIN_ROWS and cpu_fp8.has_bf16_dot()):
+            # the FP8 codes are exact in bf16: the kernel multiplies them in bf16 pairs and
+            # applies each token's scale to its sums, as an FP8 GEMM does
+            codes, xs = token_codes(x2, to_int8=False, static_scale=static)
+            y = cpu_fp8.fp8_linear(codes.to(torch.bfloat16), t["weight"], t["weight_scale"], (bn, bk), xs, x.dtype)
+        else:
+            if spec.activation != "none":
+                x2 = quantize_input(x2, spec, static)  # fp32: exact codes * scales
+                if x.dtype != torch.float32 and x2.shape[0] >= cpu_fp8.TILE_MIN_ROWS:
+                    x2 = x2.to(x.dtype)  # prefill tiles run torch's GEMM in the model dtype
+            y = cpu_fp8.fp8_linear(x2, t["weight"], t["weight_scale"], (bn, bk), out_dtype=x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], n)

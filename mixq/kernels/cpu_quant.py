@@ -54,24 +54,32 @@ def fake_quant(x: torch.Tensor, to_int8: bool, group: int = 0,
 
     to_int8: INT8 codes in [-127, 127], else FP8 E4M3; group 0: per token (static_scale,
     fp32 [1], if the checkpoint has one), group > 0: per 1 x group block, dynamic."""
-    if x.dim() != 2:
-        raise ValueError(f"fake_quant: x must be 2-D [M, K], got shape {list(x.shape)}")
     if group and static_scale is not None:
         raise ValueError("fake_quant: a static scale is per tensor; it cannot be combined with groups")
+    if not group:
+        q, s = token_codes(x, to_int8, static_scale)
+        return q * s[:, None]
     m, k = x.shape
     qmax = INT8_MAX if to_int8 else FP8_MAX
-    s = act_scales(x, qmax, group, static_scale)
-    xf = x.float()
-    if group:
-        g = s.shape[1]
-        xf = torch.nn.functional.pad(xf, (0, g * group - k)).reshape(m, g, group)
-        y = (xf / s[:, :, None]).clamp(-qmax, qmax)
-    else:
-        y = (xf / s).clamp(-qmax, qmax)
+    s = act_scales(x, qmax, group)
+    g = s.shape[1]
+    xf = torch.nn.functional.pad(x.float(), (0, g * group - k)).reshape(m, g, group)
+    y = (xf / s[:, :, None]).clamp(-qmax, qmax)
     q = torch.sign(y) * torch.floor(y.abs() + 0.5) if to_int8 else round_to_e4m3(y)
-    if group:
-        return (q * s[:, :, None]).reshape(m, -1)[:, :k]
-    return q * s
+    return (q * s[:, :, None]).reshape(m, -1)[:, :k]
+
+
+def token_codes(x: torch.Tensor, to_int8: bool,
+                static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x [M, K]: (codes float32 [M, K], exactly the INT8 / E4M3
+    values; scales float32 [M]), x ~= codes * scales[:, None]."""
+    if x.dim() != 2:
+        raise ValueError(f"quantization: x must be 2-D [M, K], got shape {list(x.shape)}")
+    qmax = INT8_MAX if to_int8 else FP8_MAX
+    s = act_scales(x, qmax, 0, static_scale)  # [M, 1]
+    y = (x.float() / s).clamp(-qmax, qmax)
+    q = torch.sign(y) * torch.floor(y.abs() + 0.5) if to_int8 else round_to_e4m3(y)
+    return q, s.reshape(-1).contiguous()
 
 
 def quantize_input(x: torch.Tensor, spec: WeightSpec, static_scale: torch.Tensor | None) -> torch.Tensor:

@@ -184,6 +184,15 @@ def test_fp8_kernel_odd_shapes_every_code_and_both_paths(n, k, block):
             y = cpu_fp8.fp8_linear(x, w, scale, block)
             ref = x.double() @ dense.t()
             assert float((y.double() - ref).norm() / ref.norm()) < tol, (m, dtype)
+    # per-token scales of FP8 codes passed as x (the W8A8 path): row m of the product x s[m]
+    codes = torch.randn(3, k, generator=gen).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    xs = torch.rand(3, generator=gen) + 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        y = cpu_fp8.fp8_linear(codes.to(dtype), w, scale, block, xs, torch.float32)
+        ref = (codes.double() * xs.double()[:, None]) @ dense.t()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-6, dtype  # codes are exact in bf16
+    with pytest.raises(ValueError, match=r"x_scale must be contiguous float32 \[3\]"):
+        cpu_fp8.fp8_linear(codes, w, scale, block, xs.double())
     for bad in (scale.double(), torch.ones(scale.shape[0] + 1, scale.shape[1])):
         with pytest.raises(ValueError, match=r"scale must be contiguous float32"):
             cpu_fp8.fp8_linear(torch.zeros(1, k), w, bad, block)
