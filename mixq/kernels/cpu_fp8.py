@@ -239,6 +239,59 @@ void fp8_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w,
     free(xf);
 }
 
+/* Per-token symmetric quantization, the rule of mixq.kernels.quant (fp32 arithmetic, IEEE
+   division): s = static ? *static : max(amax(row), 1e-10) / qmax; y = clamp(x / s, +-qmax);
+   INT8 (is_int8): round half away from zero; FP8: nearest-even e4m3 value. The codes (exact
+   in bf16 and fp32) go to codes as fp32, or bf16 when codes_bf16; the scales to scales[M]. */
+void quant_rows(const void *x, int x_bf16, int64_t M, int64_t K, float qmax, int is_int8,
+                const float *static_scale, void *codes, int codes_bf16, float *scales, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        float *row = (float *)malloc((size_t)K * sizeof(float));
+        for (int64_t k = 0; k < K; k++)
+            row[k] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
+        float s;
+        if (static_scale) {
+            s = *static_scale;
+        } else {
+            float amax = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const float a = row[k] < 0 ? -row[k] : row[k];
+                amax = a > amax ? a : amax;
+            }
+            s = (amax > 1e-10f ? amax : 1e-10f) / qmax;
+        }
+        scales[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float y = row[k] / s;
+            y = y > qmax ? qmax : (y < -qmax ? -qmax : y);
+            float q;
+            if (is_int8) {
+                const float r = __builtin_floorf((y < 0 ? -y : y) + 0.5f);
+                q = y < 0 ? -r : r;
+            } else {
+                const float a = y < 0 ? -y : y;
+                if (a < 0.015625f) {  /* e4m3 subnormals: a fixed grid of 2**-9 */
+                    q = (y + 24576.0f) - 24576.0f;  /* 1.5 * 2**14: fp32's ulp there is 2**-9 */
+                } else {
+                    uint32_t b;
+                    memcpy(&b, &y, 4);
+                    b = (b + 0x7FFFFu + ((b >> 20) & 1u)) & ~0xFFFFFu;  /* keep 3 mantissa bits, ties to even */
+                    memcpy(&q, &b, 4);
+                }
+            }
+            if (codes_bf16) {  /* at most 8 significant bits: the top half of the fp32 is exact */
+                uint32_t b;
+                memcpy(&b, &q, 4);
+                ((uint16_t *)codes)[m * K + k] = (uint16_t)(b >> 16);
+            } else {
+                ((float *)codes)[m * K + k] = q;
+            }
+        }
+        free(row);
+    }
+}
+
 static inline void store(v16f v, void *out, int64_t k, int bf16) {
     if (bf16) {  /* round to nearest even */
         v16u b = (v16u)v;
@@ -319,6 +372,7 @@ def _build() -> ctypes.CDLL:
     c_int = ctypes.c_int
     dll.fp8_gemm.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, c_int, c_int]
     dll.fp8_has_bf16_dot.restype = c_int
+    dll.quant_rows.argtypes = [ptr, c_int, i64, i64, ctypes.c_float, c_int, ptr, ptr, c_int, ptr, c_int]
     dll.fp8_dequant.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     return dll
 
@@ -418,3 +472,18 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tup
     if torch.compiler.is_compiling():
         return torch.ops.mixq.cpu_fp8_linear(x, w, scale, bn, bk, x_scale, out_dtype)
     return _impl(x, w, scale, bn, bk, x_scale, out_dtype)  # eager: skip the op dispatch (~15 us a call)
+
+
+def quant_rows(x: torch.Tensor, to_int8: bool, static_scale: torch.Tensor | None,
+               codes_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization in C (mixq.kernels.cpu_quant.token_codes is the contract):
+    x [M, K] fp32/bf16 -> (codes [M, K] in codes_dtype (fp32 or bf16, exact), scales fp32 [M])."""
+    m, k = x.shape
+    xc = x.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
+    codes = torch.empty(m, k, dtype=codes_dtype)
+    scales = torch.empty(m, dtype=torch.float32)
+    st = None if static_scale is None else static_scale.float().contiguous()
+    _lib.quant_rows(xc.data_ptr(), int(xc.dtype == torch.bfloat16), m, k, 127.0 if to_int8 else 448.0, int(to_int8),
+                    None if st is None else st.data_ptr(), codes.data_ptr(), int(codes_dtype == torch.bfloat16),
+                    scales.data_ptr(), torch.get_num_threads() if m > 1 else 1)
+    return codes, scales

@@ -188,15 +188,21 @@ class CPUInt8Method:
     def apply(self, weight: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         t, (n, k) = weight.tensors, weight.shape
         shape = x.shape
-        x2 = x.reshape(-1, k)
-        x2 = quantize_input(x2, weight.spec, t.get("input_scale"))
-        xs = x2.to(t["scale"].dtype)
+        dt = t["scale"].dtype
+        xin, xs = x.reshape(-1, k), None
+        if weight.spec.activation != "none":
+            # INT8 codes (exact in bf16 and fp32) through the kernel, each token's scale after it
+            xin, xs = token_codes(xin, to_int8=True, static_scale=t.get("input_scale"), codes_dtype=dt)
+        xin = xin.to(dt)
         if t["weight"].shape[1] != k:
-            xs = torch.nn.functional.pad(xs, (0, t["weight"].shape[1] - k))
-        xs = xs.contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(xs, t["weight"], t["scale"])
-        if "zero_scale" in t:
-            y = (y.float() - x2.float().sum(1, keepdim=True) * t["zero_scale"]).to(y.dtype)
+            xin = torch.nn.functional.pad(xin, (0, t["weight"].shape[1] - k))
+        y = torch.ops.aten._weight_int8pack_mm(xin.contiguous(), t["weight"], t["scale"])
+        if "zero_scale" in t or xs is not None:
+            y = y.float()
+            if "zero_scale" in t:
+                y = y - xin.float().sum(1, keepdim=True) * t["zero_scale"]
+            if xs is not None:
+                y = y * xs[:, None]
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias
@@ -275,8 +281,8 @@ class CPUFP8Method:
                 and x2.shape[0] < cpu_fp8.TILE_MIN_ROWS and cpu_fp8.has_bf16_dot()):
             # the FP8 codes are exact in bf16: the kernel multiplies them in bf16 pairs and
             # applies each token's scale to its sums, as an FP8 GEMM does
-            codes, xs = token_codes(x2, to_int8=False, static_scale=static)
-            y = cpu_fp8.fp8_linear(codes.to(torch.bfloat16), t["weight"], t["weight_scale"], (bn, bk), xs, x.dtype)
+            codes, xs = token_codes(x2, to_int8=False, static_scale=static, codes_dtype=torch.bfloat16)
+            y = cpu_fp8.fp8_linear(codes, t["weight"], t["weight_scale"], (bn, bk), xs, x.dtype)
         else:
             if spec.activation != "none":
                 x2 = quantize_input(x2, spec, static)  # fp32: exact codes * scales

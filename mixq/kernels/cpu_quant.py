@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mixq.formats.spec import WeightSpec
+from mixq.kernels import cpu_fp8
 from mixq.kernels.quant import EPS, FP8_MAX, INT8_MAX
 
 DEFAULT_ACT_GROUP = 128  # dynamic-group activations over per-channel weights (as mixq.kernels.w8_methods)
@@ -69,17 +70,27 @@ def fake_quant(x: torch.Tensor, to_int8: bool, group: int = 0,
     return (q * s[:, :, None]).reshape(m, -1)[:, :k]
 
 
-def token_codes(x: torch.Tensor, to_int8: bool,
-                static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization of x [M, K]: (codes float32 [M, K], exactly the INT8 / E4M3
-    values; scales float32 [M]), x ~= codes * scales[:, None]."""
+def token_codes(x: torch.Tensor, to_int8: bool, static_scale: torch.Tensor | None = None,
+                codes_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x [M, K]: (codes [M, K] in codes_dtype, exactly the INT8 /
+    E4M3 values (both are exact in bf16 and fp32); scales float32 [M]), x ~= codes * scales.
+    Runs in the CPU C kernels when they are built (one pass, the same arithmetic; tests
+    compare the two bit for bit), else in torch ops."""
     if x.dim() != 2:
         raise ValueError(f"quantization: x must be 2-D [M, K], got shape {list(x.shape)}")
+    if x.device.type == "cpu" and codes_dtype in (torch.float32, torch.bfloat16) and cpu_fp8.available()[0]:
+        return cpu_fp8.quant_rows(x, to_int8, static_scale, codes_dtype)
+    return token_codes_torch(x, to_int8, static_scale, codes_dtype)
+
+
+def token_codes_torch(x: torch.Tensor, to_int8: bool, static_scale: torch.Tensor | None = None,
+                      codes_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_codes in torch ops (any device)."""
     qmax = INT8_MAX if to_int8 else FP8_MAX
     s = act_scales(x, qmax, 0, static_scale)  # [M, 1]
     y = (x.float() / s).clamp(-qmax, qmax)
     q = torch.sign(y) * torch.floor(y.abs() + 0.5) if to_int8 else round_to_e4m3(y)
-    return q, s.reshape(-1).contiguous()
+    return q.to(codes_dtype), s.reshape(-1).contiguous()
 
 
 def quantize_input(x: torch.Tensor, spec: WeightSpec, static_scale: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.formats.spec import QuantizedWeight
+from mixq.kernels import dense
 
 
 class Embedding(nn.Module):
@@ -26,4 +27,4 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)  # [T, dim]
 
     def as_lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)  # [R, vocab]
+        return dense.linear(hidden, self.weight)  # [R, vocab]

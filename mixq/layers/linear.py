@@ -21,6 +21,7 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
+from mixq.kernels import dense
 from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
 from mixq.kernels.cpu_quant import quantize_input
 from mixq.kernels.methods import WNA16Method
@@ -44,7 +45,8 @@ class LinearMethod(Protocol):
 
 
 class DenseMethod:
-    """Dense weights: held in the model dtype, computed by F.linear (cuBLAS on GPU)."""
+    """Dense weights: held in the model dtype, computed by F.linear (cuBLAS on GPU; one CPU
+    row of bf16/fp16 by torch.mv, see mixq.kernels.dense)."""
 
     name = "dense"
 
@@ -58,7 +60,7 @@ class DenseMethod:
         return weight
 
     def apply(self, weight, x, bias):
-        return F.linear(x, weight.tensors["weight"], bias)
+        return dense.linear(x, weight.tensors["weight"], bias)
 
 
 class TorchDequantMethod:

@@ -14,7 +14,7 @@ from mixq.formats import CheckpointCatalog, writers
 from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import cpu_fp8
 from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
-from mixq.kernels.cpu_quant import fake_quant, round_to_e4m3
+from mixq.kernels.cpu_quant import fake_quant, round_to_e4m3, token_codes_torch
 from mixq.kernels.quant import quant_reference
 from mixq.layers.linear import TorchDequantMethod, select_method
 
@@ -225,3 +225,24 @@ def test_cpu_activation_quantization_is_the_gpu_kernels_rule(to_int8, group, sta
     want = q.float() * s if not group else (
         torch.nn.functional.pad(q.float(), (0, -300 % group)).reshape(9, -1, group) * s[:, :, None]).reshape(9, -1)[:, :300]
     assert torch.equal(fake_quant(x, to_int8, group, st), want)
+
+
+@pytest.mark.parametrize("to_int8", [True, False])
+@pytest.mark.parametrize("static", [False, True])
+def test_c_token_quantization_equals_the_torch_rule(to_int8, static):
+    """The C per-token quantizer (what the CPU methods call) against token_codes in torch ops,
+    bit for bit: fp32 and bf16 inputs, exact ties (k + 0.5 codes, e4m3 midpoints), a zero row,
+    values past a static scale's range."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 200, generator=gen) * 4
+    x[1] = 0
+    st = torch.tensor([0.01]) if static else None
+    if not static:  # row 2: amax 127 -> s = 1, so the x.5 entries are exact ties
+        x[2, :50] = torch.arange(50) + 0.5
+        x[2, 50] = 127.0
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype)
+        for codes_dtype in (torch.float32, torch.bfloat16):
+            q, s = cpu_fp8.quant_rows(xi, to_int8, st, codes_dtype)
+            q2, s2 = token_codes_torch(xi, to_int8, st, codes_dtype)
+            assert torch.equal(s, s2) and torch.equal(q, q2), (dtype, codes_dtype)
