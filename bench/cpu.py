@@ -132,12 +132,29 @@ def run_mixq(cfg: dict, ids: list[int], new: int, reps: int) -> dict:
 
 def run_llamacpp(cfg: dict, ids: list[int], new: int, reps: int, threads: int) -> dict:
     import llama_cpp
+    import llama_cpp.llama as llama_module
 
-    llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=len(ids) + new + 32, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+    # llama.cpp's AMX matmul (ggml_backend_amx_mul_mat, taken for Q4_1 on AMX CPUs) segfaults
+    # on this model with llama-cpp-python 0.3.36 on the Sapphire Rapids VM: load the weights
+    # into plain CPU buffers (use_extra_bufts=False: no AMX or repacked copies; ggml repacks
+    # no Q4_1 layout anyway), which llama-cpp-python's constructor does not expose
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=len(ids) + new + 32, n_threads=threads,
+                              n_threads_batch=threads, n_batch=512, verbose=False)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
     def gen(n):
         out = []
+        llm.reset()  # no prefix reuse: every run evaluates the whole prompt
         for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             out.append(t)
             if len(out) == n:
@@ -152,7 +169,7 @@ def run_llamacpp(cfg: dict, ids: list[int], new: int, reps: int, threads: int) -
         gen(new)
         times.append((t1 - t0, time.perf_counter() - t1 - (t1 - t0)))
     return {"times": times, "weight_bytes": os.path.getsize(cfg["gguf"]),
-            "version": llama_cpp.__version__}
+            "version": llama_cpp.__version__, "note": "use_extra_bufts=False (the AMX matmul crashes)"}
 
 
 def child(args: argparse.Namespace) -> None:

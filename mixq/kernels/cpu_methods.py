@@ -104,8 +104,7 @@ class CPUInt4Method:
         sz[:, :n, 0] = s[:, owner].t()
         sz[:, :n, 1] = zero[:, owner].t()
         tensors = {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp, 1),
-                   "scale_zero": sz.to(dtype).contiguous(),
-                   "group": torch.tensor(kg)}
+                   "scale_zero": sz.to(dtype).contiguous()}
         if not torch.equal(src, torch.arange(k)):
             tensors["src"] = src
         return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
@@ -117,16 +116,20 @@ class CPUInt4Method:
 def int4_linear(x: torch.Tensor, t: dict[str, torch.Tensor], n: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype, W in CPUInt4Method's layout:
     packed uint8 [Np, Kp/2] (torch's int4 packing), scale_zero [Kp/G, Np, 2] in the activation
-    dtype, group G (0-d), src int64 [Kp] (gather order; absent when the identity)."""
+    dtype (G follows from the shapes), src int64 [Kp] (gather order; absent when the identity)."""
     shape = x.shape
-    sz = t["scale_zero"]
-    x2 = x.reshape(-1, shape[-1]).to(sz.dtype)
+    packed, sz = t["packed"], t["scale_zero"]
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != sz.dtype:
+        x2 = x2.to(sz.dtype)
     if "src" in t:  # act-order / padded groups: columns in the packed order, K -> zero
         x2 = torch.nn.functional.pad(x2, (0, 1)).index_select(1, t["src"])
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), t["packed"], int(t["group"]), sz)
+    group = packed.shape[1] * 2 // sz.shape[0]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     if y.shape[1] != n:
         y = y[:, :n]
-    y = y.to(x.dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], n)
@@ -263,8 +266,7 @@ class CPUFP8Method:
         if s.numel() != grid[0] * grid[1]:
             raise CheckpointError(f"{weight.name}: weight_scale shape {list(s.shape)} does not fit [{n}, {k}] "
                                   f"with {bn}x{bk} scale blocks (expected {list(grid)})")
-        tensors = {"weight": weight.tensors["weight"].contiguous(), "weight_scale": s.reshape(grid).contiguous(),
-                   "block": torch.tensor([bn, bk])}
+        tensors = {"weight": weight.tensors["weight"].contiguous(), "weight_scale": s.reshape(grid).contiguous()}
         static = _static_scale(weight)
         if static is not None:
             tensors["input_scale"] = static
@@ -274,7 +276,7 @@ class CPUFP8Method:
         t, (n, k), spec = weight.tensors, weight.shape, weight.spec
         shape = x.shape
         x2 = x.reshape(-1, k)
-        bn, bk = (int(v) for v in t["block"])
+        bn, bk = _fp8_block(spec, k)
         static = t.get("input_scale")
         per_token = spec.activation == "dynamic-token" or (spec.activation == "static-tensor" and static is not None)
         if (per_token and spec.scale_layout in ("tensor", "channel") and x.dtype == torch.bfloat16
