@@ -75,13 +75,21 @@ def prompt_ids(tokenizer_path: str, n: int) -> list[int]:
     return AutoTokenizer.from_pretrained(tokenizer_path).encode(load_eval_text())[:n]
 
 
-def _timed(first, rest) -> tuple[float, float]:
-    """(prefill s, decode s): first() runs the prompt to its first token, rest() the others."""
-    t0 = time.perf_counter()
-    first()
-    t1 = time.perf_counter()
-    rest()
-    return t1 - t0, time.perf_counter() - t1
+def timed_runs(gen, new: int, reps: int) -> list[tuple[float, float, float]]:
+    """(prefill s, decode s, decode CPU s) per rep: gen(1) runs the prompt to its first token,
+    gen(new) the prompt and `new` tokens; decode = the difference (wall clock, and this
+    process's CPU time: at one thread a load-independent figure, as other processes' turns
+    on the core do not count)."""
+    gen(4)  # warm-up
+    out = []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        gen(1)
+        t1, c1 = time.perf_counter(), time.process_time()
+        gen(new)
+        t2, c2 = time.perf_counter(), time.process_time()
+        out.append((t1 - t0, (t2 - t1) - (t1 - t0), (c2 - c1) - (c1 - c0)))
+    return out
 
 
 def run_hf(cfg: dict, ids: list[int], new: int, reps: int) -> dict:
@@ -95,14 +103,7 @@ def run_hf(cfg: dict, ids: list[int], new: int, reps: int) -> dict:
     def gen(n):
         return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    gen(4)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gen(1)
-        t1 = time.perf_counter()
-        gen(new)  # the prompt again, then the new tokens: decode = total - the 1-token run
-        times.append((t1 - t0, time.perf_counter() - t1 - (t1 - t0)))
+    times = timed_runs(gen, new, reps)
     weight = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     return {"times": times, "weight_bytes": weight}
 
@@ -116,14 +117,11 @@ def run_mixq(cfg: dict, ids: list[int], new: int, reps: int) -> dict:
     llm = LLM(device="cpu", max_total_tokens=len(ids) + new + 32, max_running_requests=1, **kw)
     one = SamplingParams(max_new_tokens=1, temperature=0)
     full = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    llm.generate([ids], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        llm.generate([ids], one)
-        t1 = time.perf_counter()
-        llm.generate([ids], full)
-        times.append((t1 - t0, time.perf_counter() - t1 - (t1 - t0)))
+    def gen(n):
+        llm.generate([ids], one if n == 1 else full if n == new else
+                     SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+
+    times = timed_runs(gen, new, reps)
     methods = sorted({m.method.name for m in llm.engine.model.modules() if getattr(m, "method", None) is not None})
     return {"times": times, "weight_bytes": round(get_mixed_precision_memory_stats()["memory_mb"] * 2**20),
             "dtype": str(llm.engine.dtype).removeprefix("torch."), "methods": methods,
@@ -160,14 +158,7 @@ def run_llamacpp(cfg: dict, ids: list[int], new: int, reps: int, threads: int) -
             if len(out) == n:
                 return out
 
-    gen(4)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gen(1)
-        t1 = time.perf_counter()
-        gen(new)
-        times.append((t1 - t0, time.perf_counter() - t1 - (t1 - t0)))
+    times = timed_runs(gen, new, reps)
     return {"times": times, "weight_bytes": os.path.getsize(cfg["gguf"]),
             "version": llama_cpp.__version__, "note": "use_extra_bufts=False (the AMX matmul crashes)"}
 
@@ -188,8 +179,9 @@ def child(args: argparse.Namespace) -> None:
         out = run_mixq(cfg, ids, args.new_tokens, args.reps)
     else:
         out = run_llamacpp(cfg, ids, args.new_tokens, args.reps, args.threads)
-    out["prefill_tok_s"] = [len(ids) / p for p, _ in out["times"]]
-    out["decode_tok_s"] = [(args.new_tokens - 1) / d for _, d in out["times"]]
+    out["prefill_tok_s"] = [len(ids) / p for p, _, _ in out["times"]]
+    out["decode_tok_s"] = [(args.new_tokens - 1) / d for _, d, _ in out["times"]]
+    out["decode_tok_cpu_s"] = [(args.new_tokens - 1) / c for _, _, c in out["times"]]
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     out["prompt_tokens"] = len(ids)
     print("RESULT " + json.dumps(out), flush=True)
@@ -216,8 +208,8 @@ def table(results: dict) -> str:
                   default=None)
     ref = {k: statistics.median(results[k]["decode_tok_s"]) for k in ("mixq-bf16", "llama.cpp")
            if "decode_tok_s" in results.get(k, {})}
-    head = ["config", "dtype", "decode tok/s median (min-max)", "prefill tok/s median (min-max)", "weights MiB",
-            "peak RSS MiB", "decode / HF best", "decode / mixq-bf16", "decode / llama.cpp"]
+    head = ["config", "dtype", "decode tok/s median (min-max)", "decode tok per CPU-s", "prefill tok/s median (min-max)",
+            "weights MiB", "peak RSS MiB", "decode / HF best", "decode / mixq-bf16", "decode / llama.cpp"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "skipped" in r:
@@ -226,6 +218,7 @@ def table(results: dict) -> str:
         d = statistics.median(r["decode_tok_s"])
         ratio = [f"{d / x:.2f}" if x else "-" for x in (hf_best, ref.get("mixq-bf16"), ref.get("llama.cpp"))]
         rows.append(f"| {name} | {r.get('dtype', 'Q4_1 GGUF')} | {_fmt_range(r['decode_tok_s'])} | "
+                    f"{_fmt_range(r['decode_tok_cpu_s'])} | "
                     f"{_fmt_range(r['prefill_tok_s'])} | {r['weight_bytes'] / 2**20:.1f} | "
                     f"{statistics.median(r['peak_rss']) / 2**20:.0f} | " + " | ".join(ratio) + " |")
     return "\n".join(rows)
@@ -268,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0 or line is None:
                 raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             out = json.loads(line.removeprefix("RESULT "))
-            acc = results.setdefault(name, {"decode_tok_s": [], "prefill_tok_s": [], "peak_rss": []})
-            acc["decode_tok_s"] += out["decode_tok_s"]
-            acc["prefill_tok_s"] += out["prefill_tok_s"]
+            lists = ("decode_tok_s", "decode_tok_cpu_s", "prefill_tok_s")
+            acc = results.setdefault(name, {**{k: [] for k in lists}, "peak_rss": []})
+            for k in lists:
+                acc[k] += out[k]
             acc["peak_rss"].append(out["peak_rss_bytes"])
-            acc.update({k: v for k, v in out.items() if k not in ("decode_tok_s", "prefill_tok_s", "times")})
+            acc.update({k: v for k, v in out.items() if k not in (*lists, "times")})
             if cfgs[name].get("dtype") and "dtype" not in out:
                 acc["dtype"] = cfgs[name]["dtype"]
             print(f"round {r + 1}/{args.rounds} {name}: decode {statistics.median(out['decode_tok_s']):.1f} tok/s, "
