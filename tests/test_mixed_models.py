@@ -54,7 +54,8 @@ def run_mix(root, cfg_json, mapping, family_hf_cls, fp8="fp8"):
     save_file({n: w.dequantize().contiguous() for n, w in weights.items()}, str(ref_dir / "model.safetensors"))
     (ref_dir / "config.json").write_text((root / "bf16" / "config.json").read_text())
     ref = family_hf_cls.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    hook_activation_quant(ref, weights)  # W8A8 / FP8 schemes quantize their inputs
+    if DEVICE == "cpu":  # W8A8 / FP8 schemes quantize their inputs (the GPU methods skip it up to M = 64)
+        hook_activation_quant(ref, weights)
     return plan, model, ref
 
 
@@ -157,7 +158,8 @@ def test_real_checkpoints_mix_with_smoothing_compensation(tmp_path):
     save_file(dense, str(ref_dir / "model.safetensors"))
     (ref_dir / "config.json").write_text((m / "bf16" / "config.json").read_text())
     ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    assert hook_activation_quant(ref, weights) == 5  # W8A8 o_proj, block-FP8 layer-1 attention
+    if DEVICE == "cpu":  # the GPU methods skip activation quantization up to M = 64 tokens
+        assert hook_activation_quant(ref, weights) == 5  # W8A8 o_proj, block-FP8 layer-1 attention
     compare(model, ref)
 
     # The compensation undoes the smoothing: per input column, W_awq * m fits the BF16

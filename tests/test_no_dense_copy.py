@@ -83,7 +83,8 @@ def test_loading_never_dequantizes_and_holds_the_packed_bytes(name, monkeypatch)
             assert packed == t.nbytes, n
         else:  # a CPU kernel's layout: the same bits a weight, larger (fp32 here) scale tables
             assert packed <= 1.4 * t.nbytes, (n, methods[n], packed, t.nbytes)
-    assert set(methods.values()) >= {"cpu-int4pack", "cpu-fp8"}
+    if DEVICE == "cpu":
+        assert set(methods.values()) >= {"cpu-int4pack", "cpu-fp8"}
 
     # Forward dequantizes transiently (CPU reference) but keeps nothing dense afterwards.
     before = {n: {r: (x.data_ptr(), x.nbytes) for r, x in held[n].tensors.items()} for n in quantized}
