@@ -199,7 +199,7 @@ class CPUInt8Method:
         xin = xin.to(dt)
         if t["weight"].shape[1] != k:
             xin = torch.nn.functional.pad(xin, (0, t["weight"].shape[1] - k))
-        y = torch.ops.aten._weight_int8pack_mm(xin.contiguous(), t["weight"], t["scale"])
+        y = _int8_matmul(xin.contiguous(), t["weight"], t["scale"])
         if "zero_scale" in t or xs is not None:
             y = y.float()
             if "zero_scale" in t:
@@ -210,6 +210,26 @@ class CPUInt8Method:
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], n)
+
+
+TILE_MIN_ROWS = 64  # from here the int8 kernel loses to dequantized tiles + torch's GEMM (4x at 128 rows)
+TILE_BYTES = 4 << 20
+
+
+def _int8_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (w int8 [N, K] * s [N])^T in s's dtype: torch's int8 weight-only kernel for
+    few rows; for many (prefill) ~4 MiB tiles of the weight dequantized for torch's GEMM
+    (oneDNN, AMX in bf16), never a dense copy of the whole weight."""
+    m, k = x.shape
+    if m < TILE_MIN_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x, w, s)
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=s.dtype)
+    rows = max(1, TILE_BYTES // (k * s.element_size()))
+    for n0 in range(0, n, rows):
+        tile = w[n0 : n0 + rows].to(s.dtype) * s[n0 : n0 + rows, None]
+        out[:, n0 : n0 + rows] = x @ tile.t()
+    return out
 
 
 def _static_scale(weight: QuantizedWeight) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from mixq.layers.linear import TorchDequantMethod, select_method
 
 FIX = Path(__file__).parents[1] / "fixtures"
 CPU = torch.device("cpu")
-MS = (1, 3, 17)  # 17 >= cpu_fp8.TILE_MIN_ROWS: the FP8 tile path
+MS = (1, 3, 17, 70)  # 17 >= cpu_fp8.TILE_MIN_ROWS, 70 >= cpu_methods.TILE_MIN_ROWS: the tile paths
 NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
 MOE_NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.1.down_proj.weight")
 
