@@ -7,6 +7,8 @@ import argparse
 import sys
 
 from mixq.errors import MixqError
+from mixq.export.cli import add_parser as add_export_parser
+from mixq.quality import cli_eval, cli_measure, cli_plan
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +19,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         "bytes, then totals per format and the memory saved against BF16. Reads only "
         "safetensors headers: no GPU, seconds even for a 235B-class index.",
     )
+    p.add_argument("path", nargs="?", help="a checkpoint directory (same as --model-path), e.g. a mixq export")
     p.add_argument("--model-path", help="the base checkpoint (default: the config's fp16_path)")
     p.add_argument("--mixed-precision-config", help="mixed-precision YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -30,6 +33,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from mixq.formats.plan import build_plan
     from mixq.inspect_plan import plan_report, render_json, render_text
 
+    if args.path is not None:
+        if args.model_path is not None:
+            raise MixqError("inspect: give the checkpoint either as PATH or as --model-path, not both")
+        args.model_path = args.path
     if args.mixed_precision_config is None and args.model_path is None:
         raise MixqError("inspect: give --model-path and/or --mixed-precision-config")
     cfg = None
@@ -58,17 +65,21 @@ def _model_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete prompts (default: the embedded SmolLM2 mix)",
                        description="Load a (mixed-precision) model and print completions, tokens/s and "
-                       "the memory stats. With no --model-path and no config: the embedded default mix.")
-    p.add_argument("--model-path")
-    p.add_argument("--mixed-precision-config")
-    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+                       "the memory stats. With no --model-path and no config: the embedded default mix "
+                       "(prepared into ~/.cache/mixq on first use, about a minute).")
+    p.add_argument("--model-path", help="model directory (the base checkpoint)")
+    p.add_argument("--mixed-precision-config", help="mixed-precision YAML (docs/config.md)")
+    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch) (default: 'The capital of "
+                   "France is')")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template and "
+                   "print the answer under it")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, help="seed for sampling (64-bit signed integer)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: on CPU bfloat16 "
+                   "where it has native bf16, else float32; on GPU the checkpoint's 16-bit dtype)")
     p.add_argument("--enable-expert-tracking", action="store_true", help="count MoE expert activations")
     p.add_argument("--expert-stats-out", metavar="PATH", help="write the expert stats JSON here (implies tracking)")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (this process is rank 0)")
@@ -77,48 +88,50 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from mixq.engine.engine import LLM, EngineConfig, load_plan, tokenizer_path
+    from mixq.formats.gguf_file import load_tokenizer
+    from mixq.server.args import check_generate_args
 
+    sp = check_generate_args(args)  # every flag checked before anything is prepared or loaded
     model_path, cfg = _model_args(args)
     track = args.enable_expert_tracking or args.expert_stats_out is not None
     # the KV cache holds exactly this work (every prompt with its new tokens, all at once):
     # tokenize first, then size the engine
     ecfg = EngineConfig(model_path=model_path, mixed_precision_config=cfg)
     tok_path = tokenizer_path(ecfg, load_plan(ecfg)[0])
-    tok = AutoTokenizer.from_pretrained(tok_path)
+    tok = load_tokenizer(tok_path)
     prompts = args.prompt or ["The capital of France is"]
     if args.chat:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    ids = [tok.encode(p) for p in prompts]
+        # the template writes the special tokens itself: encode it without adding more
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
     page = ecfg.page_size
-    blocks = sum(-(-(len(i) + args.max_new_tokens) // page) for i in ids)
+    blocks = sum(-(-(len(i) + sp.max_new_tokens) // page) for i in ids)
     llm = LLM(model_path=model_path, mixed_precision_config=cfg, tokenizer_path=tok_path, device=args.device,
               dtype=args.dtype, show_progress=True, enable_expert_tracking=track, tp_size=args.tp_size,
               ep_size=args.ep_size, max_total_tokens=blocks * page, max_running_requests=len(ids))
     try:
-        return _generate(llm, args, ids)
+        return _generate(llm, args, sp, prompts, ids)
     finally:
         llm.close()
 
 
-def _generate(llm, args: argparse.Namespace, ids: list[list[int]]) -> int:
+def _generate(llm, args: argparse.Namespace, sp, prompts: list[str], ids: list[list[int]]) -> int:
     import resource
     import time
 
-    from mixq.engine.sampling_params import SamplingParams
     from mixq.tracking.memory import get_mixed_precision_memory_stats
 
-    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed)
     t0 = time.perf_counter()
     outs = llm.generate(ids, sp)
     dt = time.perf_counter() - t0
     n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
-    for p, o in zip(args.prompt or ["The capital of France is"], outs):
-        print(f"{p}{o.outputs[0].text}")
+    for p, o in zip(prompts, outs):
+        # a completion continues its prompt; a chat answer is a reply, printed under it
+        print(f"{p}\n{o.outputs[0].text}" if args.chat else f"{p}{o.outputs[0].text}")
         print("-" * 40)
     eng = llm.engine
     if eng.dist is not None:  # tensor/expert parallel: what each rank holds
@@ -147,62 +160,6 @@ def _generate(llm, args: argparse.Namespace, ids: list[list[int]]) -> int:
     return 0
 
 
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plan", help="write a mixed-precision config from expert activation stats and a memory budget",
-        description="Rank experts by the tokens routed to them (stats from --enable-expert-tracking) and write a "
-        "mixed-precision YAML that fits --budget-gb of weights: attention, dense MLPs and shared experts get the "
-        "best format first, then routed experts from the most to the least loaded. Checkpoint paths come from "
-        "--mixed-precision-config (its mapping is ignored) and/or the --*-path flags.")
-    p.add_argument("--stats", action="append", required=True, metavar="JSON",
-                   help="expert stats file (exported by the server or mixq generate); repeat to sum several")
-    p.add_argument("--budget-gb", type=float, required=True, help="weight memory budget in GiB (2^30 bytes), "
-                   "as mixq inspect reports it")
-    p.add_argument("-o", "--output", required=True, help="the YAML config to write")
-    p.add_argument("--mixed-precision-config", help="take the checkpoint paths (and inference/server sections) "
-                   "from this config")
-    p.add_argument("--model-path", help="the base (BF16/FP16) checkpoint (default: the config's fp16_path)")
-    for key in ("fp8", "int8", "int4", "gptq-int4", "awq-int4"):
-        p.add_argument(f"--{key}-path", help=f"the {key.upper().replace('-', ' ')} checkpoint")
-    p.add_argument("--formats", nargs="+", help="precisions to use, e.g. 'bf16,fp8,int4' (default: the base and "
-                   "one per checkpoint given)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from mixq.config.schema import MixedPrecisionConfig
-    from mixq.tracking.expert_stats import read_stats
-    from mixq.tracking.planner import make_plan, render_plan
-
-    paths, sections = {}, {}
-    if args.mixed_precision_config:
-        cfg = MixedPrecisionConfig.from_yaml(args.mixed_precision_config, model_path=args.model_path)
-        paths = cfg.mixed_precision.paths()
-        sections = {k: v for k, v in (("inference", cfg.inference.model_dump(exclude_defaults=True)),
-                                      ("server", cfg.server.model_dump(exclude_defaults=True))) if v}
-    for key in ("model", "fp8", "int8", "int4", "gptq_int4", "awq_int4"):
-        value = getattr(args, f"{key}_path")
-        if value is not None:
-            paths["fp16_path" if key == "model" else f"{key}_path"] = str(Path(value).resolve())
-    if "fp16_path" not in paths:
-        raise MixqError("plan: give --model-path (the base checkpoint) or a --mixed-precision-config with fp16_path")
-    if args.budget_gb <= 0:
-        raise MixqError(f"--budget-gb must be > 0, got {args.budget_gb}")
-    formats = [f for item in args.formats for f in item.split(",") if f] if args.formats else None
-    try:
-        stats = [read_stats(p) for p in args.stats]
-    except ValueError as e:
-        raise MixqError(f"--stats {e}") from None
-    result = make_plan(stats, paths, int(args.budget_gb * 2**30), args.output, formats, sections)
-    print(json.dumps(asdict(result), indent=2) if args.json else render_plan(result))
-    return 0
-
-
 def _add_plot_experts(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot-experts", help="draw the layer x expert activation heatmap of a stats file",
                        description="Heatmap of an expert stats JSON: one row per MoE layer, one column per expert.")
@@ -227,57 +184,18 @@ def _cmd_plot_experts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval_ppl(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval-ppl", help="perplexity on real English text, per format and for the mix",
-                       description="Perplexity on Shakespeare's The Tempest (shipped with mixq). With no model "
-                       "flags: the embedded default model in BF16, in each single format, and its default mix.")
-    p.add_argument("--model-path")
-    p.add_argument("--mixed-precision-config")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_eval_ppl)
-
-
-def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import json
-
-    from mixq.assets.text import load_eval_text
-    from mixq.engine.engine import LLM
-    from mixq.engine.perplexity import perplexity
-
-    if args.model_path is None and args.mixed_precision_config is None:
-        from mixq.assets.default_model import default_eval_configs
-
-        runs = [(name, None, cfg) for name, cfg in default_eval_configs().items()]
-    else:
-        runs = [("model", args.model_path, args.mixed_precision_config)]
-    text = load_eval_text()
-    results = {}
-    for name, model_path, cfg in runs:
-        llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-                  max_total_tokens=args.window + 64)
-        results[name] = perplexity(llm.engine, text, args.window, args.max_tokens)
-        if not args.json:
-            r = results[name]
-            print(f"{name:<10} perplexity {r['perplexity']:8.3f}  ({r['tokens']} tokens, window {r['window']})",
-                  flush=True)
-        del llm
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixq", description="LLM inference in true mixed precision.")
+    from mixq.argparsing import Parser
+
+    parser = Parser(prog="mixq", description="LLM inference in true mixed precision.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     _add_generate(sub)
-    _add_eval_ppl(sub)
-    _add_plan(sub)
+    cli_eval.add_parser(sub)
+    cli_measure.add_parser(sub)
+    cli_plan.add_parser(sub)
     _add_plot_experts(sub)
+    add_export_parser(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible server (SGLang's launch flags)", add_help=False)
     serve.set_defaults(func=None)
     return parser

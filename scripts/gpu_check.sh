@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the model/engine/kernel tests on CUDA, then the kernel benchmark.
+# (tests/kernels includes the forced GPU-path tests, *_gpu_paths.py; when the call runs out
+# of time, scripts/gpu_paths.sh runs them, and the engine logprob tests, in a call of their own)
 # Run on the GPU machine from the repo root with the wheels of scripts/gpu_wheels.txt in .whl/.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"

@@ -23,6 +23,7 @@ from tests.ckpt_utils import (
     quantize_checkpoint,
     write_checkpoint,
 )
+from tests.header_bytes import module_bytes
 
 CFG = llama_config(hidden=64, inter=128, layers=2)
 
@@ -198,11 +199,21 @@ def test_memory_stats_and_inspect_totals(ckpts, capsys):
     register_loaded_weights(weights)
     stats = get_mixed_precision_memory_stats()
     register_loaded_weights(None)
-    # computed independently: bytes of what each file stores for the chosen tensors
+    # computed independently: bytes of what each file's safetensors headers give the tensors
+    # MAPPING picks, resolved by hand (exact names beat patterns; act-order GPTQ keeps g_idx)
+    def source(name):
+        if name == "model.layers.0.self_attn.v_proj.weight" or not name.endswith("_proj.weight"):
+            return "bf16", "bf16"
+        if ".self_attn." in name:
+            return "fp8", "fp8"
+        if name in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            return "int4", "awq"
+        return ("int4", "gptq") if "gate_proj" in name or "up_proj" in name else ("bf16", "bf16")
+
     by_family = {}
-    for w in weights.values():
-        fam = {"fp8": "fp8", "gptq": "int4", "awq": "int4"}.get(w.spec.layout, "bf16")
-        by_family[fam] = by_family.get(fam, 0) + sum(t.numel() * t.element_size() for t in w.tensors.values())
+    for name in dense:
+        fam, ckpt = source(name)
+        by_family[fam] = by_family.get(fam, 0) + module_bytes(root / ckpt, name)
     bf16 = sum(t.numel() * 2 for t in dense.values())
     held = sum(by_family.values())
     assert stats["memory_saved_mb"] == pytest.approx((bf16 - held) / 2**20)

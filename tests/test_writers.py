@@ -6,6 +6,7 @@ of the dense weight, and `mixq inspect` takes a mix of them."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from compressed_tensors.quantization import QuantizationConfig, preset_name_to_s
 
 from mixq.formats import CheckpointCatalog
 from mixq.formats.writers import fp8_tensors, quantize_checkpoint
+from tests.header_bytes import header_shapes, module_bytes
 
 # (hidden, intermediate): one model of whole 128-blocks, one with partial FP8 blocks
 SHAPES = {"h128": (128, 256), "h192": (192, 320)}
@@ -277,5 +279,26 @@ def test_inspect_a_mix_of_written_checkpoints(model, written, tmp_path, capsys):
     text = json.dumps(report)
     for fmt in ("fp8", "int8", "gptq", "awq"):
         assert fmt in text, fmt
+    # per-format bytes from the written files' safetensors headers, the mapping resolved by
+    # hand (an exact name beats a pattern): a GPTQ g_idx without act-order is dropped
+    base = header_shapes(model / "bf16")
+    source = {"model.layers.0.mlp.down_proj.weight": ("fp8", written["fp8-channel"], ()),
+              "model.layers.0.self_attn.o_proj.weight": ("int8", written["int8-w8a8"], ())}
+    for i in (0, 1):
+        source[f"model.layers.{i}.mlp.gate_proj.weight"] = ("int4", written["gptq-sym"], ("g_idx",))
+    source["model.layers.0.mlp.up_proj.weight"] = ("int4", written["gptq-sym"], ("g_idx",))
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        source[name] = ("int4", written["awq"], ())
+    want = {"bf16": 0, "fp8": 0, "int4": 0, "int8": 0}
+    for name, (_, shape) in base.items():
+        if name in source:
+            fam, ckpt, drop = source[name]
+            want[fam] += module_bytes(ckpt, name, drop)
+        else:
+            want["bf16"] += 2 * math.prod(shape)
+    totals = report["totals"]
+    assert {k: round(v["memory_mb"] * 2**20) for k, v in totals["by_format"].items()} == want
+    bf16 = sum(2 * math.prod(shape) for _, shape in base.values())
+    assert totals["compression_ratio"] == pytest.approx(bf16 / sum(want.values()), rel=1e-12)
     assert main(["inspect", "--mixed-precision-config", str(path)]) == 0
     assert "awq" in capsys.readouterr().out

@@ -34,7 +34,8 @@ log = logging.getLogger("mixq.distributed")
 def _status(engine) -> dict:
     s = engine.scheduler
     return {"unfinished": engine.has_unfinished(), "running": [q.request_id for q in s.running],
-            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used}
+            "waiting": [q.request_id for q in s.waiting], "kv_used": s.blocks.num_used,
+            "admitted_tokens": s.admitted_tokens, "cached_tokens": s.cached_tokens}
 
 
 def _info(engine) -> dict:
@@ -42,7 +43,7 @@ def _info(engine) -> dict:
     return {"max_model_len": engine.max_model_len, "model_config": engine.model_config,
             "base_path": str(engine.plan.base.path), "device": str(engine.device), "dtype": engine.dtype,
             "num_blocks": engine.scheduler.blocks.num_blocks, "block_size": engine.scheduler.blocks.block_size,
-            "eos_token_ids": engine.eos_token_ids,
+            "eos_token_ids": engine.eos_token_ids, "kv_cache": engine.kv_cache_stats(),
             "weights": {n: w.to("meta") for n, w in engine.weights.items()}}  # shapes and dtypes only
 
 
@@ -99,6 +100,12 @@ class _SchedulerView:
     blocks: _Blocks
     running: list = field(default_factory=list)
     waiting: list = field(default_factory=list)
+    admitted_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else 0.0
 
 
 @dataclass
@@ -139,6 +146,7 @@ class RemoteEngine:
         self.plan = _PlanView(_Base(Path(info["base_path"])))
         self.device, self.dtype, self.weights = info["device"], info["dtype"], info["weights"]
         self.eos_token_ids = info["eos_token_ids"]
+        self._kv_cache = info["kv_cache"]
         self.scheduler = _SchedulerView(_Blocks(info["num_blocks"], info["block_size"]))
 
     def _call(self, method: str, *args):
@@ -148,6 +156,7 @@ class RemoteEngine:
             self._unfinished = status["unfinished"]
             s = self.scheduler
             s.running, s.waiting, s.blocks.num_used = status["running"], status["waiting"], status["kv_used"]
+            s.admitted_tokens, s.cached_tokens = status["admitted_tokens"], status["cached_tokens"]
         if kind == "value_error":
             raise ValueError(result)
         return result
@@ -173,6 +182,9 @@ class RemoteEngine:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    def kv_cache_stats(self) -> dict:
+        return self._kv_cache
 
     def kv_usage(self) -> float:
         b = self.scheduler.blocks
@@ -201,15 +213,15 @@ class RemoteEngine:
 class DataParallelEngine:
     """The server's engine when --dp-size > 1: AsyncEngine's interface over D replicas."""
 
-    def __init__(self, cfg: EngineConfig, dp_size: int, on_step_factory=None):
+    def __init__(self, cfg: EngineConfig, dp_size: int, metrics_factory=None):
         import torch
-        from transformers import AutoTokenizer
 
         from mixq.engine.engine_config import load_plan
+        from mixq.formats.gguf_file import load_tokenizer
         from mixq.server.async_engine import AsyncEngine
 
         plan, _ = load_plan(cfg)  # headers only: fails fast, names the tokenizer's home
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or str(plan.base.path))
+        tokenizer = load_tokenizer(cfg.tokenizer_path or plan.base.path)
         tp = cfg.tp_size
         # one progress bar per replica would interleave: replicas load quietly
         threads = max(1, torch.get_num_threads() // dp_size)
@@ -225,8 +237,8 @@ class DataParallelEngine:
                 r.close(5.0)
             raise
         self.engine = self.replicas[0]  # what the API reads: tokenizer, limits, model info
-        hooks = [on_step_factory(r) if on_step_factory else None for r in self.replicas]
-        self.async_engines = [AsyncEngine(r, on_step=h) for r, h in zip(self.replicas, hooks)]
+        metrics = [metrics_factory(r) if metrics_factory else None for r in self.replicas]
+        self.async_engines = [AsyncEngine(r, metrics=m) for r, m in zip(self.replicas, metrics)]
         self.in_flight = [0] * dp_size  # requests sent to each replica and not finished
         self.owner: dict[str, int] = {}
 
@@ -245,6 +257,13 @@ class DataParallelEngine:
     @property
     def alive(self) -> bool:
         return all(a.alive for a in self.async_engines)
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(a.num_in_flight for a in self.async_engines)
+
+    def fail_all(self, message: str) -> int:
+        return sum(a.fail_all(message) for a in self.async_engines)
 
     async def generate(self, request_id: str, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The replica with the fewest requests in flight (shortest queue) serves it."""

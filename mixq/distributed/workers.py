@@ -35,6 +35,7 @@ from mixq.errors import ConfigError, MixqError
 from mixq.formats import iter_weights
 from mixq.models import build_model, load_model_weights
 from mixq.models.config import ModelConfig
+from mixq.models.registry import load_kv_scales
 
 log = logging.getLogger("mixq.distributed")
 
@@ -65,6 +66,7 @@ def load_rank(plan, layout: ShardLayout, group: RankGroup, dtype: torch.dtype):
             yield qw
 
     load_model_weights(model, stream(), dtype)
+    load_kv_scales(model, plan)  # per-tensor scalars: every rank reads them all
     ex = layout.local_experts(group.rank) if layout.experts_per_rank else None
     stats = {"rank": group.rank, "device": str(group.device), "bytes": sum(by_format.values()),
              "by_format": dict(sorted(by_format.items())), "experts": None if ex is None else [ex.start, ex.stop - 1]}

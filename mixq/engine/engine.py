@@ -20,6 +20,7 @@ from mixq.engine.engine_config import (  # also the engine's public names (mixq.
     load_plan,
     resolve_device,
     resolve_dtype,
+    resolve_kv_dtype,
     tokenizer_path,
     usable_cpus,
 )
@@ -84,11 +85,10 @@ class LLMEngine:
             raise
 
     def _init(self, cfg: EngineConfig) -> None:
-        from transformers import AutoTokenizer
-
         from mixq.formats import iter_weights
+        from mixq.formats.gguf_file import load_tokenizer
         from mixq.models import build_model, load_model_weights
-        from mixq.models.registry import held_weights
+        from mixq.models.registry import held_weights, load_kv_scales
         from mixq.tracking.memory import register_loaded_weights
 
         self.cfg = cfg
@@ -105,8 +105,7 @@ class LLMEngine:
             torch.set_num_threads(cores)  # a CPU quota below the affinity mask: more threads only spin
         if self.device.type == "cpu":
             log.info("CPU: %d threads, %s", torch.get_num_threads(), str(self.dtype).removeprefix("torch."))
-        self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, self.device,
-                                                                                        hf_cfg)
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
         max_len = min(max_len or limit, limit)
         t0 = time.perf_counter()
@@ -123,13 +122,15 @@ class LLMEngine:
                 from tqdm import tqdm
 
                 weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
-            load_model_weights(self.model, weights, self.dtype)
+            load_model_weights(self.model, weights, self.dtype, cfg.merge_projections)
+            load_kv_scales(self.model, self.plan)
         self.weights = held_weights(self.model)  # this process's weights (its shard under TP)
         register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(cfg, self.plan))
+        # a directory's tokenizer files, or the vocabulary inside a GGUF file
+        self.tokenizer = load_tokenizer(tokenizer_path(cfg, self.plan))
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)
@@ -151,7 +152,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
-            eos_token_ids=self.eos_token_ids))
+            eos_token_ids=self.eos_token_ids, enable_prefix_caching=not cfg.disable_radix_cache))
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -214,34 +215,41 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request (n sequences). ValueError when it can never be served."""
+        """Queue a request (n sequences), all or nothing: ValueError (nothing queued, no other
+        request touched) when it can never be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"request {request_id}: params must be SamplingParams, got {type(params).__name__}")
+        params.validate()  # fields may have been changed since construction
         ids = self.encode(prompt)
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
+        if any(type(t) is not int or not 0 <= t < vocab for t in ids):
             raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
         seqs = [Sequence(request_id, ids, params, i) for i in range(params.n)]
+        self.scheduler.check(seqs[0])  # the n sequences are alike
         for s in seqs:
-            self.scheduler.add(s)  # raises before anything is queued for the first one
             gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + s.index)
+            if params.seed is not None:  # sequence i draws from seed + i (mod 2**64, manual_seed's range)
+                gen = torch.Generator(device=self.device).manual_seed((params.seed + s.index) % 2**64)
             s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen)
+        for s in seqs:  # nothing above queued anything; from here nothing can fail
+            self.scheduler.add(s)
         self.requests[request_id] = _Request(request_id, ids, params, seqs, [s.engine_state.out for s in seqs],
                                              time.monotonic())
         self.stats["requests_total"] += 1
         self.stats["prompt_tokens_total"] += len(ids)
 
-    def abort(self, request_id: str) -> bool:
-        """Abort a request; its KV blocks are freed at once. False if unknown/finished."""
+    def abort(self, request_id: str) -> int:
+        """Abort a request; its KV blocks are freed at once. Returns how many of its
+        sequences it ended (0, falsy, if the request is unknown or finished)."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
-        self.scheduler.abort(request_id)
+            return 0
+        ended = len(self.scheduler.abort(request_id))
         for f in self.finish_hooks:
             f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
-        return True
+        return ended
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -309,7 +317,8 @@ class LLMEngine:
             st.emitted = end
             st.out.delta_token_ids = st.out.token_ids[st.tokens_sent :]
             st.tokens_sent = len(st.out.token_ids)
-        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time}
+        metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time,
+                   "cached_tokens": req.seqs[0].num_cached_tokens}
         if finished:
             self.requests.pop(req.request_id, None)
             for f in self.finish_hooks:
@@ -317,6 +326,19 @@ class LLMEngine:
         outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, list(o.logprobs),
                                  list(o.top_logprobs), o.delta_text, list(o.delta_token_ids)) for o in req.outputs]
         return RequestOutput(req.request_id, req.prompt_ids, outs, finished, metrics)
+
+    def kv_cache_stats(self) -> dict:
+        """This process's KV cache against the same cache in bf16 (/memory_stats)."""
+        from mixq.kernels.kv_quant import KV_CACHE_DTYPES
+        from mixq.tracking.memory import kv_cache_stats
+
+        name = next((k for k, v in KV_CACHE_DTYPES.items() if v == self.kv_dtype),
+                    str(self.kv_dtype).removeprefix("torch."))
+        per = ModelRunner.kv_bytes_per_block(self.model, 1, self.kv_dtype)
+        bf16 = ModelRunner.kv_bytes_per_block(self.model, 1, torch.bfloat16)
+        scaled = sum(1 for m in self.runner.attn_layers if (m.k_scale, m.v_scale) != (1.0, 1.0))
+        tokens = self.scheduler.blocks.num_blocks * self.scheduler.blocks.block_size
+        return kv_cache_stats(name, per, tokens, bf16, scaled)
 
     def kv_usage(self) -> float:
         b = self.scheduler.blocks

@@ -38,8 +38,12 @@ class EngineConfig:
     # need; --max-total-tokens overrides both (`mixq generate` sizes it to its prompts)
     cpu_kv_cache_space: float = 1.0
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16 or float32
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
+    disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
     show_progress: bool = False
+    # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
+    # tools that hook or swap single projections (mixq.quality) and for A/B timing
+    merge_projections: bool = True
     enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
     # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
     disable_cuda_graph: bool = False
@@ -112,6 +116,21 @@ def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dt
         name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
         return {"float16": torch.float16, "float32": torch.bfloat16}.get(name, torch.bfloat16)
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: auto (the model dtype), bfloat16, float16, float32, fp8_e4m3 or
+    fp8_e5m2 (8-bit with per-tensor scales, mixq.kernels.kv_quant)."""
+    from mixq.kernels.kv_quant import KV_CACHE_DTYPES
+
+    plain = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name == "auto":
+        return model_dtype
+    if name in plain:
+        return plain[name]
+    if name in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[name]
+    raise ValueError(f"--kv-cache-dtype {name!r}: expected auto, {', '.join(plain)}, {', '.join(KV_CACHE_DTYPES)}")
 
 
 def load_plan(cfg: EngineConfig):

@@ -103,7 +103,7 @@ class Sampler:
         chosen = logits.argmax(-1)
         if not all(p.greedy for p in ps):
             greedy = torch.tensor([p.greedy for p in ps], device=dev)
-            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], device=dev)
+            temp = torch.tensor([1.0 if p.greedy else p.temperature for p in ps], device=dev)
             probs = (logits / temp[:, None]).softmax(-1)
             probs = filter_probs(
                 probs,

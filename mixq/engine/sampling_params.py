@@ -1,13 +1,99 @@
-"""Per-request sampling parameters, checked on construction (plain Python)."""
+"""Per-request sampling parameters and the one place they are checked (plain Python).
+
+Every way into the engine — `/v1/completions`, `/v1/chat/completions`, `/generate`,
+`mixq generate` and the Python API — builds a `SamplingParams`, and its construction
+checks every field's type and range before anything is queued: integers are integers (not
+booleans, not floats) of a bounded size, floats are finite, lists are bounded. A refusal is
+a `SamplingParamError` naming the parameter, what it accepts and what it got.
+
+`SamplingParams.from_dict` is the door for API requests: it maps the names a request uses
+(OpenAI's `max_tokens`, vLLM's `min_tokens`, ...) onto the fields, applies the server's cap
+on `n`, and names the request's own field in any error. A new request field (e.g. a
+structured-output constraint) is a new dataclass field plus one `_RULES` entry.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
+
+from mixq.errors import MixqError
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+# Below this a temperature is greedy: dividing logits by it would overflow to inf (vLLM's eps).
+GREEDY_TEMPERATURE = 1e-5
+
+
+class SamplingParamError(MixqError, ValueError):
+    """A sampling parameter out of its type or range; `param` names it as the caller did."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _preview(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # bool is an int subclass: refused
+
+
+def _is_num(v) -> bool:
+    return (type(v) is int or type(v) is float) and math.isfinite(v)
+
+
+def _int_in(lo: int, hi: int):
+    return lambda v: _is_int(v) and lo <= v <= hi
+
+
+def _num_in(lo: float, hi: float, lo_open: bool = False):
+    return lambda v: _is_num(v) and (lo < v if lo_open else lo <= v) and v <= hi
+
+
+def _stop_ok(v) -> bool:
+    items = [v] if isinstance(v, str) else v
+    return (isinstance(items, list) and len(items) <= MAX_STOP_STRINGS
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items))
+
+
+# field -> (check, what it accepts). Ranges follow SGLang's SamplingParams where it has one.
+_RULES: dict[str, tuple] = {
+    "max_new_tokens": (_int_in(1, INT32_MAX), f"an integer in [1, {INT32_MAX}]"),
+    "min_new_tokens": (_int_in(0, INT32_MAX), "an integer in [0, max_new_tokens]"),
+    "temperature": (_num_in(0, math.inf), "a finite number >= 0 (0: greedy)"),
+    "top_k": (lambda v: _is_int(v) and (v == -1 or 0 <= v <= INT32_MAX),
+              f"-1 or 0 (off), or an integer in [1, {INT32_MAX}]"),
+    "top_p": (_num_in(0, 1, lo_open=True), "a number in (0, 1]"),
+    "min_p": (_num_in(0, 1), "a number in [0, 1]"),
+    "repetition_penalty": (_num_in(0, 2, lo_open=True), "a number in (0, 2] (1: off)"),
+    "frequency_penalty": (_num_in(-2, 2), "a number in [-2, 2]"),
+    "presence_penalty": (_num_in(-2, 2), "a number in [-2, 2]"),
+    "seed": (lambda v: v is None or _int_in(INT64_MIN, INT64_MAX)(v), "a 64-bit signed integer (or null: unseeded)"),
+    "stop": (_stop_ok, f"a string or a list of at most {MAX_STOP_STRINGS} strings, each of 1 to "
+                       f"{MAX_STOP_CHARS} characters"),
+    "stop_token_ids": (lambda v: isinstance(v, list) and len(v) <= MAX_STOP_TOKEN_IDS
+                       and all(_int_in(0, INT32_MAX)(t) for t in v),
+                       f"a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)"),
+    "ignore_eos": (lambda v: type(v) is bool, "true or false"),
+    "n": (_int_in(1, INT32_MAX), "an integer >= 1"),
+    "logprobs": (lambda v: v is None or _int_in(0, MAX_LOGPROBS)(v),
+                 f"null or an integer in [0, {MAX_LOGPROBS}] (the number of top logprobs)"),
+    "skip_special_tokens": (lambda v: type(v) is bool, "true or false"),
+}
 
 
 @dataclass
 class SamplingParams:
-    """SGLang/vLLM names. temperature 0 means greedy; top_k <= 0 and top_p 1 are off."""
+    """SGLang/vLLM names. temperature 0 (or below 1e-5) is greedy; top_k -1 or 0 and top_p 1
+    are off. Checked on construction: SamplingParamError names a bad field."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -27,43 +113,67 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        self.validate()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "in [0, max_new_tokens]"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k == -1 or self.top_k >= 0, "-1, 0 (off) or >= 1"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("n", self.n >= 1, ">= 1"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "None or in [0, 20]"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"sampling parameter {name} must be {want}, got {getattr(self, name)!r}")
-        if not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"sampling parameter stop must be strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"sampling parameter stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+    def validate(self) -> None:
+        """Check every field (again: the server adjusts max_new_tokens after construction)."""
+        for name, (ok, accepts) in _RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise SamplingParamError(name, f"{name} must be {accepts}, got {_preview(value)}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamError("min_new_tokens", f"min_new_tokens must be in [0, max_new_tokens "
+                                     f"{self.max_new_tokens}], got {self.min_new_tokens}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @classmethod
-    def from_dict(cls, d: dict) -> SamplingParams:
-        """From an API dict; accepts OpenAI's max_tokens; unknown keys are errors."""
-        d = dict(d)
-        if "max_tokens" in d:
-            d["max_new_tokens"] = d.pop("max_tokens")
+    def from_dict(cls, d: dict, *, aliases: dict[str, str] | None = None, max_n: int | None = None,
+                  prefix: str = "") -> SamplingParams:
+        """From an API request's fields. `aliases` maps a request's names onto fields (OpenAI's
+        `max_tokens` and vLLM's `min_tokens` always are); null values keep the defaults;
+        unknown names and `n` above `max_n` are errors. Errors name the field as the request
+        did, after `prefix` (e.g. "sampling_params.")."""
+        if not isinstance(d, dict):
+            raise SamplingParamError(prefix.rstrip(".") or "sampling_params",
+                                     f"{prefix.rstrip('.') or 'sampling_params'} must be a JSON object, "
+                                     f"got {_preview(d)}")
+        names = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", **(aliases or {})}
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if v is not None})
+        values, asked_as = {}, {}
+        for key, v in d.items():
+            name = names.get(key, key)
+            if name not in known:
+                raise SamplingParamError(prefix + str(key), f"unknown sampling parameter {prefix}{key!s:.60} "
+                                         f"(known: {', '.join(sorted(known))})")
+            if name in values and v is not None:
+                raise SamplingParamError(prefix + key, f"{prefix}{key} and {prefix}{asked_as[name]} set the "
+                                         "same parameter; give one")
+            if v is not None:
+                values[name], asked_as[name] = v, key
+        try:
+            params = cls(**values)
+        except SamplingParamError as e:
+            asked = prefix + asked_as.get(e.param, e.param)
+            msg = str(e)
+            if msg.startswith(e.param):
+                msg = asked + msg[len(e.param):]
+            raise SamplingParamError(asked, msg) from None
+        if max_n is not None and params.n > max_n:
+            asked = prefix + asked_as.get("n", "n")
+            raise SamplingParamError(asked, f"{asked} must be at most {max_n} on this server (--max-n), "
+                                     f"got {params.n}")
+        return params

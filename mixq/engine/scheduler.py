@@ -8,6 +8,12 @@ several steps; only the step that reaches its last known token samples. When the
 runs out, the most recently arrived running sequence is preempted: its blocks are freed
 and it is recomputed later (prompt + tokens generated so far) — recompute is cheaper to
 build right than swapping, and preemption is rare when the cache is sized well.
+
+With prefix caching (on unless `enable_prefix_caching=False`, SGLang's
+--disable-radix-cache) a sequence admitted from the waiting queue starts with the cached
+blocks of its longest cached prefix (mixq.engine.block_manager) and computes only the rest;
+`postprocess` registers the blocks each step completed. A preempted sequence matches its
+own released blocks when it comes back, if they were not evicted meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class SchedulerConfig:
     max_model_len: int = 4096
     chunked_prefill_size: int = 2048  # max tokens per step; -1: a prompt is never split
     eos_token_ids: tuple[int, ...] = ()
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
@@ -63,25 +70,44 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.capacity = config.num_blocks * config.block_size
+        # prefix cache accounting over every admission (re-admissions after preemption too)
+        self.admitted_tokens = 0  # tokens the admitted sequences held
+        self.cached_tokens = 0  # of those, found in the prefix cache (not computed)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; one that can never fit is refused with its lengths."""
-        total = seq.num_tokens + seq.params.max_new_tokens
-        limit = min(self.config.max_model_len, self.capacity)
-        if seq.num_tokens > limit:
+    @property
+    def cache_hit_rate(self) -> float:
+        """Fraction of admitted tokens found in the prefix cache (SGLang's cache_hit_rate)."""
+        return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else 0.0
+
+    def check(self, seq: Sequence) -> None:
+        """Refuse (ValueError naming the lengths) a sequence that can never be served: its
+        prompt must leave room for one generated token within max_model_len, and what it can
+        grow to must fit the KV cache. Queues nothing."""
+        m = self.config.max_model_len
+        if seq.num_tokens >= m:
             raise ValueError(
-                f"request {seq.request_id}: prompt of {seq.num_tokens} tokens exceeds the limit of {limit} "
-                f"(max_model_len {self.config.max_model_len}, KV capacity {self.capacity} tokens)"
+                f"request {seq.request_id}: a prompt of {seq.num_tokens} tokens leaves no room to generate within "
+                f"max_model_len {m} (prompt + output); it may have at most {m - 1} tokens"
             )
-        if total > self.capacity:
+        if seq.num_tokens > self.capacity:
+            raise ValueError(
+                f"request {seq.request_id}: prompt of {seq.num_tokens} tokens exceeds the limit of {self.capacity} "
+                f"(max_model_len {m}, KV capacity {self.capacity} tokens)"
+            )
+        # generation stops at max_model_len, so a larger max_new_tokens needs no more room
+        if min(seq.num_tokens + seq.params.max_new_tokens, m) > self.capacity:
             raise ValueError(
                 f"request {seq.request_id}: prompt {seq.num_tokens} + max_new_tokens "
                 f"{seq.params.max_new_tokens} exceeds the KV cache capacity of {self.capacity} tokens"
             )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; one that can never fit is refused with its lengths (`check`)."""
+        self.check(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -115,17 +141,22 @@ class Scheduler:
             items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
             budget -= want
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
-            seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed
+            seq = self.waiting[0]  # holds no blocks, nothing computed
+            hits = self.blocks.match_prefix(seq)
+            cached = len(hits) * self.config.block_size
+            remaining = seq.num_tokens - cached
             if self.config.chunked_prefill_size == -1 and remaining > budget:
                 break
             want = min(remaining, budget)
-            if not self.blocks.can_reserve(seq, seq.num_computed + want):
+            if not self.blocks.can_allocate(seq, hits, cached + want):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self.blocks.reserve(seq, seq.num_computed + want)
+            self.blocks.allocate(seq, hits, cached + want)  # num_computed = cached
+            seq.num_cached_tokens = cached
+            self.admitted_tokens += seq.num_tokens
+            self.cached_tokens += cached
             items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
             budget -= want
         return ScheduledBatch(items, preempted)
@@ -140,6 +171,7 @@ class Scheduler:
             if seq.status != SeqStatus.RUNNING:
                 continue  # aborted during the step
             seq.num_computed = item.start + item.num_new_tokens
+            self.blocks.cache_computed(seq)  # its K/V are written: full blocks can be shared now
             if not item.samples:
                 continue
             tok = next(tokens)

@@ -31,6 +31,8 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0
+        self.num_cached_blocks = 0  # leading blocks of block_table registered in (or matched from) the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when last admitted
         self.finish_reason: str | None = None
         self.engine_state: object = None  # detokenizer state etc., owned by the engine
 

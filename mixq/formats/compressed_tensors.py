@@ -68,19 +68,23 @@ class CompressedTensorsReader(FormatReader):
                 )
             if not g.get("weights"):
                 raise UnsupportedFormatError(f"{source}: config group {gname!r} has no weight quantization")
-
-    def _group_for(self, module: str) -> tuple[str, dict]:
-        by_name, by_class = [], []
+        # Targets indexed once: a mixed export names every module exactly (tens of
+        # thousands of targets for a large MoE), so a per-module scan would be quadratic.
+        self._exact: dict[str, list[str]] = {}
+        self._regex: list[tuple[re.Pattern, str]] = []
+        self._by_class: list[str] = []
         for gname, g in self.groups.items():
             for t in g.get("targets", []):
                 if t.startswith("re:"):
-                    if re.fullmatch(t[3:], module) or re.match(t[3:], module):
-                        by_name.append(gname)
-                elif t == module:
-                    by_name.append(gname)
+                    self._regex.append((re.compile(t[3:]), gname))
                 elif t[:1].isupper() and "." not in t:  # a class name such as "Linear"
-                    by_class.append(gname)
-        cands = list(dict.fromkeys(by_name or by_class))
+                    self._by_class.append(gname)
+                else:
+                    self._exact.setdefault(t, []).append(gname)
+
+    def _group_for(self, module: str) -> tuple[str, dict]:
+        by_name = self._exact.get(module, []) + [g for rx, g in self._regex if rx.match(module)]
+        cands = list(dict.fromkeys(by_name or self._by_class))
         if len(cands) != 1:
             if not cands and len(self.groups) == 1:
                 cands = list(self.groups)

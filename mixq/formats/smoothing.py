@@ -71,6 +71,10 @@ def input_scales(plan) -> dict[str, torch.Tensor]:
         used = plan.tensors[norm]
         if used.path_key == t.path_key or norm not in plan.catalogs[t.path_key].entries:
             continue
+        if getattr(plan.catalogs[t.path_key], "gguf", False):
+            # llama.cpp folds no scales into norms; its F32 norms differ from a BF16 base's
+            # only by rounding, which is no smoothing to compensate
+            continue
         src, ref = norm_of(t.path_key, norm), norm_of(used.path_key, norm)
         if torch.equal(src, ref):
             continue
@@ -85,21 +89,30 @@ def input_scales(plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_pairs(plan) -> None:
-    """Refuse mixes that split a Linear-to-Linear smoothed pair across sources."""
-    smoothing = {k: smooths_pairs(c) for k, c in plan.catalogs.items() if k != "fp16_path"}
-    for name, t in plan.tensors.items():
+def linked_pairs(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str]]:
+    """(producer, consumer) tensor names among `shapes` (name -> shape) that an AWQ-style
+    checkpoint may have smoothed together, so a mix must take both from one source when
+    either source smooths pairs."""
+    out = []
+    for name in shapes:
         for producer, consumer in _PAIRS:
             if not name.endswith("." + consumer) and name != consumer:
                 continue
             other = name[: -len(consumer)] + producer
-            if other not in plan.tensors:
+            if other not in shapes:
                 continue
-            o = plan.tensors[other]
-            if o.path_key == t.path_key:
-                continue
-            if producer.startswith("self_attn.v_proj") and o.entry.shape[0] != t.entry.shape[1]:
+            if producer.startswith("self_attn.v_proj") and shapes[other][0] != shapes[name][1]:
                 continue  # v -> o smoothing needs matching shapes (no GQA); tools skip it
+            out.append((other, name))
+    return out
+
+
+def check_pairs(plan) -> None:
+    """Refuse mixes that split a Linear-to-Linear smoothed pair across sources."""
+    smoothing = {k: smooths_pairs(c) for k, c in plan.catalogs.items() if k != "fp16_path"}
+    for other, name in linked_pairs({n: tuple(t.entry.shape) for n, t in plan.tensors.items()}):
+        t, o = plan.tensors[name], plan.tensors[other]
+        if o.path_key != t.path_key:
             for key in (t.path_key, o.path_key):
                 if smoothing.get(key):
                     raise CheckpointError(

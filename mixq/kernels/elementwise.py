@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from mixq.kernels.kv_quant import fp8_max, is_fp8
+
 try:
     import triton
     import triton.language as tl
@@ -102,14 +104,17 @@ if triton is not None:
         tl.store(out_ptr + row * n + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
     @triton.jit
-    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, width,
-                         BLOCK: tl.constexpr):
+    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, width, k_inv_scale,
+                         v_inv_scale, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < width
         k = tl.load(k_ptr + t * stride_kt + cols, mask=ok, other=0.0)
         v = tl.load(v_ptr + t * stride_vt + cols, mask=ok, other=0.0)
+        if FP8_MAX > 0:  # fp8 cache: x / scale, saturated (mixq.kernels.kv_quant)
+            k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX, FP8_MAX)
+            v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX, FP8_MAX)
         tl.store(kc_ptr + slot * width + cols, k.to(kc_ptr.dtype.element_ty), mask=ok)
         tl.store(vc_ptr + slot * width + cols, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
@@ -195,19 +200,22 @@ def _(gate, up):
 
 @torch.library.custom_op("mixq::store_kv", mutates_args=("k_cache", "v_cache"))
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """k, v [T, Hkv, D] (each token's heads contiguous) into k/v_cache [blocks, page, Hkv, D]
     (contiguous) at the flat slots slot_mapping [T] (block * page + offset), cast to the
-    cache dtype."""
+    cache dtype; an fp8 cache gets x / scale saturated to its range (k_scale, v_scale
+    per tensor; unused otherwise)."""
     t = k.shape[0]
     if t == 0:
         return
     width = k.shape[1] * k.shape[2]
     block = triton.next_power_of_2(width)
-    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), width, BLOCK=block,
+    fp8 = is_fp8(k_cache.dtype)
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), width, 1.0 / k_scale,
+                           1.0 / v_scale, BLOCK=block, FP8_MAX=fp8_max(k_cache.dtype) if fp8 else 0.0,
                            num_warps=_warps(block))
 
 
 @store_kv.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     return None

@@ -16,12 +16,16 @@ it), longest tiles first so that the short ones fill the tail of the grid.
 
 Contract (all on one device):
   q            [T, H, D]              fp16 / bf16 / fp32, the step's new tokens, last dim contiguous
-  k/v_cache    [num_blocks, P, Hkv, D] same dtype as q, P = page size
+  k/v_cache    [num_blocks, P, Hkv, D] q's dtype, or fp8 (e4m3fn / e5m2) holding x / k_scale
+               and x / v_scale (mixq.kernels.kv_quant), P = page size
   block_tables [S, W] int32            each sequence's pages, in order (padding ignored)
   query_start  [S+1] int               sequence i owns rows query_start[i]:query_start[i+1] (n_q)
   context_lens [S] int                 tokens in the cache after the step, n_q <= ctx <= W * P
+  k/v_scale    float                   per-tensor scales of an fp8 cache (1.0 otherwise)
   returns      [T, H, D] in q's dtype; row j of sequence i sits at position ctx - n_q + j and
                attends to keys 0 .. ctx - n_q + j. H must be a multiple of Hkv.
+An fp8 cache is read into q's dtype (fp32 under UPCAST); k_scale is folded into the softmax
+scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from mixq.kernels.kv_quant import check_kv_dtypes, is_fp8
 from mixq.kernels.paged_attention import _interpreting, check_query_and_cache, triton
 
 if triton is not None:
@@ -108,8 +113,10 @@ def plan_tiles(query_start: list[int], context_lens: list[int], group: int, head
     return ExtendTiles(tiles.to(device), block_m, group)
 
 
-def paged_extend_reference(q, k_cache, v_cache, block_tables, query_start, context_lens, scale):
-    """Float64 reference [T, H, D]: per sequence, gather the context and attend causally."""
+def paged_extend_reference(q, k_cache, v_cache, block_tables, query_start, context_lens, scale, k_scale=1.0,
+                           v_scale=1.0):
+    """Float64 reference [T, H, D]: per sequence, gather the context (times its scale) and
+    attend causally."""
     h = q.shape[1]
     hkv, p = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
@@ -117,8 +124,8 @@ def paged_extend_reference(q, k_cache, v_cache, block_tables, query_start, conte
     for i, ctx in enumerate(int(x) for x in context_lens):
         n = qs[i + 1] - qs[i]
         blocks = block_tables[i, : -(-ctx // p)].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx].double().repeat_interleave(h // hkv, dim=1)  # [ctx, H, D]
-        v = v_cache[blocks].flatten(0, 1)[:ctx].double().repeat_interleave(h // hkv, dim=1)
+        k = k_cache[blocks].flatten(0, 1)[:ctx].double().repeat_interleave(h // hkv, dim=1) * k_scale  # [ctx, H, D]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].double().repeat_interleave(h // hkv, dim=1) * v_scale
         w = torch.einsum("thd,nhd->htn", q[qs[i]:qs[i + 1]].double(), k) * scale  # [H, n, ctx]
         seen = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
         w = w.masked_fill(~seen, float("-inf"))
@@ -131,7 +138,8 @@ if triton is not None:
     @triton.jit
     def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kvh, start, hi, pos, d, d_ok, scale_log2,
                       stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CAUSAL: tl.constexpr):
+                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CAUSAL: tl.constexpr,
+                      KV_FP8: tl.constexpr):
         """One online-softmax step over keys [start, start + BLOCK_N); CAUSAL masks keys past
         each row's position and from hi on (otherwise every key is below hi and seen)."""
         kpos = start + tl.arange(0, BLOCK_N)
@@ -150,6 +158,9 @@ if triton is not None:
         if UPCAST:  # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
+            if KV_FP8:  # fp8 -> q's dtype; the scales are applied outside
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
         if CAUSAL:
@@ -166,11 +177,11 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _extend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, tiles_ptr, out_ptr, num_tiles, scale_log2,
+    def _extend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, tiles_ptr, out_ptr, num_tiles, scale_log2, v_scale,
                        stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                        stride_bt, stride_ot, stride_oh,
                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr):
         # the KV heads of a tile are neighbours in launch order, so the longest-first tile
         # order holds across the whole grid
         tile = tl.program_id(0) // HKV
@@ -205,19 +216,22 @@ if triton is not None:
         for start in range(0, full, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kvh, start, hi, pos, d, d_ok,
                                           scale_log2, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
-                                          stride_vh, PAGE=PAGE, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CAUSAL=False)
+                                          stride_vh, PAGE=PAGE, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CAUSAL=False,
+                                          KV_FP8=KV_FP8)
         for start in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kvh, start, hi, pos, d, d_ok,
                                           scale_log2, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
-                                          stride_vh, PAGE=PAGE, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CAUSAL=True)
-        out = acc / l_i[:, None]
+                                          stride_vh, PAGE=PAGE, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CAUSAL=True,
+                                          KV_FP8=KV_FP8)
+        out = acc * (v_scale / l_i[:, None])  # v_scale: 1.0 unless the cache is fp8
         o_rows = (row0 + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float, tiles: ExtendTiles | None = None) -> torch.Tensor:
+                           scale: float, tiles: ExtendTiles | None = None, *, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """See the module docstring for the contract; raises ValueError on a broken one.
 
     tiles: the step's plan_tiles for this layer's group and head dim (the engine builds it
@@ -232,8 +246,7 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged_extend_attention: block_tables [S, W] and query_start [S+1] must match "
                          f"context_lens [S] (S = {s_count}), got {list(block_tables.shape)}, "
                          f"{list(query_start.shape)}")
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"paged_extend_attention: cache dtype {k_cache.dtype} != query dtype {q.dtype}")
+    check_kv_dtypes("paged_extend_attention", q, k_cache, v_cache)
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("paged_extend_attention: q and the caches need a contiguous head dim")
     if tiles is None:
@@ -242,13 +255,13 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged_extend_attention: tiles planned for {tiles.group} query heads per KV head, "
                          f"the layer has {h // hkv}")
     return torch.ops.mixq.paged_extend_attention(q, k_cache, v_cache, block_tables, query_start, context_lens,
-                                                 tiles.tiles, scale, tiles.block_m)
+                                                 tiles.tiles, scale, tiles.block_m, k_scale, v_scale)
 
 
 @torch.library.custom_op("mixq::paged_extend_attention", mutates_args=())
 def _paged_extend_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      query_start: torch.Tensor, context_lens: torch.Tensor, tiles: torch.Tensor, scale: float,
-                     block_m: int) -> torch.Tensor:
+                     block_m: int, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     t, h, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
@@ -258,16 +271,16 @@ def _paged_extend_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cfg = extend_config(h // hkv, d, q.device)
     _extend_kernel[(num_tiles * hkv,)](
         q, k_cache, v_cache, block_tables, query_start, context_lens, tiles, out, num_tiles,
-        scale * 1.4426950408889634,  # scale * log2(e): exp2 in the kernel
+        scale * k_scale * 1.4426950408889634, v_scale,  # log2(e): exp2 in the kernel
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         HKV=hkv, G=h // hkv, D=d, DP=max(16, triton.next_power_of_2(d)), PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, UPCAST=_interpreting() or q.dtype == torch.float32,
+        BLOCK_N=cfg.block_n, UPCAST=_interpreting() or q.dtype == torch.float32, KV_FP8=is_fp8(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
 @_paged_extend_op.register_fake
-def _(q, k_cache, v_cache, block_tables, query_start, context_lens, tiles, scale, block_m):
+def _(q, k_cache, v_cache, block_tables, query_start, context_lens, tiles, scale, block_m, k_scale=1.0, v_scale=1.0):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -124,19 +124,21 @@ def choose_bm(pairs: int, fids: int) -> int:
 
 
 def choose_config(launch: Launch, pairs: int, fids: int, bm: int, device: torch.device,
-                  direct: bool = False) -> GemmConfig:
+                  direct: bool = False, sms: int | None = None) -> GemmConfig:
     """Heuristic tile for one launch: memory-bound at small M, so enough programs must
-    stream the weights (~2 per SM, counting the blocks the routing is expected to fill)."""
+    stream the weights (~2 per SM, counting the blocks the routing is expected to fill).
+    `sms` (tests): the GPU's multiprocessor count, instead of the device's (and of the
+    interpreter's one config)."""
     op = launch.ops[0]
     bk = max(min_bk(op), 128 if op.is_int or op.sbk == 0 else min(128, op.sbk))
-    if interpreting():
+    if sms is None and interpreting():
         return GemmConfig(64, bk, 1, 4, 1)
     if direct:  # one block per pair of this group's experts
         blocks = max(1.0, pairs * launch.experts / max(fids, 1))
     else:
         hit = launch.experts * (1 - (1 - 1 / max(fids, 1)) ** pairs)  # expected experts with tokens
         blocks = max(1.0, hit + pairs * launch.experts / max(fids, 1) / bm)
-    target = 2 * _sms(device)
+    target = 2 * (sms or _sms(device))
     big = pairs / max(1, min(fids, pairs)) > 32
     # H100 (bench/RESULTS.md): 16-wide tiles lost every case; 128 wins only with many pairs
     bn = 64 if big else 32
@@ -151,8 +153,7 @@ def choose_config(launch: Launch, pairs: int, fids: int, bm: int, device: torch.
     return GemmConfig(bn, bk, split, 4, 3 if big else 4)
 
 
-def _override(launch: Launch) -> dict:
-    o = CONFIG_OVERRIDE or {}
+def _override(launch: Launch, o: dict) -> dict:
     fmt = "int" if launch.ops[0].is_int else "float"
     return {**o.get(launch.kind, {}), **o.get(f"{launch.kind}_{fmt}", {})}
 
@@ -295,15 +296,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return torch.ops.mixq.fused_moe(x.contiguous(), topk_ids, topk_weights.contiguous(), plan.fid_map, tensors, meta)
 
 
-def run_plan(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+def run_plan(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: MoEPlan,
+             override: dict | None = None) -> torch.Tensor:
     """The launches of fused_moe: [align], the w13 groups, the w2 groups, a cast or a sum.
     Format groups are independent: on CUDA each group's launches go to its own stream
-    (fork/join, graph-capturable), so small groups overlap instead of queueing."""
+    (fork/join, graph-capturable), so small groups overlap instead of queueing.
+    `override` (tests): replaces CONFIG_OVERRIDE (same keys) for this call."""
     tokens, top_k = topk_ids.shape
     pairs = tokens * top_k
     if pairs == 0:
         return torch.zeros_like(x)
-    o = CONFIG_OVERRIDE or {}
+    o = override if override is not None else CONFIG_OVERRIDE or {}
     dev = x.device
     direct = o.get("dispatch", "direct" if pairs <= DIRECT_MAX_PAIRS else "sorted") == "direct"
     atomic = not direct and o.get("combine", "atomic" if pairs <= ATOMIC_MAX_PAIRS else "store") == "atomic"
@@ -321,14 +324,14 @@ def run_plan(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     parallel = o.get("streams", True) and dev.type == "cuda"
 
     def run13(launch: Launch) -> None:
-        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch)})
+        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch, o)})
         check_config(launch, cfg)
         launch_gemm(launch, x, al, topk_weights, inter, top_k, cfg)
 
     def run2(launch: Launch) -> None:
         launch = Launch(launch.kind, COMBINE_ATOMIC if atomic else COMBINE_STORE, launch.f0, launch.f1,
                         launch.slots, launch.ops, launch.experts)
-        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch)})
+        cfg = GemmConfig(**{**choose_config(launch, pairs, plan.fids, bm, dev, direct).__dict__, **_override(launch, o)})
         check_config(launch, cfg)
         launch_gemm(launch, inter, al, topk_weights, out, top_k, cfg)
 

@@ -15,10 +15,14 @@ values), so a CUDA graph captured once stays right when the lengths change betwe
 
 Contract (all on one device):
   q            [S, H, D]              fp16 / bf16 / fp32, the one new token of each sequence
-  k/v_cache    [num_blocks, P, Hkv, D] same dtype as q, P = page size
+  k/v_cache    [num_blocks, P, Hkv, D] q's dtype, or fp8 (e4m3fn / e5m2) holding x / k_scale
+               and x / v_scale (mixq.kernels.kv_quant), P = page size
   block_tables [S, W] int32            the sequence's pages, in order (padding ignored)
   context_lens [S] int                 tokens in the cache for each sequence, 1 <= n <= W * P
+  k/v_scale    float                   per-tensor scales of an fp8 cache (1.0 otherwise)
   returns      [S, H, D] in q's dtype; H must be a multiple of Hkv (grouped-query).
+An fp8 cache is read into q's dtype (fp32 under UPCAST); k_scale is folded into the softmax
+scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import functools
 import os
 
 import torch
+
+from mixq.kernels.kv_quant import check_kv_dtypes, is_fp8
 
 try:
     import triton
@@ -86,8 +92,8 @@ def plan_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
     return num_splits, split_slice(max_context, num_splits)
 
 
-def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Float64 reference: gather each sequence's context and attend."""
+def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=1.0, v_scale=1.0):
+    """Float64 reference: gather each sequence's context (times its scale) and attend."""
     s_count, h, d = q.shape
     hkv = k_cache.shape[2]
     p = k_cache.shape[1]
@@ -95,8 +101,8 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
     for i in range(s_count):
         n = int(context_lens[i])
         blocks = block_tables[i, : -(-n // p)].long()
-        k = k_cache[blocks].flatten(0, 1)[:n].double().repeat_interleave(h // hkv, dim=1)  # [n, H, D]
-        v = v_cache[blocks].flatten(0, 1)[:n].double().repeat_interleave(h // hkv, dim=1)
+        k = k_cache[blocks].flatten(0, 1)[:n].double().repeat_interleave(h // hkv, dim=1) * k_scale  # [n, H, D]
+        v = v_cache[blocks].flatten(0, 1)[:n].double().repeat_interleave(h // hkv, dim=1) * v_scale
         w = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
         out[i] = torch.einsum("hn,nhd->hd", w.softmax(-1), v)
     return out
@@ -106,11 +112,12 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-                             scale_log2, slice_len, part_ml_stride,
+                             scale_log2, v_scale, slice_len, part_ml_stride,
                              stride_qs, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                              stride_bt, stride_os, stride_oh,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+                             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                             KV_FP8: tl.constexpr):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         g = tl.arange(0, GP)
@@ -146,6 +153,10 @@ if triton is not None:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            elif KV_FP8:  # fp8 -> q's dtype; the scales are applied outside the loop
+                k = k.to(q_ptr.dtype.element_ty)
+                v = v.to(q_ptr.dtype.element_ty)
+                s = tl.dot(q, tl.trans(k))
             else:
                 s = tl.dot(q, tl.trans(k))
             s = tl.where(ok[None, :], s * scale_log2, float("-inf"))  # [GP, BLOCK_N], log2 units
@@ -158,6 +169,7 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        acc = acc * v_scale  # the values' per-tensor scale (1.0 unless the cache is fp8)
         if SPLIT:  # partial of row (seq, head, split) in [S, H, splits, (D)]; empty: -inf, 0, 0
             row = (seq * tl.num_programs(1) * G + kvh * G + g) * tl.num_programs(2) + tl.program_id(2)
             tl.store(part_acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
@@ -210,7 +222,7 @@ def check_query_and_cache(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           *, num_splits: int = 0) -> torch.Tensor:
+                           *, num_splits: int = 0, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """See the module docstring for the contract; raises ValueError on a broken one.
 
     num_splits: 0 chooses from shapes and the SM count (choose_num_splits); n > 0 forces n
@@ -220,16 +232,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     s_count = q.shape[0]
     if block_tables.shape[0] != s_count or context_lens.shape != (s_count,):
         raise ValueError("paged_decode_attention: block_tables [S, W] and context_lens [S] must match q's S")
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"paged_decode_attention: cache dtype {k_cache.dtype} != query dtype {q.dtype}")
+    check_kv_dtypes("paged_decode_attention", q, k_cache, v_cache)
     if num_splits < 0:
         raise ValueError(f"paged_decode_attention: num_splits must be >= 0 (0 = auto), got {num_splits}")
-    return torch.ops.mixq.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    return torch.ops.mixq.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                                 k_scale, v_scale)
 
 
 @torch.library.custom_op("mixq::paged_decode_attention", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, num_splits: int = 0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, num_splits: int = 0, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     s_count, h, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
     g = h // hkv
@@ -246,11 +259,11 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     dp = max(16, triton.next_power_of_2(d))
     _paged_decode_kernel[(s_count, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
-        scale * 1.4426950408889634, slice_len, part_ml.stride(0),  # scale * log2(e): exp2 in the kernel
+        scale * k_scale * 1.4426950408889634, v_scale, slice_len, part_ml.stride(0),  # log2(e): exp2 in the kernel
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=dp, PAGE=page,
-        BLOCK_N=BLOCK_N, UPCAST=upcast, SPLIT=splits > 1, num_warps=4, num_stages=2,
+        BLOCK_N=BLOCK_N, UPCAST=upcast, SPLIT=splits > 1, KV_FP8=is_fp8(k_cache.dtype), num_warps=4, num_stages=2,
     )
     if splits > 1:
         _combine_splits_kernel[(s_count, h)](part_acc, part_ml, out, splits, part_ml.stride(0), out.stride(0),
@@ -259,5 +272,5 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @_paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=0, k_scale=1.0, v_scale=1.0):
     return torch.empty_like(q)

@@ -24,6 +24,7 @@ from mixq.errors import CheckpointError, UnsupportedFormatError
 from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import wna16
 from mixq.kernels.quant import quant_fp8, quant_int8
+from mixq.kernels.quant_fused import FP8Act
 from mixq.kernels.w8a8 import scaled_mm_ok, scaled_mm_rowwise, w8a8_gemm
 from mixq.kernels.w8a16 import w8a16_gemm
 
@@ -91,8 +92,10 @@ class _W8Method:
     name = "w8"
     weight_only_max_m = WEIGHT_ONLY_MAX_M
 
-    def apply(self, weight: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, weight: QuantizedWeight, x: torch.Tensor | FP8Act, bias: torch.Tensor | None) -> torch.Tensor:
         t, (n, k), spec = weight.tensors, weight.shape, weight.spec
+        if isinstance(x, FP8Act):  # quantized by its producer (wants_fp8_act said yes)
+            return scaled_mm_rowwise(x.q, x.s, t["weight"], t["weight_scale"], bias)
         shape = x.shape
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
@@ -142,6 +145,14 @@ class FP8Method(_W8Method):
         if static is not None:
             tensors["input_scale"] = static
         return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
+
+    def wants_fp8_act(self, weight: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
+        """Whether `apply` at m rows quantizes its input per token (dynamic) and runs
+        `_scaled_mm`: then the producer may hand it an FP8Act instead (quant_fused)."""
+        (n, k), spec = weight.shape, weight.spec
+        return (spec.activation == "dynamic-token" and _grid(spec) is None and m > self.weight_only_max_m
+                and "input_scale" not in weight.tensors
+                and scaled_mm_ok(m, n, k, dtype, weight.tensors["weight"].device))
 
 
 class Int8Method(_W8Method):

@@ -185,15 +185,20 @@ def _sms(device: torch.device) -> int:
 
 
 def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) -> tuple:
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages, SWAP); BM == 1 selects the GEMV.
+    """The launch configuration of launch_config on this device (interpreter included)."""
+    return launch_config(m, n, k, sbn, sbk, _sms(device), interpreting())
+
+
+def launch_config(m: int, n: int, k: int, sbn: int, sbk: int, sms: int, interpret: bool = False) -> tuple:
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages, SWAP) for a GPU with `sms` multiprocessors
+    (`interpret`: few large blocks, for the Triton interpreter); BM == 1 selects the GEMV.
 
     M == 1: 8 KiB weight tiles (BN x BK), BN as wide as still gives two programs per SM,
     split-K only when even BN = 8 leaves SMs idle (a split adds a sum-and-cast pass over
     [SPLIT, M, N] fp32 partials). 1 < M <= 64: swapped tiles (the tokens on the MMA's
     narrow side), K split until ~4 programs per SM stream the weight. Larger M: plain
     tensor-core tiles up to 256 rows, swapped beyond (both stay compiled and tested)."""
-    sms = _sms(device)
-    if interpreting():  # few, large blocks run fastest under the interpreter
+    if interpret:  # few, large blocks run fastest under the interpreter
         bm, bn, bk, warps, stages, swap = (1, 32, 64, 4, 1, False) if m == 1 else (16, 32, 64, 4, 1, m <= 16)
     elif m == 1:
         bn = next((b for b in (32, 16) if -(-n // b) >= 2 * sms), 8)
@@ -211,7 +216,7 @@ def _config(m: int, n: int, k: int, sbn: int, sbk: int, device: torch.device) ->
     k_tiles = -(-k // bk)
     programs = -(-m // bm) * -(-n // bn)
     split = 1
-    if interpreting():
+    if interpret:
         split = 1 if k_tiles < 2 else 2
     elif m == 1 and programs < sms:
         split = min(k_tiles, -(-2 * sms // programs))
@@ -228,9 +233,14 @@ CONFIG_OVERRIDE: tuple | None = None
 @torch.library.custom_op("mixq::w8a16_gemm", mutates_args=())
 def _w8a16_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
               bias: torch.Tensor | None, sbn: int, sbk: int) -> torch.Tensor:
+    return _launch(x, w, scale, zero, bias, sbn, sbk)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+            bias: torch.Tensor | None, sbn: int, sbk: int, config: tuple | None = None) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
-    bm, bn, bk, split, warps, stages, swap = CONFIG_OVERRIDE or _config(m, n, k, sbn, sbk, x.device)
+    bm, bn, bk, split, warps, stages, swap = config or CONFIG_OVERRIDE or _config(m, n, k, sbn, sbk, x.device)
     if bm == 1 and m != 1:
         bm = 16  # a GEMV config only fits M == 1
     scale_x = bm == 1 and sbk > 0 and sbn % bn == 0
@@ -266,13 +276,16 @@ def _(x, w, scale, zero, bias, sbn, sbk):
 
 
 def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, block: tuple[int, int] | None = None, *,
+               config: tuple | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16 (fp32 too) @ dequant(w)^T -> [M, N] in x's dtype.
 
     w      float8_e4m3fn or int8 [N, K], K contiguous
     scale  fp32 [N] (per channel) when block is None, else fp32 [ceil(N/SBN), ceil(K/SBK)]
            contiguous for block = (SBN, SBK), SBK a power of two >= 32
     zero   int32 [N] or None (int8 weights only); bias [N] any float dtype or None
+    config (tests and sweeps) replaces the heuristic's (BM, BN, BK, SPLIT_K, warps, stages,
+           SWAP) and launches directly, outside the custom op
     """
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -294,4 +307,6 @@ def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torc
                 or not scale.is_contiguous():
             raise ValueError(f"w8a16_gemm: block {block} needs SBK a power of two >= 32 and fp32 scales {list(want)}, "
                              f"got {scale.dtype} {list(scale.shape)}")
+    if config is not None:
+        return _launch(x.contiguous(), w, scale, zero, bias, sbn, sbk, config)
     return torch.ops.mixq.w8a16_gemm(x.contiguous(), w, scale, zero, bias, sbn, sbk)

@@ -24,7 +24,7 @@ from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 from mixq.kernels import dense
 from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
 from mixq.kernels.cpu_quant import quantize_input
-from mixq.kernels.methods import WNA16Method
+from mixq.kernels.methods import GGMLMethod, MMAW4A16Method, WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 
 log = logging.getLogger("mixq.layers")
@@ -92,21 +92,32 @@ class TorchDequantMethod:
 
 
 # Tried in order: the kernels made for a format first (GPU, then CPU), the torch reference last.
-METHODS: list[LinearMethod] = [WNA16Method(), FP8Method(), Int8Method(), CPUInt4Method(), CPUInt8Method(),
-                               CPUFP8Method(), DenseMethod(), TorchDequantMethod()]
+METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), GGMLMethod(), FP8Method(), Int8Method(), CPUInt4Method(),
+                               CPUInt8Method(), CPUFP8Method(), DenseMethod(), TorchDequantMethod()]
 
 
-def select_method(spec: WeightSpec, device: torch.device, name: str = "") -> LinearMethod:
-    """The first method that can implement `spec` on `device`; else a ValueError that
-    lists each method's reason."""
+def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight: QuantizedWeight | None = None,
+                  dtype: torch.dtype | None = None) -> LinearMethod:
+    """The first method that can implement `spec` on `device` (and, for methods with a
+    `can_implement_weight(weight, dtype)` check, this weight's shape and layout); else a
+    ValueError that lists each method's reason."""
     reasons = []
     for m in METHODS:
         ok, why = m.can_implement(spec, device)
+        if ok and weight is not None and hasattr(m, "can_implement_weight"):
+            ok, why = m.can_implement_weight(weight, dtype)
         if ok:
             log.debug("%s: %s on %s -> %s", name or "linear", spec.describe(), device, m.name)
             return m
         reasons.append(f"{m.name}: {why}")
     raise ValueError(f"{name or 'linear'}: no kernel implements {spec.describe()} on {device}: " + "; ".join(reasons))
+
+
+def takes_fp8_act(method, weight, input_scale, m: int, dtype: torch.dtype) -> bool:
+    """A method that quantizes its input to FP8 per token at m rows (and no smoothing scale
+    to apply first) takes a producer's FP8Act."""
+    want = getattr(method, "wants_fp8_act", None)
+    return want is not None and weight is not None and input_scale is None and want(weight, m, dtype)
 
 
 class MixedPrecisionLinear(nn.Module):
@@ -119,6 +130,7 @@ class MixedPrecisionLinear(nn.Module):
         self.method: LinearMethod | None = None
         self.input_scale: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.merged_into: str | None = None  # set when a MergedLinear computes this projection
 
     def load(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         """Take a loaded weight; pick its method for the weight's device; repack once."""
@@ -128,11 +140,18 @@ class MixedPrecisionLinear(nn.Module):
                 f"[{self.out_features}, {self.in_features}]"
             )
         device = next(iter(qw.tensors.values())).device
-        self.method = select_method(qw.spec, device, qw.name)
+        self.method = select_method(qw.spec, device, qw.name, qw, dtype)
         self.input_scale = None if qw.input_scale is None else qw.input_scale.to(dtype)
         self.weight = self.method.prepare(qw, dtype)
 
+    def takes_fp8_act(self, m: int, dtype: torch.dtype) -> bool:
+        """Whether forward at m rows would quantize its input to FP8 per token: its producer
+        may then pass an FP8Act (mixq.kernels.quant_fused) instead."""
+        return takes_fp8_act(self.method, self.weight, self.input_scale, m, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_into is not None:
+            raise RuntimeError(f"{self.weight.name} is computed by the merged {self.merged_into}; call that instead")
         if self.input_scale is not None:  # smoothing compensation (mixq.formats.smoothing)
             x = x * self.input_scale
         return self.method.apply(self.weight, x, self.bias)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mixq.kernels import elementwise
+from mixq.kernels.quant_fused import FP8Act, add_rms_norm_fp8
 
 
 class RMSNorm(nn.Module):
@@ -15,8 +16,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalize x; with `residual`, first add it and also return the new residual."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_fp8: bool = False):
+        """Normalize x; with `residual`, first add it and also return the new residual.
+        quant_fp8 (the consumer is an FP8 W8A8 GEMM, `takes_fp8_act`): the normed output
+        comes back quantized per token, an FP8Act, from one fused kernel."""
+        if quant_fp8 and elementwise.use_kernels(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            shape = x.shape
+            r = None if residual is None else residual.view(-1, shape[-1])
+            q, s, new_res = add_rms_norm_fp8(x.view(-1, shape[-1]), r, self.weight, self.eps)
+            act = FP8Act(q, s, torch.promote_types(self.weight.dtype, x.dtype))
+            return act if residual is None else (act, new_res.view(shape))
         if elementwise.use_kernels(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
             shape = x.shape
             r = None if residual is None else residual.view(-1, shape[-1])

@@ -1,97 +1,127 @@
-"""OpenAI-compatible and SGLang-native HTTP API on FastAPI."""
+"""OpenAI-compatible and SGLang-native HTTP API on FastAPI.
+
+A request is checked whole before the engine sees it: its shape by pydantic
+(mixq.server.protocol), its sampling values by `SamplingParams` (the same checks the
+Python API and `mixq generate` run), its prompt against the context length (tokenized on
+a worker thread, never on the event loop). Request ids are the server's own. A client
+that goes away, streaming or not, has its request aborted and its KV blocks freed.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixq.engine.engine import RequestOutput
-from mixq.engine.sampling_params import SamplingParams
-from mixq.server.async_engine import AsyncEngine
+from mixq.engine.sampling_params import SamplingParamError, SamplingParams
+from mixq.server.async_engine import AsyncEngine, EngineStopped
+from mixq.server.errors import APIError, error_body, error_response, validation_message
 from mixq.server.metrics import ServerMetrics
+from mixq.server.middleware import RequestGuard, ServerState
 from mixq.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+log = logging.getLogger("mixq.server")
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+@dataclass
+class ServerLimits:
+    """What one request (and all of them together) may ask; flags in mixq.server.args."""
+
+    max_request_body_bytes: int = 16 * 2**20
+    max_n: int = 16
+    max_in_flight: int | None = None  # requests admitted and unfinished; None: no limit
 
 
 def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: str, server_info: dict,
               api_key: str | None = None, allow_auto_truncate: bool = False,
-              expert_stats_dir: str | None = None) -> FastAPI:
+              expert_stats_dir: str | None = None, limits: ServerLimits | None = None,
+              state: ServerState | None = None) -> FastAPI:
     engine = aengine.engine
     tok = engine.tokenizer
+    limits = limits or ServerLimits()
+    state = state or ServerState()
     app = FastAPI(title="mixq", version="0.1.0")
-    open_paths = {"/health", "/metrics"}
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path not in open_paths:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    app.state.mixq = state
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_request_body_bytes, state=state)
+    # one worker: tokenizer calls never run concurrently with each other (HF tokenizers are
+    # not safe to share across threads), and never on the event loop
+    tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixq-tokenize")
+    limit = engine.max_model_len
+    # no token covers more characters than the longest vocabulary entry (x4 for what a
+    # normalizer may fold): a longer text cannot fit the context, and is not tokenized
+    max_token_chars = max(1, max((len(t) for t in tok.get_vocab()), default=1))
+    max_prompt_chars = 4 * max_token_chars * limit
+    # each route's body model, whose field descriptions word the 400s (expert routes add theirs)
+    app.state.body_models = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                             "/generate": GenerateRequest}
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(SamplingParamError)
+    async def _param_error(_, e: SamplingParamError):
+        return error_response(400, str(e), param=e.param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, e: StarletteHTTPException):  # unknown route, wrong method: OpenAI's error JSON
-        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
-                      code="not_found" if e.status_code == 404 else None)
+    async def _http_error(_, e: StarletteHTTPException):  # unknown route, wrong method, body too large
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), code=code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return _error(400, f"malformed JSON body: {first.get('msg')}")
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), param=loc or None)
+    async def _validation(request: Request, e: RequestValidationError):
+        message, param = validation_message(list(e.errors()), request.app.state.body_models.get(request.url.path),
+                                            request.scope.get("route"))
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug: answered as JSON (Starlette logs its traceback)
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'",
                            code="model_not_found", param="model")
 
-    def to_params(req, logprobs: int | None) -> SamplingParams:
-        d = {"max_new_tokens": req.max_completion_tokens or req.max_tokens or 16,
-             "temperature": 1.0 if req.temperature is None else req.temperature,
-             "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p, "n": req.n, "stop": req.stop,
-             "stop_token_ids": req.stop_token_ids, "seed": req.seed, "presence_penalty": req.presence_penalty,
-             "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
-             "ignore_eos": req.ignore_eos, "logprobs": logprobs}
-        try:
-            return SamplingParams.from_dict(d)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+    def too_long(n_tokens: int) -> APIError:
+        return APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n_tokens} "
+                             f"tokens (at most {limit - 1}, to leave room for output)", param="prompt",
+                        code="context_length_exceeded")
 
-    def prompt_ids(prompt: str | list[int], params: SamplingParams, explicit_max: bool = False) -> list[int]:
+    async def on_tokenizer(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    async def prompt_ids(prompt: str | list[int], params: SamplingParams, explicit_max: bool = False) -> list[int]:
         """The prompt's ids, checked against the context. A max_tokens the request set
         must fit beside the prompt (vLLM's rule; left unset, generation stops at the context
         with finish_reason "length"). With --allow-auto-truncate (SGLang's meaning) a long
         prompt keeps its last context - 1 tokens and max_tokens is clipped to what is left."""
-        ids = engine.encode(prompt)
-        limit = engine.max_model_len
+        if isinstance(prompt, str):
+            if len(prompt) > max_prompt_chars:
+                if not allow_auto_truncate:
+                    raise APIError(400, f"This model's maximum context length is {limit} tokens; a prompt of "
+                                        f"{len(prompt)} characters cannot fit", param="prompt",
+                                   code="context_length_exceeded")
+                prompt = prompt[-max_prompt_chars:]  # only the tail can be kept: tokenize only it
+            ids = await on_tokenizer(engine.encode, prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
         if len(ids) + 1 > limit:
             if not allow_auto_truncate:
-                raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
-                                    f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
+                raise too_long(len(ids))
             ids = ids[-(limit - 1):]
         if explicit_max and len(ids) + params.max_new_tokens > limit:
             if not allow_auto_truncate:
@@ -100,16 +130,23 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                                     f"{params.max_new_tokens} in the completion). Reduce the length of the prompt "
                                     "or of max_tokens.", param="max_tokens", code="context_length_exceeded")
             params.max_new_tokens = limit - len(ids)
+            params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
         return ids
 
     async def run(rid: str, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Admit a request; returns its outputs once the engine has queued it (the
+        engine's refusal is a 400 before anything is sent)."""
         if not aengine.alive:
             raise APIError(503, "the engine is not running", "server_error")
+        if limits.max_in_flight is not None and aengine.num_in_flight >= limits.max_in_flight:
+            raise APIError(503, "The request queue is full.", "server_error", code="queue_full")
         gen = aengine.generate(rid, ids, params)
         try:
             first = await gen.__anext__()
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), "server_error") from None
 
         async def rest():
             try:
@@ -120,6 +157,34 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                 await gen.aclose()
 
         return rest()
+
+    async def until_disconnected(request: Request) -> None:
+        """Returns when the client goes away (the body was read: only http.disconnect remains)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def final_output(stream, request: Request) -> RequestOutput:
+        """The last output of a non-streaming request; abort it if the client goes away."""
+        async def consume():
+            last = None
+            async for o in stream:
+                last = o
+            return last
+
+        work = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():  # the client left: cancelling the consumer aborts the request
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise APIError(499, "the client closed the connection", code="client_closed_request")
+        try:
+            return work.result()
+        except EngineStopped as e:
+            raise APIError(503, str(e), "server_error") from None
 
     def usage(o: RequestOutput) -> dict:
         c = sum(len(x.token_ids) for x in o.outputs)
@@ -153,6 +218,8 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         return f"data: {json.dumps(obj)}\n\n"
 
     async def stream_sse(stream, make_chunks, final_usage):
+        """Server-sent events; a request the engine cannot finish (shutdown, failure) ends
+        with an error event, and every stream ends with [DONE]."""
         last = None
         try:
             async for o in stream:
@@ -161,22 +228,30 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                     yield sse(chunk)
             if final_usage and last is not None:
                 yield sse(final_usage(last))
-            yield "data: [DONE]\n\n"
+        except EngineStopped as e:
+            yield sse(error_body(503, str(e), code="engine_stopped"))
         finally:
             await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    def streaming(gen) -> StreamingResponse:
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def include_usage(req) -> bool:
+        return bool(req.stream_options and req.stream_options.include_usage)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int):
-            if len(req.prompt) != 1:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
                 raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
-            req.prompt = req.prompt[0]
-        params = to_params(req, req.logprobs)
-        ids = prompt_ids(req.prompt, params, (req.max_completion_tokens or req.max_tokens) is not None)
+            prompt = prompt[0]
+        params = req.sampling_params(limits.max_n)
+        ids = await prompt_ids(prompt, params, req.explicit_max_tokens)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
-        echo = tok.decode(ids) if req.echo else ""
         base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
         if req.stream:
             def chunks(o):
@@ -184,30 +259,43 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                     if c.delta_text or c.finish_reason:
                         yield {**base, "choices": [{"index": c.index, "text": c.delta_text, "logprobs": None,
                                                     "finish_reason": c.finish_reason}]}
-            inc = (req.stream_options or {}).get("include_usage")
-            final = (lambda o: {**base, "choices": [], "usage": usage(o)}) if inc else None
-            return StreamingResponse(stream_sse(stream, chunks, final), media_type="text/event-stream")
-        final = None
-        async for o in stream:
-            final = o
+            final = (lambda o: {**base, "choices": [], "usage": usage(o)}) if include_usage(req) else None
+            return streaming(stream_sse(stream, chunks, final))
+        final = await final_output(stream, request)
+        echo = await on_tokenizer(tok.decode, ids) if req.echo else ""
         return {**base, "choices": [{"index": c.index, "text": echo + c.text, "logprobs": completion_logprobs(c),
                                      "finish_reason": c.finish_reason} for c in final.outputs],
                 "usage": usage(final)}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        for m in messages:
-            if isinstance(m.get("content"), list):
-                m["content"] = "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
+        params = req.sampling_params(limits.max_n)
+        messages = []
+        for m in req.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(p.text or "" for p in content if p.type == "text")
+            messages.append({"role": m.role, "content": content or ""})
+        excess = sum(len(m["content"]) for m in messages) - max_prompt_chars
+        if excess > 0:
+            if not allow_auto_truncate:
+                raise APIError(400, f"This model's maximum context length is {limit} tokens; messages of "
+                                    f"{excess + max_prompt_chars} characters cannot fit", param="messages",
+                               code="context_length_exceeded")
+            for m in messages:  # only the tail can be kept: drop text from the oldest messages
+                cut = min(excess, len(m["content"]))
+                m["content"], excess = m["content"][cut:], excess - cut
+
+        def render(msgs) -> list[int]:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+            return tok.encode(text, add_special_tokens=False)
+
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+            chat_ids = await on_tokenizer(render, messages)
         except Exception as e:  # jinja errors: the request's messages do not fit the template
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        params = to_params(req, (req.top_logprobs or 0) if req.logprobs else None)
-        ids = prompt_ids(tok.encode(text, add_special_tokens=False), params,
-                         (req.max_completion_tokens or req.max_tokens) is not None)
+            raise APIError(400, f"cannot apply the chat template to messages: {e}", param="messages") from None
+        ids = await prompt_ids(chat_ids, params, req.explicit_max_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await run(rid, ids, params)
         base = {"id": rid, "created": created, "model": served_model_name}
@@ -225,40 +313,36 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
                     if delta or c.finish_reason:
                         yield {**base, "object": "chat.completion.chunk", "choices": [
                             {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": c.finish_reason}]}
-            inc = (req.stream_options or {}).get("include_usage")
-            final = (lambda o: {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(o)}) if inc else None
-            return StreamingResponse(stream_sse(stream, chunks, final), media_type="text/event-stream")
-        final = None
-        async for o in stream:
-            final = o
+            final = ((lambda o: {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(o)})
+                     if include_usage(req) else None)
+            return streaming(stream_sse(stream, chunks, final))
+        final = await final_output(stream, request)
         return {**base, "object": "chat.completion", "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": chat_logprobs(c),
              "finish_reason": c.finish_reason} for c in final.outputs], "usage": usage(final)}
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
-            raise APIError(400, "give exactly one of 'text' or 'input_ids'")
-        try:
-            params = SamplingParams.from_dict(req.sampling_params)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="sampling_params") from None
-        ids = prompt_ids(req.text if req.text is not None else req.input_ids, params)
-        rid = req.rid or uuid.uuid4().hex
+            raise APIError(400, "give exactly one of 'text' or 'input_ids'", param="text")
+        params = req.params(limits.max_n)
+        ids = await prompt_ids(req.text if req.text is not None else req.input_ids, params)
+        rid = uuid.uuid4().hex  # the server's id; the client's rid is only echoed back
+        shown = req.rid if req.rid is not None else rid
         stream = await run(rid, ids, params)
 
-        def body(o: RequestOutput) -> dict:
-            c = o.outputs[0]
-            return {"text": c.text, "output_ids": c.token_ids, "meta_info": {
-                "id": rid, "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(c.token_ids),
+        def body(o: RequestOutput, c) -> dict:
+            return {"text": c.text, "output_ids": c.token_ids, "index": c.index, "meta_info": {
+                "id": shown, "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(c.token_ids),
                 "finish_reason": {"type": c.finish_reason} if c.finish_reason else None}}
 
-        if req.stream:
-            return StreamingResponse(stream_sse(stream, lambda o: [body(o)], None), media_type="text/event-stream")
-        final = None
-        async for o in stream:
-            final = o
-        return body(final)
+        if req.stream:  # one event per choice that progressed, each with its index
+            def chunks(o):
+                return [body(o, c) for c in o.outputs if c.delta_token_ids or c.finish_reason]
+            return streaming(stream_sse(stream, chunks, None))
+        final = await final_output(stream, request)
+        bodies = [body(final, c) for c in final.outputs]
+        return bodies[0] if params.n == 1 else bodies  # SGLang: a list, one per sample, when n > 1
 
     @app.get("/v1/models")
     async def models():
@@ -267,9 +351,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
 
     @app.get("/health")
     async def health():
-        if not aengine.alive:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200 if aengine.alive else 503)
 
     @app.get("/get_model_info")
     async def model_info():
@@ -279,9 +361,14 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
 
     @app.get("/get_server_info")
     async def server_info_route():
-        return {**server_info, "max_model_len": engine.max_model_len, "kv_blocks": engine.scheduler.blocks.num_blocks,
-                "page_size": engine.scheduler.blocks.block_size, "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch.")}
+        blocks = engine.scheduler.blocks
+        return {**server_info, "max_model_len": engine.max_model_len, "kv_blocks": blocks.num_blocks,
+                "page_size": blocks.block_size, "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                # the load right now: idle means kv_blocks_used 0 and no request anywhere
+                "kv_blocks_used": blocks.num_used, "num_running_requests": len(engine.scheduler.running),
+                "num_waiting_requests": len(engine.scheduler.waiting),
+                "num_requests_in_flight": aengine.num_in_flight, "num_engine_requests": len(engine.requests)}
 
     @app.get("/metrics")
     async def prom():
@@ -291,11 +378,7 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
     async def memory_stats():
         from mixq.tracking.memory import MemoryStats
 
-        return MemoryStats.from_weights(engine.weights).as_dict()
-
-    @app.exception_handler(ValidationError)
-    async def _pyd(_, e: ValidationError):
-        return _error(400, str(e))
+        return {**MemoryStats.from_weights(engine.weights).as_dict(), "kv_cache": engine.kv_cache_stats()}
 
     from mixq.server.expert_routes import add_expert_routes
 

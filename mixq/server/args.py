@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+import socket
+from dataclasses import MISSING, dataclass, field, fields
 
 from mixq.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
@@ -40,8 +41,12 @@ class ServerArgs:
     port: int = 30000
     api_key: str | None = None
     allow_auto_truncate: bool = False
+    max_request_body_mb: float = 16.0
+    max_n: int = 16
+    max_queued_requests: int | None = None
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
@@ -56,9 +61,19 @@ class ServerArgs:
 
     def validate(self, gpu_count: int | None = None) -> None:
         """Raise ConfigError (one line, naming the flag) for impossible settings."""
-        for name in ("tp_size", "dp_size", "ep_size", "nnodes", "max_running_requests", "page_size", "port"):
+        for name in ("tp_size", "dp_size", "ep_size", "nnodes", "max_running_requests", "page_size", "port", "max_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ConfigError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        if not self.max_request_body_mb > 0:
+            raise ConfigError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ConfigError(f"--context-length must be >= 2 (a prompt token and an output token), "
+                              f"got {self.context_length}")
+        if self.device not in ("auto", "cpu", "cuda") and not (
+                self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.port > 65535:
             raise ConfigError(f"--port must be <= 65535, got {self.port}")
         if not 0 < self.mem_fraction_static < 1:
@@ -76,8 +91,9 @@ class ServerArgs:
             raise ConfigError("--enable-mixed-precision needs --mixed-precision-config")
         if self.mixed_precision_config and not os.path.isfile(self.mixed_precision_config):
             raise ConfigError(f"--mixed-precision-config {self.mixed_precision_config}: no such file")
-        if self.model_path is not None and not os.path.isdir(self.model_path):
-            raise ConfigError(f"--model-path {self.model_path}: no such directory")
+        if self.model_path is not None and not (os.path.isdir(self.model_path) or (
+                os.path.isfile(self.model_path) and self.model_path.endswith(".gguf"))):
+            raise ConfigError(f"--model-path {self.model_path}: no such directory or .gguf file")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
         if self.nnodes > 1 and not self.dist_init_addr:
@@ -112,6 +128,11 @@ class ServerArgs:
                 raise ConfigError(f"--expert-stats-dir {self.expert_stats_dir}: no such directory")
         if gpu_count is not None and self.device != "cpu":
             per_node = self.tp_size * self.dp_size // self.nnodes
+            if gpu_count == 0:
+                need = "" if per_node == 1 else (f"; --tp-size {self.tp_size} x --dp-size {self.dp_size} needs "
+                                                 f"{per_node} GPUs per node but 0 are present")
+                raise ConfigError(f"--device {self.device}: no CUDA device is available{need} (--device cpu runs "
+                                  "on the CPU)")
             if per_node > gpu_count:
                 raise ConfigError(
                     f"--tp-size {self.tp_size} x --dp-size {self.dp_size} needs {per_node} GPUs per node "
@@ -119,56 +140,119 @@ class ServerArgs:
                 )
 
 
-_FLAGS: list[tuple[str, dict]] = [
-    ("--model-path", dict(help="model directory (the base checkpoint); default: the embedded SmolLM2-135M mix")),
-    ("--mixed-precision-config", dict(help="mixed-precision YAML (see docs/config.md)")),
-    ("--enable-mixed-precision", dict(action="store_true", default=None, help="apply --mixed-precision-config")),
-    ("--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
-    ("--served-model-name", dict(help="model name the API reports and accepts")),
-    ("--tp-size", dict(type=int, help="tensor parallel size")),
-    ("--dp-size", dict(type=int, help="data parallel replicas")),
-    ("--ep-size", dict(type=int, help="expert parallel size")),
-    ("--enable-ep-moe", dict(action="store_true", default=None, help="expert parallelism for MoE layers")),
-    ("--dtype", dict(help=f"activation/dense weight dtype: {', '.join(DTYPES)}")),
-    ("--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)}")),
-    ("--device", dict(help="auto, cuda or cpu")),
-    ("--context-length", dict(type=int, help="max tokens per sequence (default: the model's)")),
-    ("--max-running-requests", dict(type=int, help="max requests decoding at once")),
-    ("--max-total-tokens", dict(type=int, help="KV cache capacity in tokens (default: from memory)")),
-    ("--chunked-prefill-size", dict(type=int, help="max prefill tokens per step; -1 disables chunking")),
-    ("--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights + KV cache")),
-    ("--cpu-kv-cache-space", dict(type=float, metavar="GIB", help="on a CPU: KV cache budget in GiB (default 1; "
-                                  "like vLLM's VLLM_CPU_KVCACHE_SPACE); the cache is the smaller of this and what "
-                                  "--max-running-requests full-length sequences need. --max-total-tokens overrides")),
-    ("--page-size", dict(type=int, help="tokens per KV cache block")),
-    ("--host", dict(help="bind address")),
-    ("--port", dict(type=int, help="port")),
-    ("--api-key", dict(help="require 'Authorization: Bearer KEY'")),
-    ("--allow-auto-truncate", dict(action="store_true", default=None, help="truncate over-long prompts instead of refusing")),
-    ("--trust-remote-code", dict(action="store_true", default=None, help="accepted for SGLang compatibility")),
-    ("--disable-cuda-graph", dict(action="store_true", default=None, help="do not capture CUDA graphs")),
-    ("--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA graph "
-                                             "(default: --max-running-requests, at most 256)")),
-    ("--cuda-graph-bs", dict(type=int, nargs="+", help="the decode batch sizes to capture (default: 1 2 4 8 "
-                                                      "and multiples of 8 up to --cuda-graph-max-bs)")),
-    ("--attention-backend", dict(help="triton (decode steps in one paged-attention launch; default on CUDA) or "
-                                      "torch_native (SDPA per sequence; default on CPU)")),
-    ("--dist-init-addr", dict(help="HOST:PORT of rank 0 for multi-node")),
-    ("--nnodes", dict(type=int, help="number of nodes")),
-    ("--node-rank", dict(type=int, help="this node's rank")),
-    ("--moe-dispatch", dict(help="EP token dispatch: all-reduce (default; tokens stay, partial outputs are "
-                                 "summed) or all-to-all (tokens travel to their experts' ranks; needs ep = tp)")),
-    ("--log-level", dict(help="debug, info, warning, error")),
-    ("--enable-expert-tracking", dict(action="store_true", default=None, help="count MoE expert activations")),
-    ("--expert-stats-dir", dict(help="directory /expert_stats/export and /dump_expert_distribution_record "
-                                 "may write to (nothing outside it)")),
+# (group, flag, argparse keywords); defaults come from ServerArgs and are shown in --help
+_FLAGS: list[tuple[str, str, dict]] = [
+    ("model", "--model-path", dict(help="model directory (the base checkpoint) or a GGUF file (default: the embedded SmolLM2-135M "
+                                        "mix, prepared into ~/.cache/mixq on first use)")),
+    ("model", "--mixed-precision-config", dict(help="mixed-precision YAML (docs/config.md); its inference: and "
+                                                    "server: sections are defaults under these flags")),
+    ("model", "--enable-mixed-precision", dict(action="store_true", default=None,
+                                               help="apply --mixed-precision-config (implied by giving one)")),
+    ("model", "--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
+    ("model", "--served-model-name", dict(help="model name the API reports and accepts (default: the model "
+                                               "directory's name)")),
+    ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: on CPU bfloat16 "
+                                   "where it has native bf16, else float32; on GPU the checkpoint's 16-bit dtype)")),
+    ("model", "--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)} (auto: --dtype; fp8: one "
+                                             "byte a value, per-tensor scales from the checkpoint, else 1.0)")),
+    ("model", "--device", dict(help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")),
+    ("model", "--trust-remote-code", dict(action="store_true", default=None,
+                                          help="accepted for SGLang compatibility (no remote code is run)")),
+    ("memory and scheduling", "--context-length", dict(type=int, help="max tokens per sequence, prompt + output "
+                                                                      "(default: the model's)")),
+    ("memory and scheduling", "--max-running-requests", dict(type=int, help="max sequences decoding at once")),
+    ("memory and scheduling", "--max-total-tokens", dict(type=int, help="KV cache capacity in tokens (default: "
+                                                                        "from --mem-fraction-static on GPU)")),
+    ("memory and scheduling", "--chunked-prefill-size", dict(type=int, help="max prefill tokens per step; -1 "
+                                                                            "disables chunking")),
+    ("memory and scheduling", "--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights "
+                                                                             "+ KV cache")),
+    ("memory and scheduling", "--cpu-kv-cache-space", dict(type=float, metavar="GIB", help="on a CPU: KV cache budget "
+                                                                 "in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE); the "
+                                                                 "cache is the smaller of this and what "
+                                                                 "--max-running-requests full-length sequences "
+                                                                 "need. --max-total-tokens overrides")),
+    ("memory and scheduling", "--page-size", dict(type=int, help="tokens per KV cache block")),
+    ("memory and scheduling", "--attention-backend", dict(help="triton (paged attention kernels; auto on CUDA) or "
+                                                               "torch_native (SDPA per sequence; auto on CPU)")),
+    ("memory and scheduling", "--disable-cuda-graph", dict(action="store_true", default=None,
+                                                           help="run decode steps eagerly, no CUDA graphs")),
+    ("memory and scheduling", "--disable-radix-cache", dict(action="store_true", default=None,
+                                                             help="turn prefix caching off (on by default: requests "
+                                                                  "reuse the KV blocks of a shared prompt prefix)")),
+    ("memory and scheduling", "--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA "
+                                                                         "graph (default: --max-running-requests, "
+                                                                         "at most 256)")),
+    ("memory and scheduling", "--cuda-graph-bs", dict(type=int, nargs="+", help="the decode batch sizes to capture "
+                                                                                "(default: 1 2 4 8 and multiples "
+                                                                                "of 8 up to --cuda-graph-max-bs)")),
+    ("HTTP server", "--host", dict(help="bind address")),
+    ("HTTP server", "--port", dict(type=int, help="port (checked free before the model loads)")),
+    ("HTTP server", "--api-key", dict(help="require 'Authorization: Bearer KEY' on every route but /health and "
+                                           "/metrics, which stay open for probes and Prometheus (as in SGLang)")),
+    ("HTTP server", "--log-level", dict(help="debug, info, warning, error")),
+    ("request limits", "--allow-auto-truncate", dict(action="store_true", default=None,
+                                                     help="keep the last context-length - 1 tokens of an over-long "
+                                                          "prompt instead of refusing it")),
+    ("request limits", "--max-request-body-mb", dict(type=float, help="largest request body in MiB (413 above)")),
+    ("request limits", "--max-n", dict(type=int, help="largest n (completions per request)")),
+    ("request limits", "--max-queued-requests", dict(type=int, help="requests that may wait beyond "
+                                                                    "--max-running-requests (503 'The request "
+                                                                    "queue is full.' above) (default: no limit)")),
+    ("parallelism", "--tp-size", dict(type=int, help="tensor parallel size")),
+    ("parallelism", "--dp-size", dict(type=int, help="data parallel replicas")),
+    ("parallelism", "--ep-size", dict(type=int, help="expert parallel size (divides --tp-size)")),
+    ("parallelism", "--enable-ep-moe", dict(action="store_true", default=None,
+                                            help="expert parallelism for MoE layers (--ep-size = --tp-size)")),
+    ("parallelism", "--moe-dispatch", dict(help="EP token dispatch: all-reduce (tokens stay, partial outputs are "
+                                                "summed) or all-to-all (tokens travel to their experts' ranks; "
+                                                "needs ep = tp)")),
+    ("parallelism", "--dist-init-addr", dict(help="HOST:PORT of node 0 for multi-node")),
+    ("parallelism", "--nnodes", dict(type=int, help="number of nodes")),
+    ("parallelism", "--node-rank", dict(type=int, help="this node's rank")),
+    ("expert tracking", "--enable-expert-tracking", dict(action="store_true", default=None,
+                                                         help="count MoE expert activations")),
+    ("expert tracking", "--expert-stats-dir", dict(help="directory /expert_stats/export and "
+                                                        "/dump_expert_distribution_record may write to (nothing "
+                                                        "outside it)")),
 ]
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    """Every launch flag, all defaulting to None so config-file defaults can apply."""
-    for flag, kw in _FLAGS:
-        p.add_argument(flag, **kw)
+    """Every launch flag, in groups, all defaulting to None so config-file defaults can
+    apply; each help ends with ServerArgs' default."""
+    defaults = {f.name: f.default for f in fields(ServerArgs) if f.default is not MISSING}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for group, flag, kw in _FLAGS:
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        default = defaults.get(flag[2:].replace("-", "_"))
+        if default is not None and default is not False and "default" not in kw.get("help", ""):
+            kw = {**kw, "help": f"{kw.get('help', '')} (default: {default})"}
+        g.add_argument(flag, **kw)
+
+
+def gpu_count(device: str) -> int | None:
+    """CUDA devices torch sees, for checking flags; None where the device may be the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else (0 if device != "auto" else None)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError if nothing can listen on host:port now, bound the way uvicorn binds
+    (IPv6 for a host with a colon, else IPv4; SO_REUSEADDR), so a port in use is refused
+    before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def from_namespace(ns: argparse.Namespace) -> ServerArgs:
@@ -193,3 +277,25 @@ def from_namespace(ns: argparse.Namespace) -> ServerArgs:
             defaults["dtype"] = cfg.inference.dtype
         defaults["enable_mixed_precision"] = True  # a config given is a config applied
     return ServerArgs(**{**defaults, **explicit})
+
+
+def check_generate_args(ns: argparse.Namespace):
+    """`mixq generate`'s flags, checked by the rules `serve` and the API use, before anything
+    is prepared or loaded. Returns the SamplingParams they give; ConfigError names a flag."""
+    from mixq.distributed.config import ParallelConfig
+    from mixq.engine.sampling_params import SamplingParamError, SamplingParams
+
+    args = ServerArgs(model_path=ns.model_path, mixed_precision_config=ns.mixed_precision_config, device=ns.device,
+                      dtype=ns.dtype, tp_size=ns.tp_size, ep_size=ns.ep_size,
+                      enable_expert_tracking=ns.enable_expert_tracking or ns.expert_stats_out is not None)
+    args.validate(gpu_count(ns.device))
+    ParallelConfig(args.tp_size, args.ep_size)
+    if ns.expert_stats_out is not None:
+        parent = os.path.dirname(os.path.abspath(ns.expert_stats_out))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--expert-stats-out {ns.expert_stats_out}: directory {parent} does not exist")
+    try:
+        return SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                              seed=ns.seed)
+    except SamplingParamError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        raise ConfigError("--" + e.param.replace("_", "-") + str(e)[len(e.param):]) from None

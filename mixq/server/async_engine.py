@@ -3,6 +3,11 @@
 Requests and aborts cross into the engine thread through a queue; each step's outputs
 come back to the event loop through `call_soon_threadsafe` into per-request asyncio
 queues. A request whose client is gone is aborted, which frees its KV blocks at once.
+
+A bad request can never stop the thread: `add_request` checks everything before it queues
+anything, and any exception it raises goes back to that request's caller only. Only an
+exception inside a step (a bug or a device failure) ends the thread; then every waiting
+request fails with `EngineStopped` and `/health` answers 503.
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from mixq.engine.sampling_params import SamplingParams
 log = logging.getLogger("mixq.server")
 
 
+class EngineStopped(RuntimeError):
+    """The request could not finish: the engine failed or the server is shutting down."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step=None):
+    def __init__(self, engine: LLMEngine, metrics=None):
         self.engine = engine
-        self.on_step = on_step  # called in the engine thread after every step: (outputs, seconds)
+        # engine-thread hooks: metrics.on_step(outputs, seconds), metrics.on_abort(request_id, n_ended)
+        self.metrics = metrics
         self._cmds: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
@@ -44,19 +54,29 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted and not yet finished (running, queued or being added)."""
+        return len(self._streams)
+
     # -- event-loop side --------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; abort it if the consumer goes away.
-        ValueError (bad request) is raised before the first output."""
+        The engine's refusal (ValueError: a bad request; other exceptions: an add that
+        failed) is raised before the first output, with nothing queued; EngineStopped when
+        the engine stops before the request ends."""
+        if request_id in self._streams:  # never touch the request that holds the id
+            raise ValueError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done: Future = Future()
         self._streams[request_id] = (loop, q)
-        self._cmds.put(("add", request_id, prompt, params, done))
-        finished = False
+        added = finished = False
         try:
-            await asyncio.wrap_future(done)  # raises the engine's ValueError, if any
+            self._cmds.put(("add", request_id, prompt, params, done))
+            await asyncio.wrap_future(done)  # raises the engine's refusal, if any
+            added = True
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -65,11 +85,23 @@ class AsyncEngine:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if not finished:  # client gone, cancelled or failed: free its blocks now
+            # client gone, cancelled or failed: free its blocks now. Cancelled while being
+            # added: the add is skipped, or (already taken by the engine thread) aborted after it
+            if (added and not finished) or (not added and not done.cancel()):
                 self._cmds.put(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
+
+    def fail_all(self, message: str) -> int:
+        """End every request in flight with EngineStopped(message) and abort it in the
+        engine (event-loop side; used when the server stops). Returns how many."""
+        n = 0
+        for rid, (loop, q) in list(self._streams.items()):
+            loop.call_soon_threadsafe(q.put_nowait, EngineStopped(message))
+            self._cmds.put(("abort", rid))
+            n += 1
+        return n
 
     async def call(self, fn):
         """Run `fn()` on the engine thread between two steps and return its result (or
@@ -91,16 +123,25 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
             _, rid, prompt, params, done = cmd
+            if not done.set_running_or_notify_cancel():
+                return  # its caller went away before it was added
             try:
                 self.engine.add_request(rid, prompt, params)
             except ValueError as e:
                 done.set_exception(e)
+            except Exception as e:  # not the request's fault, but only this request fails
+                log.exception("adding request %s failed", rid)
+                done.set_exception(e)
             else:
                 done.set_result(None)
         elif cmd[0] == "abort":
-            self.engine.abort(cmd[1])
+            ended = self.engine.abort(cmd[1])
+            if ended and self.metrics is not None:
+                self.metrics.on_abort(cmd[1], int(ended))
         elif cmd[0] == "call":
             _, fn, done = cmd
+            if not done.set_running_or_notify_cancel():
+                return
             try:
                 done.set_result(fn())
             except Exception as e:  # handed to the caller; the engine keeps serving
@@ -121,15 +162,15 @@ class AsyncEngine:
                     continue
                 t0 = time.perf_counter()
                 outputs = self.engine.step()
-                if self.on_step is not None:
-                    self.on_step(outputs, time.perf_counter() - t0)
+                if self.metrics is not None:
+                    self.metrics.on_step(outputs, time.perf_counter() - t0)
                 for o in outputs:
                     self._deliver(o.request_id, o)
         except BaseException as e:  # a crashed engine must fail every waiting request, loudly
             log.exception("engine thread crashed")
             self.error = e
             for rid in list(self._streams):
-                self._deliver(rid, RuntimeError(f"engine failed: {e}"))
+                self._deliver(rid, EngineStopped(f"engine failed: {type(e).__name__}: {e}"))
         finally:
             for rid in list(self.engine.requests):
                 self.engine.abort(rid)
@@ -139,4 +180,4 @@ class AsyncEngine:
                 except queue.Empty:
                     break
                 if cmd[0] in ("add", "call") and not cmd[-1].done():
-                    cmd[-1].set_exception(RuntimeError("the engine stopped"))
+                    cmd[-1].set_exception(EngineStopped("the engine stopped"))

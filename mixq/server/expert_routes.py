@@ -8,6 +8,7 @@ Every read or reset of the counters runs on the engine thread between two steps
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from fastapi import FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixq.server.async_engine import AsyncEngine
+from mixq.server.errors import APIError
 from mixq.tracking.expert_stats import write_json
 
 
 class ExportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1, description="file under --expert-stats-dir (relative, or absolute inside it)")
-    top_k: int = Field(default=10, ge=0)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str = Field(min_length=1, max_length=4096,
+                      description="a file path under --expert-stats-dir (relative, or absolute inside it)")
+    top_k: int = Field(default=10, ge=0, description="an integer >= 0")
 
 
 def resolve_inside(root: str | Path, requested: str) -> Path:
@@ -38,7 +41,7 @@ def resolve_inside(root: str | Path, requested: str) -> Path:
 
 
 def add_expert_routes(app: FastAPI, aengine: AsyncEngine, stats_dir: str | None) -> None:
-    from mixq.server.app import APIError  # app imports this module inside build_app
+    app.state.body_models["/expert_stats/export"] = ExportRequest
 
     def tracker():
         t = aengine.engine.expert_tracker
@@ -56,8 +59,9 @@ def add_expert_routes(app: FastAPI, aengine: AsyncEngine, stats_dir: str | None)
             raise APIError(503, str(e), "server_error") from None
 
     @app.get("/expert_stats")
-    async def expert_stats(layer_id: int | None = Query(None, ge=0), expert_id: int | None = Query(None, ge=0),
-                           top_k: int = Query(10, ge=0)):
+    async def expert_stats(layer_id: int | None = Query(None, ge=0, description="a MoE layer's index (an integer >= 0)"),
+                           expert_id: int | None = Query(None, ge=0, description="an expert's index (an integer >= 0)"),
+                           top_k: int = Query(10, ge=0, description="an integer >= 0")):
         t = tracker()
         return await on_engine(lambda: t.stats(layer_id, expert_id, top_k))
 
@@ -75,15 +79,23 @@ def add_expert_routes(app: FastAPI, aengine: AsyncEngine, stats_dir: str | None)
                                 "stats files under DIR", code="expert_stats_dir_unset")
         try:
             target = resolve_inside(stats_dir, req.path)
+            is_dir = target.is_dir()
         except PermissionError as e:
             raise APIError(403, str(e), param="path", code="path_not_allowed") from None
         except ValueError as e:
             raise APIError(400, str(e), param="path") from None
-        if target.is_dir():
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise APIError(400, f"path {req.path!r:.80}: {e.strerror}", param="path") from None
+        if is_dir:
             raise APIError(400, f"path {req.path!r} is a directory", param="path")
         doc = await on_engine(lambda: t.stats(top_k=req.top_k))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(write_json, target, doc)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(write_json, target, doc)
+        except OSError as e:
+            bad_name = e.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EEXIST)
+            raise APIError(400 if bad_name else 500, f"cannot write {req.path!r:.80}: {e.strerror}", param="path",
+                           type_=None if bad_name else "server_error") from None
         return {"status": "ok", "path": str(target), "num_experts": len(doc["expert_stats"])}
 
     # SGLang's recorder API: start clears and records, stop pauses, dump returns the record

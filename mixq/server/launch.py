@@ -11,24 +11,26 @@ from mixq.server.args import ServerArgs
 log = logging.getLogger("mixq.server")
 
 
-def _gpu_count(device: str) -> int | None:
-    if device == "cpu":
-        return None
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else (0 if device == "cuda" else None)
+DRAIN_SECONDS = 10.0  # requests in flight at SIGTERM may run this long before they are ended
 
 
 def _server_class():
+    import asyncio
     import contextlib
     import signal
 
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises the signal after its graceful shutdown, killing the process
-        before the engine thread is stopped; handle SIGINT/SIGTERM here instead: the first
-        asks for a graceful exit, a second forces it."""
+        """SIGINT/SIGTERM: the first starts a graceful shutdown (new requests get 503, those
+        in flight run on for up to DRAIN_SECONDS), a second ends it now. Whatever still runs
+        then is ended cleanly, before uvicorn closes the connections: a stream gets an error
+        event and [DONE], a waiting client a 503. (uvicorn's own handler would re-raise the
+        signal after its shutdown, killing the process before the engine thread stops.)"""
+
+        def __init__(self, config, state, end_requests):
+            super().__init__(config)
+            self.state, self.end_requests = state, end_requests
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -36,6 +38,7 @@ def _server_class():
                 if self.should_exit:
                     self.force_exit = True
                 self.should_exit = True
+                self.state.draining = True
 
             old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -44,20 +47,36 @@ def _server_class():
                 for s, h in old.items():
                     signal.signal(s, h)
 
+        async def _wait_for_requests(self, seconds: float) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + seconds
+            while self.server_state.tasks and not self.force_exit and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+
+        async def shutdown(self, sockets=None):
+            self.state.draining = True
+            await self._wait_for_requests(DRAIN_SECONDS)
+            if self.end_requests("the server is shutting down"):
+                # each ended request sends its last event; a second signal skips the wait
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 5.0
+                while self.server_state.tasks and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
+
     return Server
-
-
-def _Server(config):
-    return _server_class()(config)
 
 
 def check_args(args: ServerArgs) -> None:
     """Every refusal that needs no weights: runs before anything is loaded."""
     from mixq.distributed.config import ParallelConfig
+    from mixq.server.args import check_port_free, gpu_count
 
-    args.validate(_gpu_count(args.device))
+    args.validate(gpu_count(args.device))
     # the parallel layout's own refusals, still before any loading
     ParallelConfig(args.tp_size, args.ep_size, args.nnodes, args.node_rank, args.dist_init_addr, args.moe_dispatch)
+    if args.node_rank == 0:  # the HTTP server's node: its port must be free now, not after loading
+        check_port_free(args.host, args.port)
 
 
 def engine_config(args: ServerArgs):
@@ -76,7 +95,8 @@ def engine_config(args: ServerArgs):
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
         cpu_kv_cache_space=args.cpu_kv_cache_space, show_progress=True,
         attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
-        disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph, disable_radix_cache=args.disable_radix_cache,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
         cuda_graph_bs=args.cuda_graph_bs,
         enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr, moe_dispatch=args.moe_dispatch)
@@ -85,9 +105,10 @@ def engine_config(args: ServerArgs):
 def serve(args: ServerArgs) -> int:
     import uvicorn
 
-    from mixq.server.app import build_app
+    from mixq.server.app import ServerLimits, build_app
     from mixq.server.async_engine import AsyncEngine
     from mixq.server.metrics import ServerMetrics
+    from mixq.server.middleware import ServerState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_args(args)
@@ -109,32 +130,39 @@ def serve(args: ServerArgs) -> int:
 
         per_replica: list[ServerMetrics] = []
 
-        def on_step(replica):
+        def replica_metrics(replica):
             per_replica.append(ServerMetrics(replica))
-            return per_replica[-1].on_step
+            return per_replica[-1]
 
-        aengine = DataParallelEngine(ecfg, args.dp_size, on_step)
+        aengine = DataParallelEngine(ecfg, args.dp_size, replica_metrics)
         engine, metrics = aengine.engine, DPMetrics(per_replica)
     else:
         from mixq.engine.engine import LLMEngine
 
         engine = LLMEngine(ecfg)
         metrics = ServerMetrics(engine)
-        aengine = AsyncEngine(engine, on_step=metrics.on_step)
+        aengine = AsyncEngine(engine, metrics=metrics)
     name = args.served_model_name or default_name or engine.plan.base.path.name
     info = {k: v for k, v in vars(args).items() if k not in ("api_key", "extra")}
+    waiting = None if args.max_queued_requests is None else (
+        args.max_running_requests * args.dp_size + args.max_queued_requests)
+    limits = ServerLimits(max_request_body_bytes=int(args.max_request_body_mb * 2**20), max_n=args.max_n,
+                          max_in_flight=waiting)
+    state = ServerState()
     app = build_app(aengine, metrics, name, info, api_key=args.api_key, allow_auto_truncate=args.allow_auto_truncate,
-                    expert_stats_dir=args.expert_stats_dir)
+                    expert_stats_dir=args.expert_stats_dir, limits=limits, state=state)
     aengine.start()
     url = f"http://{args.host}:{args.port}"
     print(f"mixq: serving {name!r} at {url} (OpenAI API at {url}/v1)\n"
           f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
           flush=True)
+    # lifespan off: the app has no startup/shutdown hooks, and a forced exit would cancel
+    # uvicorn's lifespan task and log its traceback
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, lifespan="off")
     try:
-        _Server(config).run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish
+        _server_class()(config, state, aengine.fail_all).run()  # SIGINT/SIGTERM: see Server
     finally:
         aengine.shutdown()
         if args.dp_size == 1:
@@ -144,13 +172,8 @@ def serve(args: ServerArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+    from mixq.argparsing import Parser
     from mixq.server.args import add_server_flags, from_namespace
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line naming the problem, not a screen of usage
-            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     p = Parser(prog="mixq serve", description="OpenAI-compatible mixed-precision LLM server "
                "(SGLang's launch flags).")

@@ -13,7 +13,8 @@ class ServerMetrics:
     def __init__(self, engine):
         self.engine = engine
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("mixq_requests", "requests finished, by finish reason", ["reason"], registry=r)
+        self.requests = Counter("mixq_requests", "completions (choices) ended, by finish reason (abort: the client "
+                                "went away or the server stopped)", ["reason"], registry=r)
         self.prompt_tokens = Counter("mixq_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("mixq_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("mixq_time_to_first_token_seconds", "time to first token", buckets=_LAT, registry=r)
@@ -27,6 +28,11 @@ class ServerMetrics:
             "mixq_num_queue_requests": ("requests waiting", lambda: len(engine.scheduler.waiting)),
             "mixq_kv_cache_usage": ("fraction of KV blocks in use", engine.kv_usage),
             "mixq_kv_cache_used_blocks": ("KV blocks in use", lambda: engine.scheduler.blocks.num_used),
+            # SGLang's cache_hit_rate: prompt tokens found in the prefix cache / tokens admitted
+            "mixq_cache_hit_rate": ("fraction of admitted prompt tokens found in the prefix cache",
+                                    lambda: engine.scheduler.cache_hit_rate),
+            "mixq_cached_tokens": ("prompt tokens found in the prefix cache since start (not computed)",
+                                   lambda: engine.scheduler.cached_tokens),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
@@ -51,6 +57,11 @@ class ServerMetrics:
                 self.e2e.observe(now - o.metrics["arrival"])
                 for c in o.outputs:
                     self.requests.labels(reason=c.finish_reason or "unknown").inc()
+
+    def on_abort(self, request_id: str, n_ended: int) -> None:
+        """Engine thread: a request was aborted, ending `n_ended` of its completions."""
+        self._last_token.pop(request_id, None)
+        self.requests.labels(reason="abort").inc(n_ended)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

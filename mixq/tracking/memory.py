@@ -93,3 +93,38 @@ def get_mixed_precision_memory_stats(weights: Mapping[str, QuantizedWeight] | No
     if weights is None:
         raise RuntimeError("get_mixed_precision_memory_stats: no mixed-precision model is loaded in this process")
     return MemoryStats.from_weights(weights).as_dict()
+
+
+# -- the KV cache (the other half of the memory at long contexts and large batches) --------
+
+KV_VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, value_bytes: int, tp_size: int = 1) -> int:
+    """KV-cache bytes one token costs a rank: layers x (K and V) x its KV heads x head dim x
+    bytes a value. Under TP a rank holds Hkv / tp heads (one, replicated, when tp > Hkv)."""
+    heads = num_kv_heads // tp_size if tp_size <= num_kv_heads else 1
+    return num_layers * 2 * heads * head_dim * value_bytes
+
+
+def kv_cache_report(model_config: dict, tp_size: int = 1) -> dict:
+    """KV bytes per token for each --kv-cache-dtype (from config.json alone), and what fp8
+    saves against bf16, per rank when tp_size > 1 (mixq inspect)."""
+    from mixq.models.config import ModelConfig
+
+    mc = ModelConfig.from_hf(model_config)
+    per = {name: kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, b, tp_size)
+           for name, b in KV_VALUE_BYTES.items()}
+    return {"layers": mc.num_layers, "kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "tp_size": tp_size,
+            "bytes_per_token": per, "fp8_saved_per_token": per["bfloat16"] - per["fp8_e4m3"]}
+
+
+def kv_cache_stats(dtype: str, bytes_per_token: int, tokens: int, bf16_bytes_per_token: int,
+                   scales_from_checkpoint: int = 0) -> dict:
+    """/memory_stats' "kv_cache": the cache this process allocated against the same cache in
+    bf16 (the weights' reference dtype too)."""
+    return {"dtype": dtype, "bytes_per_token": bytes_per_token, "bf16_bytes_per_token": bf16_bytes_per_token,
+            "capacity_tokens": tokens, "memory_mb": bytes_per_token * tokens / MB,
+            "bf16_memory_mb": bf16_bytes_per_token * tokens / MB,
+            "memory_saved_mb": (bf16_bytes_per_token - bytes_per_token) * tokens / MB,
+            "layers_with_checkpoint_scales": scales_from_checkpoint}

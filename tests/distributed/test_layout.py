@@ -132,8 +132,14 @@ def test_inspect_predicts_per_rank_memory(capsys):
     report = json.loads(capsys.readouterr().out)
     plan = plan_of("mix-qwen3-moe-ep.yaml")
     layout = ShardLayout(ModelConfig.from_hf(plan.model_config), ParallelConfig(2, 2))
-    assert report["ranks"] == layout.rank_bytes(plan)
-    assert [r["experts"] for r in report["ranks"]] == [[0, 1], [2, 3]]
+    # the prediction (headers only) against the bytes the loader reads for each rank, per format
+    for r, predicted in enumerate(report["ranks"]):
+        place = layout.placements(plan, r)
+        by_format = {}
+        for w in iter_weights(plan, select=lambda n, p=place: p[n].held, shard_for=lambda n, p=place: p[n].shard):
+            by_format[w.spec.family] = by_format.get(w.spec.family, 0) + w.nbytes
+        assert (predicted["rank"], predicted["by_format"], predicted["bytes"]) == (r, by_format, sum(by_format.values()))
+    assert [r["experts"] for r in report["ranks"]] == [[0, 1], [2, 3]]  # 4 experts over EP 2
     assert cli_main(["inspect", "--mixed-precision-config", cfg, "--tp-size", "2", "--ep-size", "2"]) == 0
     text = capsys.readouterr().out
     assert "weights per rank (predicted from headers)" in text and "experts 2-3" in text

@@ -33,6 +33,7 @@ HERE = Path(__file__).parent
 KW = dict(device=DEVICE, dtype="float32", max_total_tokens=512, page_size=8, chunked_prefill_size=32,
           dist_timeout_s=120)  # a stuck collective fails the test instead of hanging it
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+LOGPROBS = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
 
 
 def prompts(seed: int, n: int = 5) -> list[list[int]]:
@@ -78,8 +79,14 @@ def check_parallel(ref: Reference, cfg: str, tol: float = 1e-5, **parallel) -> l
     if DEVICE == "cuda" and torch.cuda.device_count() < parallel["tp_size"]:
         pytest.skip(f"needs {parallel['tp_size']} GPUs")  # never on the CPU: gloo ranks need none
     with LLM(mixed_precision_config=str(HERE / cfg), **KW, **parallel) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(ref.prompts, GREEDY)]
-        assert got == ref.tokens
+        first = llm.generate(ref.prompts, LOGPROBS)
+        assert [o.outputs[0].token_ids for o in first] == ref.tokens
+        # again: the prompts' whole pages come from the prefix cache, on every rank alike
+        again = llm.generate(ref.prompts, LOGPROBS)
+        assert llm.engine.scheduler.cached_tokens >= sum((len(p) - 1) // 8 * 8 for p in ref.prompts)
+        for a, b in zip(first, again):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
         for p, want in zip(ref.prompts, ref.logits):
             logits = llm.engine.runner.score(p, list(range(8)))
             err = (logits - want).abs().max() / want.abs().max()

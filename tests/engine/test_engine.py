@@ -106,9 +106,39 @@ def test_abort_frees_blocks(llm):
     assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks and not eng.has_unfinished()
 
 
-def test_prompt_too_long_is_refused(llm):
-    with pytest.raises(ValueError, match="exceeds the limit of 512"):
+def test_prompt_too_long_is_refused_and_nothing_is_queued(llm):
+    with pytest.raises(ValueError, match="a prompt of 588 tokens leaves no room to generate within max_model_len 512"):
         llm.generate([list(range(4, 200)) * 3], SamplingParams(max_new_tokens=1))
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+
+
+@pytest.mark.parametrize("spoil", ["seed", "ids", "n"])
+def test_a_refused_request_queues_nothing_and_leaves_others_running(llm, spoil):
+    """add_request is all or nothing: a refusal (found however late) leaves no sequence
+    queued, and the request already running goes on to its end."""
+    eng = llm.engine
+    eng.add_request("ok", "the cat sat", SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    eng.step()
+    sp = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, n=3)
+    prompt = "the cat"
+    if spoil == "seed":  # changed after construction: found by add_request's own check
+        sp.seed = 2**64
+    elif spoil == "ids":
+        prompt = [5, 6, 10**6]
+    else:
+        sp.n = 0
+    with pytest.raises(ValueError):
+        eng.add_request("bad", prompt, sp)
+    assert "bad" not in eng.requests and all(s.request_id == "ok" for s in eng.scheduler.running)
+    assert not eng.scheduler.waiting
+    with pytest.raises(ValueError, match="already in use"):  # the running request's id is refused ...
+        eng.add_request("ok", "x", SamplingParams())
+    done = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            done = o if o.finished else done
+    assert done.request_id == "ok" and len(done.outputs[0].token_ids) == 6  # ... and it runs to its end
+    assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks
 
 
 def test_mixed_precision_engine_runs_the_example_mix():

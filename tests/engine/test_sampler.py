@@ -98,11 +98,40 @@ def test_logprobs_are_the_models_distribution():
     assert out.top_logprobs[1] == []
 
 
-@pytest.mark.parametrize("bad, msg", [(dict(temperature=-1), "temperature must be >= 0"),
-                                      (dict(top_p=0), "top_p must be in"), (dict(n=0), "n must be >= 1"),
-                                      (dict(max_new_tokens=0), "max_new_tokens")])
-def test_invalid_params_are_refused(bad, msg):
-    with pytest.raises(ValueError, match=msg):
-        SamplingParams(**bad)
-    with pytest.raises(ValueError, match="unknown sampling parameter"):
-        SamplingParams.from_dict({"temprature": 1})
+def test_a_tiny_temperature_is_greedy_not_token_0():
+    """1e-300 divides logits to inf (softmax NaN, argmax 0): it must sample as greedy."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
+    logits[:, 0] = -5.0  # token 0 is never the argmax
+    out = Sampler()(logits, [row(temperature=1e-300) for _ in range(6)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_a_top_k_past_the_vocabulary_samples_the_whole_distribution():
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(6))
+    n = 20_000
+    torch.manual_seed(7)
+    out = Sampler()(logits.expand(n, -1).contiguous(), [row(temperature=1.0, top_k=2**31 - 1) for _ in range(n)])
+    emp = np.bincount(out.token_ids, minlength=12) / n
+    ref = torch.softmax(logits[0].double(), -1).numpy()
+    assert 0.5 * np.abs(emp - ref).sum() < 0.03  # as in the test above: sqrt(12 / n) / 2 ~ 0.012
+
+
+def test_logprobs_with_penalties_are_the_raw_models_distribution():
+    """vLLM's default: logprobs are those of the model's own distribution, before
+    penalties, temperature and truncation. Reference: float64 log-softmax of the raw
+    logits; the penalized distribution (what is sampled from) differs from it here."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 30, generator=g) * 2
+    prompt, output = [1, 4, 9], [4, 4, 17, 22]
+    kw = dict(repetition_penalty=1.9, frequency_penalty=1.5, presence_penalty=1.0, logprobs=4)
+    rows = [row(prompt, output, temperature=0, **kw), row(prompt, output, temperature=0.8, top_k=5, **kw)]
+    out = Sampler()(logits, rows)
+    raw = torch.log_softmax(logits.double(), -1)
+    penalized = torch.log_softmax(apply_penalties(logits, rows, ()).double(), -1)
+    for i, t in enumerate(out.token_ids):
+        assert out.logprobs[i] == pytest.approx(raw[i, t].item(), abs=1e-5)
+        top = raw[i].topk(4)
+        assert [a for a, _ in out.top_logprobs[i]] == top.indices.tolist()
+        assert [b for _, b in out.top_logprobs[i]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    # the test can tell: the penalized log-probabilities of these rows are far from the raw ones
+    assert (penalized - raw).abs()[:, [4, 17, 22, 1, 9]].max() > 0.5

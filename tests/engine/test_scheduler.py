@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -57,10 +58,19 @@ def run_to_completion(sched, check=None, max_steps=10_000, eos_at=None):
 
 
 def invariants(sched):
-    owned = [b for s in sched.running for b in s.block_table]
-    assert len(owned) == len(set(owned)), "block owned twice"
-    assert len(owned) + sched.blocks.num_free == sched.blocks.num_blocks
-    assert not set(owned) & set(sched.blocks.free_blocks)
+    """Reference counts equal the tables holding each block; free blocks are held by
+    nobody; a block held twice is a registered (full, written) one; a sequence's blocks
+    from its next position on are its own and unregistered (never shared while written)."""
+    bm = sched.blocks
+    holders = Counter(b for s in sched.running for b in s.block_table)
+    assert bm.ref == [holders.get(b, 0) for b in range(bm.num_blocks)]
+    free = [*bm.never_used, *bm.evictable]
+    assert len(free) == len(set(free)) == bm.num_free and not set(free) & set(holders)
+    assert len(holders) + bm.num_free == bm.num_blocks
+    assert all(bm.key[b] is not None for b, n in holders.items() if n > 1)
+    for s in sched.running:
+        for b in s.block_table[s.num_computed // bm.block_size:]:
+            assert holders[b] == 1 and bm.key[b] is None, f"{s!r} would write block {b}, which is shared"
     for s in sched.waiting:
         assert s.block_table == [] and s.num_computed == 0
 
@@ -174,3 +184,35 @@ def test_randomized_simulation_all_finish_with_invariants():
     for s in seqs:
         assert s.finish_reason == "length" and len(s.output_token_ids) == s.params.max_new_tokens
     assert sched.blocks.num_free == 40
+
+
+def test_no_sequence_ever_exceeds_max_model_len():
+    """The context limit, directly: with max_model_len 32, a prompt may hold at most 31
+    tokens (one position left to generate into), every sequence stops with "length" at
+    exactly 32 tokens whatever its max_new_tokens, and none is ever seen at 33, under
+    chunked prefill and preemption."""
+    m = 32
+    sched = Scheduler(SchedulerConfig(num_blocks=24, block_size=4, max_model_len=m, chunked_prefill_size=8,
+                                      max_running_requests=6))
+    with pytest.raises(ValueError, match=r"a prompt of 32 tokens leaves no room to generate within max_model_len 32"):
+        sched.check(seq(m, max_new=1))
+    with pytest.raises(ValueError, match="leaves no room"):
+        sched.add(seq(m + 5, max_new=1))
+    assert not sched.waiting
+    lengths = [1, 2, 15, 16, 17, 30, 31, 31, 29, 8]
+    seqs = [seq(n, max_new=10_000, rid=f"c{i}") for i, n in enumerate(lengths)]  # only the context stops them
+    for s in seqs:
+        sched.add(s)
+    longest = []
+
+    def check(sc):
+        for s in seqs:
+            assert s.num_tokens <= m, f"{s!r} holds {s.num_tokens} tokens > max_model_len {m}"
+        longest.append(max(s.num_tokens for s in seqs))
+        invariants(sc)
+
+    steps = run_to_completion(sched, check)
+    assert any(b.preempted for b in steps)  # 10 sequences of up to 8 blocks in 24 blocks
+    for n, s in zip(lengths, seqs):
+        assert (s.num_tokens, s.finish_reason, len(s.output_token_ids)) == (m, "length", m - n)
+    assert max(longest) == m and sched.blocks.num_free == 24

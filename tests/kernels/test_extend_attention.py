@@ -129,18 +129,23 @@ def test_custom_op_schema_and_fake():
     torch.library.opcheck(torch.ops.mixq.paged_extend_attention.default, args + (0.25, 16))
 
 
-def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypatch):
+def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypatch, tmp_path):
     """--attention-backend triton vs torch_native with chunked prefill of 16 tokens, so
     prefill chunks (fresh and continued) share steps with decodes: identical greedy tokens,
-    logprobs equal to fp32 rounding, and the extend kernel ran on every non-decode step."""
+    logprobs equal to fp32 rounding, and the extend kernel ran on every non-decode step.
+    Both backends share the engine's positions, rotary and KV-slot code, so both are also
+    held to a float64 forward written from scratch (own rotary, positions 0..T-1, full
+    causal attention, no cache) on a model whose outputs depend strongly on position."""
     from mixq.engine.engine import LLM
     from mixq.engine.sampling_params import SamplingParams
     from mixq.layers import attention
-    from tests.engine.test_engine import FIX, prompts
+    from tests.engine.position_model import logprobs_float64, make_position_model
+    from tests.engine.test_engine import prompts
 
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
-    kw = dict(model_path=str(FIX / "bf16"), max_total_tokens=1024, page_size=8, chunked_prefill_size=16,
+    model = make_position_model(tmp_path / "model")
+    kw = dict(model_path=str(model), max_total_tokens=1024, page_size=8, chunked_prefill_size=16,
               device=DEVICE, dtype="float32", disable_cuda_graph=True)  # decode steps eager too
     ref_llm = LLM(**kw, attention_backend="torch_native")
     fast = LLM(**kw, attention_backend="triton")
@@ -165,6 +170,12 @@ def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypat
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         # fp32 everywhere; the online softmax sums in another order: ~1e-6 relative
         assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
+        # fp32 engine vs float64: ~1e-5 after the model's sharp attention; a position off by
+        # a chunk start moves these by >= 1e-1
+        out = b.outputs[0]
+        want = logprobs_float64(model, b.prompt_token_ids + out.token_ids)[len(b.prompt_token_ids) - 1: -1]
+        want = want.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert max(abs(x - float(y)) for x, y in zip(out.logprobs, want)) < 2e-3, (out.logprobs, want)
 
 
 @pytest.mark.skipif(CUDA, reason="the smoke mode is the CPU interpreter run; on a GPU run bench/extend_attention.py")
@@ -178,4 +189,19 @@ def test_extend_benchmark_smoke(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(row[m]["ok"] for row in rows for m in ("extend", "sdpa"))
+    # the smoke cases by hand (the script's CASES): (tokens in the cache, new tokens) per sequence
+    want = {"prefill 64": [(0, 64)], "2 x 32": [(0, 32)] * 2, "16 after 48": [(48, 16)],
+            "32 + 3 decodes @40": [(0, 32)] + [(39, 1)] * 3}
+    assert {row["case"]: [tuple(x) for x in row["seqs"]] for row in rows} == want
+    for row in rows:
+        seqs = want[row["case"]]
+        assert row["tokens"] == sum(n for _, n in seqs)
+        # causal FLOPs: query row j of a chunk after a tokens attends a + j + 1 keys; q.k and
+        # p.v are 2 FLOPs per key per head dim each, 4 query heads of 32
+        assert row["flops"] == 4 * 4 * 32 * sum(a + j + 1 for a, n in seqs for j in range(n))
+        for m in ("extend", "sdpa", "layer_torch", "layer_triton"):
+            x = row[m]
+            # vs float64: bf16 inputs exact, bf16 probabilities and output: nonzero, within the
+            # kernel tests' 1.6e-2 relative budget, |out| < 3 bounds the absolute error
+            assert 0 < x["rel_err"] < 1.6e-2 and 0 < x["max_abs_err"] < 0.05 and x["ok"], (row["case"], m, x)
+            assert x["TFLOPs"] == pytest.approx(row["flops"] / x["us"] / 1e6, rel=1e-9)

@@ -252,19 +252,59 @@ def test_refusals_name_the_tensor_and_the_reason(monkeypatch):
         assert not ok and "needs a CUDA device" in why
 
 
-@pytest.mark.skipif(not CUDA, reason="host syncs and CUDA graphs exist on CUDA only")
-def test_fused_forward_has_no_host_sync_and_replays_in_a_cuda_graph():
-    moe, dense = make_moe(H, INTER, E, 2, ["gptq4", "fp8-channel", "bf16"], dtype=torch.bfloat16, device=DEV)
+class _HostReads:
+    """Records what reads tensor data back to the host (a sync on CUDA): .item(), .tolist(),
+    bool/int/float/index of a tensor, .nonzero(). The CPU stand-in for
+    torch.cuda.set_sync_debug_mode (patched methods see calls inside custom ops too, where
+    a dispatch mode would not)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        for name in self.METHODS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name,
+                                lambda t, *a, _n=name, _r=real, **k: self.seen.append(_n) or _r(t, *a, **k))
+
+
+def test_fused_forward_has_no_host_sync(monkeypatch):
+    """Routing, the align launch and the grouped GEMMs never read device data on the host
+    (else a decode step would stall on each MoE layer and could not be captured): on CUDA
+    the sync debug mode raises; on the CPU the host-read methods of torch.Tensor are
+    watched (the probe is first checked on each kind of read)."""
+    moe, _ = make_moe(H, INTER, E, 2, ["gptq4", "fp8-channel", "bf16"], dtype=torch.bfloat16, device=DEV)
     g = torch.Generator().manual_seed(8)
     for m in (1, 33):  # direct and sorted dispatch
         x = torch.randn(m, H, generator=g).to(torch.bfloat16).to(DEV)
         moe(x)  # compile outside the checks
+        if CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                moe(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            for read in (lambda t: t.sum().tolist(), lambda t: int(t.argmax()), lambda t: bool(t.sum() > 0)):
+                with monkeypatch.context() as mp:
+                    probe = _HostReads(mp)
+                    read(x)
+                assert probe.seen, "the probe must see each kind of host read"
+            with monkeypatch.context() as mp:
+                probe = _HostReads(mp)
+                moe(x)
+            assert probe.seen == [], probe.seen
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs exist on CUDA only (the CPU runs the no-host-sync half above)")
+def test_fused_forward_replays_in_a_cuda_graph():
+    moe, dense = make_moe(H, INTER, E, 2, ["gptq4", "fp8-channel", "bf16"], dtype=torch.bfloat16, device=DEV)
+    g = torch.Generator().manual_seed(8)
+    for m in (1, 33):  # direct and sorted dispatch
+        x = torch.randn(m, H, generator=g).to(torch.bfloat16).to(DEV)
+        moe(x)  # compile outside the capture
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            moe(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         static = x.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

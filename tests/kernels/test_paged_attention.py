@@ -205,5 +205,19 @@ def test_attention_benchmark_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(row[m]["ok"] for row in rows for m in ("auto", "split1", "auto_padded", "sdpa"))
+    # the smoke shape by hand (the script's docstring): 4 query heads over 2 KV heads of 32,
+    # bf16, batch 1 and 3 x context 64 and 320
+    assert [(row["batch"], row["context"]) for row in rows] == [(1, 64), (1, 320), (3, 64), (3, 320)]
+    for row in rows:
+        # K and V of every sequence read once: 2 x batch x context x 2 heads x 32 x 2 bytes
+        assert row["kv_bytes"] == 2 * row["batch"] * row["context"] * 2 * 32 * 2
+        for m in ("auto", "split1", "auto_padded", "sdpa"):
+            x = row[m]
+            # error vs float64: bf16 inputs are exact in the reference, the output rounds to bf16
+            # (and the kernel's probabilities before p @ v): nonzero (a real comparison), within
+            # the kernel tests' 1.6e-2 relative budget; |out| < 3 (a softmax average of N(0, 1)
+            # values) bounds the absolute error by 3 x 2**-8 per element plus the p rounding
+            assert 0 < x["rel_err"] < 1.6e-2 and 0 < x["max_abs_err"] < 0.05 and x["ok"], (m, x)
+            assert x["GBps"] == pytest.approx(row["kv_bytes"] / x["us"] / 1e3, rel=1e-9)
+        assert row["splits"]["split1"] == 1
     assert any(row["splits"]["auto"] > 1 for row in rows)  # the split path ran

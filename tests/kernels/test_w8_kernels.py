@@ -184,8 +184,10 @@ def test_w8a8_matches_reference_on_the_same_quantized_inputs(wdt, kind, act_grou
             assert rel_err(y, exact) < (0.02 if to_int8 else 0.05), (m, n, k)
 
 
-@pytest.mark.skipif(not CUDA, reason="torch._scaled_mm is CUDA-only (the Triton w8a8 path is tested on CPU)")
 def test_scaled_mm_path_matches_reference():
+    """The cuBLAS FP8 path (scaled_mm_rowwise: operand layout, scale shapes, bias cast).
+    The engine takes it on CUDA only (scaled_mm_ok refuses the CPU, which runs the Triton
+    w8a8 kernel); the wrapper itself runs on the CPU too, on torch's CPU _scaled_mm."""
     gen = torch.Generator().manual_seed(5)
     for n, k in ((256, 512), (4096, 1024)):
         w, s = rand_w(n, k, FP8, gen), rand_scale(n, k, None, FP8, gen)
@@ -193,7 +195,7 @@ def test_scaled_mm_path_matches_reference():
         for m in MS:
             x = rand_x(m, k, torch.bfloat16, gen)
             a, sa = quant_fp8(x)
-            assert scaled_mm_ok(m, n, k, torch.bfloat16, DEV)
+            assert scaled_mm_ok(m, n, k, torch.bfloat16, DEV) == CUDA
             y = scaled_mm_rowwise(a, sa, w, s, bias)
             assert rel_err(y, w8a8_reference(a, sa, w, s, None, bias)) < OUT_TOL[torch.bfloat16]
 

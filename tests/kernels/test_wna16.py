@@ -193,3 +193,29 @@ def test_per_column_groups_match_the_reference(bits, zeros):
         assert (y.double() - ref).norm() / ref.norm() < 2e-3, m
     with pytest.raises(ValueError, match="nondecreasing"):
         pack_wna16(q, sc, z, bits, 32, perm, gidx.flip(0))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("zeros,perm", [(False, False), (True, True)])
+def test_dequantize_then_gemm_path(bits, zeros, perm, monkeypatch):
+    """The large-M path (weight dequantized into a buffer, one GEMM per column chunk) with
+    a ragged last chunk, zero points, act-order and a bias; and its size heuristic."""
+    from mixq.kernels.wna16_dequant import WHOLE_BYTES, dequant_chunk
+
+    gen = torch.Generator().manual_seed(bits + 2 * zeros)
+    *_, w = make(200, 128, bits, 32, zeros, perm, gen)
+    w = wna16.WNA16Weight(*(t.to(DEV) if isinstance(t, torch.Tensor) else t for t in
+                            (w.qweight, w.scales, w.zeros, w.perm)), w.bits, w.group_size, w.n, w.k)
+    bias = torch.randn(200, generator=gen).half().to(DEV)
+    x = torch.randn(9, 128, generator=gen).half().to(DEV)
+    ref = wna16_reference(x, w, bias)
+    for chunk in (64, 200):
+        monkeypatch.setattr(wna16, "CHUNK_OVERRIDE", chunk)
+        y = wna16_gemm(x, w, bias)
+        # fp16 dequantized weight (2**-11), fp16 GEMM output: as the fused kernels
+        assert (y.double() - ref).norm() / ref.norm() < 2e-3, chunk
+    assert dequant_chunk(64, 28672, 4096) == 0 and dequant_chunk(127, 2048, 2048) == 0
+    assert dequant_chunk(128, 2048, 2048) == 2048  # fits in L2: from 128 rows
+    assert dequant_chunk(256, 28672, 4096) == 0 and dequant_chunk(256, 4096, 14336) == 4096
+    chunk = dequant_chunk(2048, 28672, 4096)
+    assert chunk % 64 == 0 and 0 < chunk * 4096 * 2 <= 32 * 2**20 < 28672 * 4096 * 2 and 4096 * 4096 * 2 <= WHOLE_BYTES

@@ -64,7 +64,8 @@ def test_stats_equal_the_routing_of_hf_hidden_states(tracked):
     assert one["expert_stats"] == {"layer_1_expert_2": doc["expert_stats"]["layer_1_expert_2"]}
     for params, status, msg in (({"layer_id": 7}, 400, "layer_id 7 is not a tracked MoE layer"),
                                 ({"expert_id": 4}, 400, "expert_id 4 is out of range"),
-                                ({"top_k": -1}, 400, "top_k"), ({"layer_id": "x"}, 400, "layer_id")):
+                                ({"top_k": -1}, 400, "query parameter top_k must be an integer >= 0, got '-1'"),
+                                ({"layer_id": "x"}, 400, "query parameter layer_id must be a MoE layer's index")):
         r = httpx.get(f"{url}/expert_stats", params=params)
         assert r.status_code == status and msg in r.json()["error"]["message"], r.text
     assert httpx.post(f"{url}/expert_stats/reset").json()["status"] == "ok"
@@ -87,7 +88,11 @@ def test_export_stays_inside_the_stats_dir(tracked):
     assert list(outside.iterdir()) == [] and not (stats_dir.parent / "escape.json").exists()
     r = httpx.post(f"{url}/expert_stats/export", json={"path": str(stats_dir / "inside.json")})  # absolute, inside
     assert r.status_code == 200 and (stats_dir / "inside.json").is_file()
-    for body, msg in (({"path": "runs"}, "is a directory"), ({}, "path"), ({"path": "x", "bogus": 1}, "bogus")):
+    for body, msg in (({"path": "runs"}, "is a directory"), ({}, "path is required"),
+                      ({"path": "x", "bogus": 1}, "unknown field 'bogus'"),
+                      ({"path": "n" * 300 + ".json"}, "File name too long"),  # was a 500
+                      ({"path": "x", "top_k": "3"}, "top_k must be an integer >= 0, got '3'"),
+                      ({"path": "runs/a.json/x.json"}, "File exists")):
         r = httpx.post(f"{url}/expert_stats/export", json=body)
         assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
 

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -129,18 +130,30 @@ def test_truncation_queue_and_graceful_sigterm_with_streams_in_flight():
     proc, url = start("--model-path", str(MODEL), "--max-running-requests", "2", "--allow-auto-truncate",
                       "--max-total-tokens", "4096", "--page-size", "8", "--served-model-name", "tiny")
     try:
-        # --allow-auto-truncate: an over-long prompt keeps its last max_model_len - 1 tokens
+        # --allow-auto-truncate: an over-long prompt keeps its last max_model_len - 1 tokens.
+        # Its head and tail differ, and echo returns the prompt the model saw: the test can
+        # tell which end was kept.
         ref = LLM(model_path=str(MODEL), device="cpu")
-        long_ids = ref.engine.tokenizer.encode("cat sat " * 400)
-        assert len(long_ids) > 512
+        tok = ref.engine.tokenizer
+        long_ids = tok.encode("the cat sat on the mat " * 60) + tok.encode("a blue house under a red sky " * 60,
+                                                                            add_special_tokens=False)
+        assert len(long_ids) > 600 and tok.decode(long_ids[-511:]) != tok.decode(long_ids[:511])
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": long_ids, "max_tokens": 4, "temperature": 0})
+            "model": "tiny", "prompt": long_ids, "max_tokens": 4, "temperature": 0, "echo": True})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["usage"]["prompt_tokens"] == 511
         assert body["usage"]["completion_tokens"] == 1  # max_tokens clipped to the one position left
         want = ref.generate([long_ids[-511:]], SamplingParams(max_new_tokens=4, temperature=0))[0].outputs[0]
-        assert body["choices"][0]["text"] == want.text and body["choices"][0]["finish_reason"] == "length"
+        assert body["choices"][0]["text"] == tok.decode(long_ids[-511:]) + want.text
+        assert body["choices"][0]["finish_reason"] == "length"
+        # a text prompt longer than any 512 tokens can be: only its tail is tokenized, and the
+        # tokens kept are the last 511 of the whole text's tokenization
+        text = tok.decode(long_ids[1:]) * 20
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": text, "max_tokens": 1, "echo": True})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 511, r.text
+        assert r.json()["choices"][0]["text"].startswith(tok.decode(tok.encode(text)[-511:]))
 
         # 4 long streams, 2 may run: the other 2 wait, and the gauges say so
         streams = Streams(url, 4, 300)
@@ -160,10 +173,12 @@ def test_truncation_queue_and_graceful_sigterm_with_streams_in_flight():
         proc.kill()
 
 
-def test_forced_shutdown_aborts_streams_cleanly():
-    """SIGTERM then SIGINT (as a second Ctrl-C): uvicorn stops waiting; in-flight requests
-    are aborted, their clients see the stream end, and the process exits 0. The server
-    runs the example mix (--enable-mixed-precision --mixed-precision-config)."""
+def test_forced_shutdown_ends_every_request_cleanly():
+    """SIGTERM then SIGINT (as a second Ctrl-C): the server stops waiting for requests in
+    flight and ends each cleanly: a stream gets an error event and then [DONE] (never a cut
+    connection), a waiting non-streaming client a 503 in OpenAI's error JSON; the log has
+    no traceback, and the process exits 0. The server runs the example mix
+    (--enable-mixed-precision --mixed-precision-config)."""
     mix = ROOT / "examples" / "tiny-llama-mix.yaml"
     proc, url = start("--enable-mixed-precision", "--mixed-precision-config", str(mix), "--max-total-tokens", "4096",
                       "--page-size", "8")
@@ -171,19 +186,43 @@ def test_forced_shutdown_aborts_streams_cleanly():
         mem = httpx.get(f"{url}/memory_stats").json()
         assert set(mem["by_format"]) == {"bf16", "fp8", "int8", "int4"}  # the config is applied (dtype bf16)
         streams = Streams(url, 3, 480)
-        assert wait_for(lambda: all(len(e) >= 2 for e in streams.events))
+        plain: list = []
+        waiter = threading.Thread(target=lambda: plain.append(httpx.post(
+            f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 480, "ignore_eos": True}, timeout=120)))
+        waiter.start()
+        assert wait_for(lambda: all(len(e) >= 2 for e in streams.events)
+                        and httpx.get(f"{url}/get_server_info").json()["num_engine_requests"] == 4)
         children = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
+        assert httpx.get(f"{url}/health").status_code == 503  # draining: new work is refused
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-        assert "mixq: shut down cleanly" in proc.stdout.read()
+        out = proc.stdout.read()
+        assert "mixq: shut down cleanly" in out and "Traceback" not in out, out[-3000:]
         streams.join()
-        # each stream ended: complete (it raced to the end) or cut without [DONE]
-        assert any(not ev or ev[-1] != "[DONE]" for ev in streams.events), "nothing was in flight"
+        waiter.join(60)
+        for i, ev in enumerate(streams.events):
+            assert streams.errors[i] is None and ev[-1] == "[DONE]", (i, ev[-2:], streams.errors[i])
+            err = json.loads(ev[-2])["error"]
+            assert err["code"] == "engine_stopped" and "shutting down" in err["message"], ev[-2]
+        assert plain[0].status_code == 503 and "shutting down" in plain[0].json()["error"]["message"]
         assert not [p for p in children if alive(p)]
     finally:
         proc.kill()
+
+
+def test_serve_on_a_port_in_use_fails_before_loading():
+    """`mixq serve` on a busy port: one line naming it, before any weight is read."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mixq", "serve", "--model-path", str(MODEL), "--device", "cpu",
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "loading weights" not in r.stderr + r.stdout and "serving" not in r.stdout
 
 
 def test_readme_serve_and_curl_on_the_default_model(default_model_root):

@@ -222,9 +222,14 @@ def test_server_info_and_memory_stats(server, reference):
     assert info["kv_blocks"] == 2048 // 8 and info["device"] == "cpu" and info["dtype"] == cpu_default
     assert KEY not in json.dumps(info)  # the API key is never echoed
     mem = httpx.get(f"{server}/memory_stats", headers=H).json()
+    kv = mem.pop("kv_cache")
     # the same checkpoint loaded the same way in this process holds the same bytes
     want = MemoryStats.from_weights(reference.engine.weights).as_dict()
     assert mem == json.loads(json.dumps(want))
+    # float32 KV on the CPU: 2 layers x (K, V) x 2 KV heads x 32 dims x 4 bytes a token, 2048 tokens
+    assert (kv["dtype"], kv["bytes_per_token"], kv["bf16_bytes_per_token"], kv["capacity_tokens"]) == (
+        "float32", 1024, 512, 2048)
+    assert kv["memory_mb"] == 2.0 and kv["memory_saved_mb"] == -1.0
 
 
 def test_native_generate_text_ids_stream_and_errors(server, reference):
@@ -303,3 +308,23 @@ def test_stop_strings_chat_logprobs_and_chat_errors(server, reference):
         r = httpx.post(f"{server}/v1/chat/completions", content=body,
                        headers={**H, "Content-Type": "application/json"})
         assert r.status_code == status and msg in r.json()["error"]["message"], (body, r.text)
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks(server, reference):
+    """The second request of the same 40-odd-token prompt computes only what follows its
+    whole cached pages (page size 8; the last prompt token is always computed): /metrics
+    counts those tokens as cached, and the answer is the engine's greedy one."""
+    tok = reference.engine.tokenizer
+    prompt = "you are a helpful assistant and you answer briefly " * 4 + "the cat sat on"
+    n = len(tok.encode(prompt))
+    want = greedy(reference, tok.encode(prompt), 5)
+    c = client(server)
+    c.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    time.sleep(0.2)  # metrics are updated by the engine thread right after the step
+    before = metric(server, "mixq_cached_tokens")
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0,
+                             extra_body={"ignore_eos": True})
+    time.sleep(0.2)
+    assert r.choices[0].text == want and r.usage.prompt_tokens == n
+    assert metric(server, "mixq_cached_tokens") - before == (n - 1) // 8 * 8
+    assert 0 < metric(server, "mixq_cache_hit_rate") < 1

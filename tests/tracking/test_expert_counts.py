@@ -34,8 +34,10 @@ def test_engine_counts_equal_independent_routing(family_dir):
     family, path = family_dir
     # eager steps: the router_logits hooks must see every forward (graph replays run no Python;
     # tests/engine/test_cuda_graph.py checks graph steps count the same as eager ones)
+    # no prefix caching: the count below has every sequence compute its whole prompt (n=2's
+    # second sequence would otherwise find the first's pages)
     llm = LLM(model_path=str(path), device=DEVICE, dtype="float32", max_total_tokens=512, chunked_prefill_size=8, page_size=4,
-              max_running_requests=4, enable_expert_tracking=True, disable_cuda_graph=True)
+              max_running_requests=4, enable_expert_tracking=True, disable_cuda_graph=True, disable_radix_cache=True)
     steps, times = [], []
 
     def record_step(batch):  # runs after the tracker's own step hook, which the engine installed first

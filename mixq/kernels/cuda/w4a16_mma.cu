@@ -1,0 +1,587 @@
+// W4A16 mixed-input GEMM on tensor cores (mma.sync m16n8k16), Ampere..Hopper.
+//
+//   out[M, N] = x[M, K] @ W^T,  W[n, k] = (q[n, k] - z[g, n]) * s[g, n],  g = k / group
+//
+// A pure CUDA translation unit with extern "C" launchers (no torch headers): mixq compiles
+// it once per GPU architecture with nvcc and loads it with ctypes (mixq/kernels/cuda_jit.py).
+//
+// Weight layout (made once after loading by mixq.kernels.w4a16_mma.pack_w4a16, still 4-bit):
+//   qw      int32 [K/16][N/64][32 lanes][4 words]. The 16 bytes of lane L (g = L/4, t = L%4)
+//           in block (kb, nb) are exactly the B fragments that lane needs for the eight
+//           m16n8k16 MMAs of a 16 x 64 weight slice: word w covers n8 tiles jt = 2w, 2w+1;
+//           nibble p of a word holds k = 16 kb + 2t + p/4 + 8 (p%2), n = 64 nb + 8 (2w + (p%4)/2) + g.
+//           Two nibbles 16 bits apart form one bf16x2/half2 register after one lop3:
+//           (word >> 4i) & 0x000f000f | MAGIC  ->  (MAGIC + q_lo, MAGIC + q_hi).
+//   scales  T [G][N/64][8 (g)][8 (jt)]: the 8 scales a lane needs for one group, 16 bytes.
+//   zeros   uint8 [G][N/64][8][8] (same order) or none (symmetric: 8).
+// The activation tile goes through shared memory (cp.async, XOR-swizzled 16-byte chunks)
+// and ldmatrix; the weight goes global -> shared (cp.async, multi-stage) -> registers with
+// one 16-byte load per lane per k16 slice, is converted there (lop3, sub, mul: 3.75
+// instructions per 2 values) and fed to the MMA as the B operand.
+//
+// Schedule: stream-K. The (tile, k-block) iterations of the whole problem are split evenly
+// over a persistent grid; a CTA whose range covers a tile's whole K writes the output
+// directly, else it writes an fp32 partial to the workspace (slot tile + cta, unique) and
+// the tile's last CTA to arrive (an arrival counter per tile) sums the partials in CTA
+// order (deterministic) and re-arms the counter to zero (CUDA-graph safe).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+struct Params {
+  const void* x;         // [M, K] T, row-major, rows contiguous
+  const int4* qw;        // packed weight (see above)
+  const void* scales;    // packed scales
+  const uint8_t* zeros;  // packed zeros or nullptr
+  const void* bias;      // [N] T or nullptr
+  void* out;             // [M, N] T
+  float* ws;             // [tiles + grid][ws_rows][BN] fp32 partials
+  int* counters;         // [tiles] int32, zero on entry, left at zero
+  int M, N, K, group;
+  int mchunks, ntiles, kiters, tiles, grid, ws_rows;
+  long long total_iters;
+  int evict_first;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async16_hint(void* smem, const void* gmem, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "l"(policy));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// (a & b) | c in one instruction
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<__nv_bfloat16> {
+  // bf16 128.0: 7 mantissa bits of unit step, so 128 + q is exact for q < 128
+  static constexpr uint32_t MAGIC = 0x43004300u;
+  __device__ static __forceinline__ uint32_t sub_mul(uint32_t v, uint32_t zb, uint32_t s) {
+    __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), *reinterpret_cast<__nv_bfloat162*>(&zb)),
+                               *reinterpret_cast<__nv_bfloat162*>(&s));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static __forceinline__ uint16_t from_float(float f) {
+    __nv_bfloat16 h = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+  __device__ static __forceinline__ float to_float(uint16_t u) {
+    return __uint_as_float(static_cast<uint32_t>(u) << 16);
+  }
+};
+
+template <>
+struct Traits<__half> {
+  // fp16 1024.0: 10 mantissa bits of unit step
+  static constexpr uint32_t MAGIC = 0x64006400u;
+  __device__ static __forceinline__ uint32_t sub_mul(uint32_t v, uint32_t zb, uint32_t s) {
+    __half2 r = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&v), *reinterpret_cast<__half2*>(&zb)),
+                        *reinterpret_cast<__half2*>(&s));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static __forceinline__ uint16_t from_float(float f) {
+    __half h = __float2half_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+  __device__ static __forceinline__ float to_float(uint16_t u) {
+    return __half2float(*reinterpret_cast<__half*>(&u));
+  }
+};
+
+// CTA that owns global iteration i when `total` iterations are split over `grid` CTAs,
+// CTA c taking [c*total/grid, (c+1)*total/grid) (grid <= total: no empty range).
+__device__ __forceinline__ int owner(long long i, long long total, int grid) {
+  return static_cast<int>(((i + 1) * grid + total - 1) / total) - 1;
+}
+
+template <typename T, int MB, int WN, int WK, int KS, int STAGES, bool HAS_ZP>
+struct Cfg {
+  static constexpr int BN = 64 * WN;         // output columns per tile
+  static constexpr int BK = 16 * WK * KS;    // K per pipeline stage
+  static constexpr int MR = 16 * MB;         // rows per tile
+  static constexpr int THREADS = 32 * WN * WK;
+  static constexpr int SR = BK / 16;         // most scale rows a stage can need (group 16)
+  static constexpr int RED_LD = BN + 8;      // padded row of the fp32 reduction tile
+  static constexpr int A_BYTES = MR * BK * 2;
+  static constexpr int B_BYTES = BK * BN / 2;
+  static constexpr int S_BYTES = SR * BN * 2;
+  static constexpr int Z_BYTES = HAS_ZP ? SR * BN : 0;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES + Z_BYTES;
+  static constexpr int RED_BYTES = MR * RED_LD * 4;
+  static constexpr int SMEM = STAGES * STAGE_BYTES + RED_BYTES + 16;
+  static_assert(BK >= 64, "the A swizzle needs 8 chunks of 16 bytes per row");
+  static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0 && S_BYTES % 16 == 0 && Z_BYTES % 16 == 0, "alignment");
+};
+
+template <typename T, int MB, int WN, int WK, int KS, int STAGES, bool HAS_ZP>
+__global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p) {
+  using C = Cfg<T, MB, WN, WK, KS, STAGES, HAS_ZP>;
+  using Tr = Traits<T>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_stage = smem;
+  float* s_red = reinterpret_cast<float*>(smem + STAGES * C::STAGE_BYTES);
+  int* s_flag = reinterpret_cast<int*>(smem + STAGES * C::STAGE_BYTES + C::RED_BYTES);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wn = warp % WN;
+  const int wk = warp / WN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int nblocks = p.N / 64;
+  const int group_rows = p.group >= C::BK ? 1 : C::BK / p.group;  // scale rows per stage
+
+  const long long i0 = static_cast<long long>(blockIdx.x) * p.total_iters / p.grid;
+  const long long i1 = static_cast<long long>(blockIdx.x + 1) * p.total_iters / p.grid;
+  const int n_it = static_cast<int>(i1 - i0);
+
+  uint64_t policy = 0;
+  if (p.evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* scales = static_cast<const T*>(p.scales);
+
+  auto load_stage = [&](long long i, int slot) {
+    const int tile = static_cast<int>(i / p.kiters);
+    const int kb = static_cast<int>(i % p.kiters);
+    const int mc = tile % p.mchunks;
+    const int nt = tile / p.mchunks;
+    const int row0 = mc * C::MR;
+    const int rows = min(C::MR, p.M - row0);
+    const int k0 = kb * C::BK;
+    const int nb0 = nt * WN;
+    uint8_t* st = s_stage + slot * C::STAGE_BYTES;
+    // activations: only the rows that exist (the MMA rows of missing ones are never stored)
+    T* sa = reinterpret_cast<T*>(st);
+    constexpr int CPR = C::BK / 8;  // 16-byte chunks per row
+    for (int c = tid; c < rows * CPR; c += C::THREADS) {
+      const int r = c / CPR, ch = c % CPR;
+      cp_async16(sa + r * C::BK + ((ch ^ (r & 7)) * 8), x + static_cast<long long>(row0 + r) * p.K + k0 + ch * 8);
+    }
+    // weights: BK/16 rows of WN contiguous 512-byte blocks
+    int4* sb = reinterpret_cast<int4*>(st + C::A_BYTES);
+    constexpr int BCH = (C::BK / 16) * WN * 32;
+    for (int c = tid; c < BCH; c += C::THREADS) {
+      const int kk = c / (WN * 32), rem = c % (WN * 32);
+      const int4* src = p.qw + (static_cast<long long>(kb * (C::BK / 16) + kk) * nblocks + nb0) * 32 + rem;
+      if (p.evict_first)
+        cp_async16_hint(sb + c, src, policy);
+      else
+        cp_async16(sb + c, src);
+    }
+    // scales (and zeros) of the groups this stage touches
+    const int gi0 = k0 / p.group;
+    T* ss = reinterpret_cast<T*>(st + C::A_BYTES + C::B_BYTES);
+    constexpr int SCH = C::BN / 8;
+    for (int c = tid; c < group_rows * SCH; c += C::THREADS) {
+      const int r = c / SCH, ch = c % SCH;
+      cp_async16(ss + r * C::BN + ch * 8, scales + (static_cast<long long>(gi0 + r) * nblocks + nb0) * 64 + ch * 8);
+    }
+    if constexpr (HAS_ZP) {
+      uint8_t* sz = st + C::A_BYTES + C::B_BYTES + C::S_BYTES;
+      constexpr int ZCH = C::BN / 16;
+      for (int c = tid; c < group_rows * ZCH; c += C::THREADS) {
+        const int r = c / ZCH, ch = c % ZCH;
+        cp_async16(sz + r * C::BN + ch * 16, p.zeros + (static_cast<long long>(gi0 + r) * nblocks + nb0) * 64 + ch * 16);
+      }
+    }
+  };
+
+  float acc[MB][8][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
+
+  auto compute_stage = [&](int slot) {
+    const uint8_t* st = s_stage + slot * C::STAGE_BYTES;
+    const uint32_t sa = smem_u32(st);
+    const int4* sb = reinterpret_cast<const int4*>(st + C::A_BYTES);
+    const uint8_t* ss = st + C::A_BYTES + C::B_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int kk = wk * KS + ks;  // k16 slice of this stage
+      uint32_t a[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int r = mb * 16 + (lane & 15);
+        const int ch = kk * 2 + (lane >> 4);
+        ldmatrix_x4(a[mb], sa + r * (C::BK * 2) + ((ch ^ (r & 7)) * 16));
+      }
+      const int4 bq = sb[(kk * WN + wn) * 32 + lane];
+      const int srow = p.group >= C::BK ? 0 : (kk * 16) / p.group;
+      const uint4 sv = *reinterpret_cast<const uint4*>(ss + (srow * C::BN + wn * 64 + g * 8) * 2);
+      uint2 zv = make_uint2(0x08080808u, 0x08080808u);
+      if constexpr (HAS_ZP) zv = *reinterpret_cast<const uint2*>(ss + C::S_BYTES + srow * C::BN + wn * 64 + g * 8);
+      const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
+                              static_cast<uint32_t>(bq.w)};
+      const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int jt = 2 * w + j;
+          // this column's scale twice (prmt picks the low or high half of its word)
+          const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
+          const uint32_t zbyte = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) & 0xffu;
+          const uint32_t zb = (zbyte * 0x00010001u) | Tr::MAGIC;
+          const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
+          const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
+          const uint32_t b0 = Tr::sub_mul(lo, zb, s2);
+          const uint32_t b1 = Tr::sub_mul(hi, zb, s2);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[mb], b0, b1);
+        }
+      }
+    }
+  };
+
+  // the end of a tile segment: sum the K-warps' accumulators in shared memory, then write
+  // the output (whole K) or a partial (+ the last arrival sums the partials)
+  auto finish = [&](long long i) {
+    const int tile = static_cast<int>(i / p.kiters);
+    const int mc = tile % p.mchunks;
+    const int nt = tile / p.mchunks;
+    const int row0 = mc * C::MR;
+    const int rows = min(C::MR, p.M - row0);
+    const int n0 = nt * C::BN;
+    const long long tile_first = static_cast<long long>(tile) * p.kiters;
+    const long long seg_first = i0 > tile_first ? i0 : tile_first;
+    const bool whole = seg_first == tile_first && i == tile_first + p.kiters - 1;
+#pragma unroll
+    for (int r = 0; r < WK; ++r) {
+      if (wk == r) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+          for (int jt = 0; jt < 8; ++jt) {
+            const int col = wn * 64 + jt * 8 + 2 * t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = mb * 16 + g + 8 * h;
+              if (row < rows) {
+                float2* dst = reinterpret_cast<float2*>(s_red + row * C::RED_LD + col);
+                float2 v = make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
+                if (r > 0) {
+                  const float2 o = *dst;
+                  v.x += o.x;
+                  v.y += o.y;
+                }
+                *dst = v;
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
+
+    constexpr int UPR = C::BN / 8;  // 8-column units per row
+    const T* bias = static_cast<const T*>(p.bias);
+    uint16_t* out = static_cast<uint16_t*>(p.out);
+    auto store_out = [&](int row, int c8, float (&v)[8]) {
+      if (bias != nullptr) {
+        const uint4 b = *reinterpret_cast<const uint4*>(bias + n0 + c8);
+        const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += Tr::to_float(static_cast<uint16_t>(bw[e / 2] >> (16 * (e & 1))));
+      }
+      uint32_t o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        o[e] = static_cast<uint32_t>(Tr::from_float(v[2 * e])) | (static_cast<uint32_t>(Tr::from_float(v[2 * e + 1])) << 16);
+      *reinterpret_cast<uint4*>(out + static_cast<long long>(row0 + row) * p.N + n0 + c8) = make_uint4(o[0], o[1], o[2], o[3]);
+    };
+    if (whole) {
+      for (int u = tid; u < rows * UPR; u += C::THREADS) {
+        const int row = u / UPR, c8 = (u % UPR) * 8;
+        const float4 v0 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
+        const float4 v1 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8 + 4);
+        float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        store_out(row, c8, v);
+      }
+    } else {
+      const long long slot_stride = static_cast<long long>(p.ws_rows) * C::BN;
+      float* mine = p.ws + (tile + static_cast<long long>(blockIdx.x)) * slot_stride;
+      for (int u = tid; u < rows * UPR; u += C::THREADS) {
+        const int row = u / UPR, c8 = (u % UPR) * 8;
+        const float4* src = reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
+        float4* dst = reinterpret_cast<float4*>(mine + row * C::BN + c8);
+        __stcg(dst, src[0]);
+        __stcg(dst + 1, src[1]);
+      }
+      __threadfence();
+      __syncthreads();
+      const int c_first = owner(tile_first, p.total_iters, p.grid);
+      const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
+      if (tid == 0) {
+        const int prev = atomicAdd(p.counters + tile, 1);
+        *s_flag = prev == c_last - c_first;
+      }
+      __syncthreads();
+      if (*s_flag) {
+        __threadfence();
+        for (int u = tid; u < rows * UPR; u += C::THREADS) {
+          const int row = u / UPR, c8 = (u % UPR) * 8;
+          float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          for (int c = c_first; c <= c_last; ++c) {  // CTA order: deterministic
+            const float4* src = reinterpret_cast<const float4*>(p.ws + (tile + static_cast<long long>(c)) * slot_stride +
+                                                                row * C::BN + c8);
+            const float4 a0 = __ldcg(src), a1 = __ldcg(src + 1);
+            v[0] += a0.x; v[1] += a0.y; v[2] += a0.z; v[3] += a0.w;
+            v[4] += a1.x; v[5] += a1.y; v[6] += a1.z; v[7] += a1.w;
+          }
+          store_out(row, c8, v);
+        }
+        if (tid == 0) p.counters[tile] = 0;  // re-armed for the next launch
+      }
+    }
+    __syncthreads();  // s_red and s_flag are reused by the next segment
+  };
+
+  // prologue: STAGES-1 stages in flight
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_it) load_stage(i0 + s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_it; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `it` landed for every thread; slot (it-1) % STAGES is free
+    const int nxt = it + STAGES - 1;
+    if (nxt < n_it) load_stage(i0 + nxt, nxt % STAGES);
+    cp_async_commit();
+    compute_stage(it % STAGES);
+    const long long i = i0 + it;
+    if (i % p.kiters == p.kiters - 1 || it == n_it - 1) finish(i);
+  }
+  cp_async_wait<0>();
+}
+
+// Dequantize the packed weight to W^T [K, ldo] (columns [64 nb0, 64 (nb0 + nbs)) of it):
+// for large M, where cuBLAS on the dequantized tile beats a mixed-input mma.sync kernel.
+template <typename T, bool HAS_ZP>
+__global__ void __launch_bounds__(256) w4a16_dequant_kernel(const int4* qw, const T* scales, const uint8_t* zeros,
+                                                             T* out, int N, int K, int group, int nb0, int nbs,
+                                                             int ldo) {
+  using Tr = Traits<T>;
+  __shared__ __align__(16) uint16_t tile[8][16][64 + 8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nb = nb0 + blockIdx.x * 8 + warp;  // one 16 x 64 block per warp
+  const int kb = blockIdx.y;
+  const int nblocks = N / 64;
+  const bool ok = nb < nb0 + nbs;
+  if (ok) {
+    const int4 bq = qw[(static_cast<long long>(kb) * nblocks + nb) * 32 + lane];
+    const int gi = kb * 16 / group;
+    const uint4 sv = *reinterpret_cast<const uint4*>(scales + (static_cast<long long>(gi) * nblocks + nb) * 64 + g * 8);
+    uint2 zv = make_uint2(0x08080808u, 0x08080808u);
+    if (HAS_ZP) zv = *reinterpret_cast<const uint2*>(zeros + (static_cast<long long>(gi) * nblocks + nb) * 64 + g * 8);
+    const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
+                            static_cast<uint32_t>(bq.w)};
+    const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int jt = 2 * w + j;
+        const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
+        const uint32_t zbyte = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) & 0xffu;
+        const uint32_t zb = (zbyte * 0x00010001u) | Tr::MAGIC;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // h: k + 8
+          const uint32_t v = Tr::sub_mul(and_or(qs[w] >> (8 * j + 4 * h), 0x000f000fu, Tr::MAGIC), zb, s2);
+          const int n = jt * 8 + g;
+          tile[warp][2 * t + 8 * h][n] = static_cast<uint16_t>(v & 0xffffu);
+          tile[warp][2 * t + 8 * h + 1][n] = static_cast<uint16_t>(v >> 16);
+        }
+      }
+    }
+  }
+  __syncwarp();
+  if (ok) {
+#pragma unroll
+    for (int u = lane; u < 16 * 8; u += 32) {  // 16 rows of 8 16-byte chunks
+      const int r = u >> 3, ch = u & 7;
+      const uint4 v = *reinterpret_cast<const uint4*>(&tile[warp][r][ch * 8]);
+      *reinterpret_cast<uint4*>(out + static_cast<long long>(kb * 16 + r) * ldo + (nb - nb0) * 64 + ch * 8) = v;
+    }
+  }
+}
+
+template <typename T, int MB, int WN, int WK, int KS, int STAGES, bool HAS_ZP>
+int launch_cfg(const Params& p, cudaStream_t stream, int query_occupancy) {
+  using C = Cfg<T, MB, WN, WK, KS, STAGES, HAS_ZP>;
+  auto kern = w4a16_mma_kernel<T, MB, WN, WK, KS, STAGES, HAS_ZP>;
+  static unsigned attr_set = 0;  // a bit per device, per instantiation (a race sets it twice)
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (!(attr_set & (1u << (dev & 31)))) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    if (e != cudaSuccess) return -static_cast<int>(e);
+    attr_set |= 1u << (dev & 31);
+  }
+  if (query_occupancy) {
+    int blocks = 0;
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kern, C::THREADS, C::SMEM);
+    return e == cudaSuccess ? blocks : -static_cast<int>(e);
+  }
+  kern<<<p.grid, C::THREADS, C::SMEM, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? 0 : -static_cast<int>(e);
+}
+
+// launch shapes (WN, WK, KS, STAGES); the ids are mirrored in mixq/kernels/w4a16_mma.py
+template <typename T, int MB, bool ZP>
+int by_shape(int shape, const Params& p, cudaStream_t s, int q) {
+  switch (shape) {
+    case 0: return launch_cfg<T, MB, 2, 4, 1, 4, ZP>(p, s, q);  // 256 thr, 128 cols, K 64
+    case 1: return launch_cfg<T, MB, 4, 2, 2, 4, ZP>(p, s, q);  // 256 thr, 256 cols, K 64
+    case 2: return launch_cfg<T, MB, 1, 4, 1, 4, ZP>(p, s, q);  // 128 thr, 64 cols, K 64
+    case 3: return launch_cfg<T, MB, 2, 2, 2, 4, ZP>(p, s, q);  // 128 thr, 128 cols, K 64
+    case 4: return launch_cfg<T, MB, 4, 1, 4, 4, ZP>(p, s, q);  // 128 thr, 256 cols, K 64
+    case 5: return launch_cfg<T, MB, 2, 4, 2, 3, ZP>(p, s, q);  // 256 thr, 128 cols, K 128
+    default: return -1000;
+  }
+}
+
+template <typename T, bool ZP>
+int by_mb(int mb, int shape, const Params& p, cudaStream_t s, int q) {
+  switch (mb) {
+    case 1: return by_shape<T, 1, ZP>(shape, p, s, q);
+    case 2: return by_shape<T, 2, ZP>(shape, p, s, q);
+    case 3: return by_shape<T, 3, ZP>(shape, p, s, q);
+    case 4: return by_shape<T, 4, ZP>(shape, p, s, q);
+    default: return -1001;
+  }
+}
+
+int dispatch(int is_bf16, int mb, int shape, const Params& p, cudaStream_t s, int q) {
+  const bool zp = p.zeros != nullptr;
+  if (is_bf16) return zp ? by_mb<__nv_bfloat16, true>(mb, shape, p, s, q) : by_mb<__nv_bfloat16, false>(mb, shape, p, s, q);
+  return zp ? by_mb<__half, true>(mb, shape, p, s, q) : by_mb<__half, false>(mb, shape, p, s, q);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Blocks per SM of a launch shape (for sizing the persistent grid); < 0: a CUDA error.
+int mixq_w4a16_occupancy(int is_bf16, int mb, int shape, int has_zp) {
+  Params p{};
+  p.zeros = has_zp ? reinterpret_cast<const uint8_t*>(1) : nullptr;
+  return dispatch(is_bf16, mb, shape, p, nullptr, 1);
+}
+
+// The GEMM. Returns 0, or a negative CUDA error / -1000 (bad shape id) / -1001 (bad mb).
+int mixq_w4a16_gemm(int is_bf16, int mb, int shape, const void* x, const void* qw, const void* scales,
+                    const void* zeros, const void* bias, void* out, void* ws, void* counters, int M, int N, int K,
+                    int group, int mchunks, int ntiles, int kiters, int grid, int ws_rows, int evict_first,
+                    void* stream) {
+  Params p;
+  p.x = x;
+  p.qw = static_cast<const int4*>(qw);
+  p.scales = scales;
+  p.zeros = static_cast<const uint8_t*>(zeros);
+  p.bias = bias;
+  p.out = out;
+  p.ws = static_cast<float*>(ws);
+  p.counters = static_cast<int*>(counters);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.group = group;
+  p.mchunks = mchunks;
+  p.ntiles = ntiles;
+  p.kiters = kiters;
+  p.tiles = mchunks * ntiles;
+  p.grid = grid;
+  p.ws_rows = ws_rows;
+  p.total_iters = static_cast<long long>(p.tiles) * kiters;
+  p.evict_first = evict_first;
+  return dispatch(is_bf16, mb, shape, p, static_cast<cudaStream_t>(stream), 0);
+}
+
+int mixq_w4a16_dequant(int is_bf16, const void* qw, const void* scales, const void* zeros, void* out, int N, int K,
+                       int group, int nb0, int nbs, int ldo, void* stream) {
+  dim3 grid((nbs + 7) / 8, K / 16);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int4* q = static_cast<const int4*>(qw);
+  const uint8_t* z = static_cast<const uint8_t*>(zeros);
+  if (is_bf16) {
+    if (z)
+      w4a16_dequant_kernel<__nv_bfloat16, true><<<grid, 256, 0, s>>>(q, static_cast<const __nv_bfloat16*>(scales), z,
+                                                                    static_cast<__nv_bfloat16*>(out), N, K, group, nb0,
+                                                                    nbs, ldo);
+    else
+      w4a16_dequant_kernel<__nv_bfloat16, false><<<grid, 256, 0, s>>>(q, static_cast<const __nv_bfloat16*>(scales), z,
+                                                                     static_cast<__nv_bfloat16*>(out), N, K, group,
+                                                                     nb0, nbs, ldo);
+  } else {
+    if (z)
+      w4a16_dequant_kernel<__half, true><<<grid, 256, 0, s>>>(q, static_cast<const __half*>(scales), z,
+                                                             static_cast<__half*>(out), N, K, group, nb0, nbs, ldo);
+    else
+      w4a16_dequant_kernel<__half, false><<<grid, 256, 0, s>>>(q, static_cast<const __half*>(scales), z,
+                                                              static_cast<__half*>(out), N, K, group, nb0, nbs, ldo);
+  }
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? 0 : -static_cast<int>(e);
+}
+
+}  // extern "C"
