@@ -3,11 +3,12 @@ and kept compressed, registered ahead of the torch reference (which dequantizes 
 weight in every forward).
 
 INT4 (GPTQ / AWQ / compressed-tensors, any group that is a multiple of 32 or per channel,
-act-order, zero points): `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes
+act-order, zero points; GGUF q4_0 / q4_1 blocks): `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes
     w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]
 with G in {32, 64, 128, 256}, a float zero, and scale/zero in the activation dtype
 ([K/G, N, 2]). A checkpoint's integer zero point z maps onto it exactly in real numbers:
-(q - z) * s = (q - 8) * s + (8 - z) * s; symmetric schemes have z = 8, so zero = 0. Groups
+(q - z) * s = (q - 8) * s + (8 - z) * s; symmetric schemes have z = 8, so zero = 0. GGUF blocks of 32 map the same way: q4_0's
+w = d (q - 8) is scale d, zero 0; q4_1's w = d q + m is scale d, zero m + 8 d. Groups
 are made contiguous once at load: the columns are ordered by group (act-order's g_idx) and
 each group padded to a multiple of 32 with columns whose activation is zero; a forward then
 gathers the activation columns in that order (only when the order or padding is not the
@@ -34,12 +35,17 @@ from __future__ import annotations
 import torch
 
 from mixq.errors import CheckpointError, UnsupportedFormatError
+from mixq.formats.gguf_quants import decode
 from mixq.formats.spec import QuantizedWeight, WeightSpec
-from mixq.kernels import cpu_fp8
+from mixq.kernels import cpu_fp8, cpu_gguf
 from mixq.kernels.cpu_quant import quantize_input, token_codes
 from mixq.kernels.methods import canonical_int
 
 KERNEL_GROUPS = (256, 128, 64, 32)
+# torch's CPU int4 packing lays rows out in blocks of 64 (a shorter last block): packed
+# weights concatenate along N (merged projections) only where every part but the last
+# is a whole number of blocks (torch 2.13: cat(pack(a), pack(b)) == pack(cat(a, b)) iff so)
+INT4_PACK_BLOCK_N = 64
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -72,14 +78,31 @@ def _column_order(g_idx: torch.Tensor | None, k: int, group: int, num_groups: in
     return torch.cat(src), kg, torch.tensor(owner, dtype=torch.long)
 
 
+GGUF_INT4 = ("q4_0", "q4_1")  # 32-value blocks of 4-bit values with a scale (and a min)
+
+
+def _gguf_int4(weight: QuantizedWeight):
+    """GGUF q4_0 / q4_1 blocks -> (q [N, K] 0..15, scale [N, K/32], zero [N, K/32]) with
+    w = (q - 8) * scale + zero, in fp32 (exact: d and m are fp16)."""
+    p = decode(weight.tensors["blocks"], weight.spec.qtype)
+    d = p.d.float()
+    zero = torch.zeros_like(d) if p.m is None else p.m.float() + 8 * d  # d q + m = d (q - 8) + (m + 8 d)
+    return p.q, d, zero
+
+
 class CPUInt4Method:
-    """4-bit GPTQ / AWQ / compressed-tensors weights through torch's CPU int4 kernel."""
+    """4-bit GPTQ / AWQ / compressed-tensors weights and GGUF q4_0 / q4_1 blocks through
+    torch's CPU int4 kernel."""
 
     name = "cpu-int4pack"
 
     def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
         if not _has_op("_weight_int4pack_mm_for_cpu"):
             return False, "this torch has no _weight_int4pack_mm_for_cpu"
+        if spec.layout == "gguf":
+            if spec.qtype not in GGUF_INT4:
+                return False, f"gguf {spec.qtype} is not one of {'/'.join(GGUF_INT4)}"
+            return _on_cpu(device)
         if spec.layout not in ("gptq", "awq", "ct-packed") or spec.bits != 4:
             return False, f"layout {spec.layout} ({spec.bits}-bit) is not a 4-bit packed int layout"
         if spec.activation != "none":
@@ -92,14 +115,18 @@ class CPUInt4Method:
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{weight.name}: activation dtype {dtype} is not one of {FLOAT_DTYPES}")
         n, k = weight.shape
-        q, s, z, g_idx = canonical_int(weight)  # [N, K] 0..15, [N, G], [N, G] | None, [K] | None
-        s = s.float()
+        if weight.spec.layout == "gguf":
+            q, s, zero = _gguf_int4(weight)
+            g_idx = None
+        else:
+            q, s, z, g_idx = canonical_int(weight)  # [N, K] 0..15, [N, G], [N, G] | None, [K] | None
+            s = s.float()
+            zero = torch.zeros_like(s) if z is None else (8 - z.float()) * s  # (q - z) s = (q - 8) s + (8 - z) s
         num_groups = s.shape[1]
         src, kg, owner = _column_order(g_idx, k, weight.spec.group_size or k, num_groups)
         np_ = -(-n // 16) * 16
         qp = torch.full((np_, src.numel()), 8, dtype=torch.int32)
         qp[:n] = torch.nn.functional.pad(q.to(torch.int32), (0, 1), value=8)[:, src]
-        zero = torch.zeros_like(s) if z is None else (8 - z.float()) * s  # (q - z) s = (q - 8) s + (8 - z) s
         sz = torch.zeros(owner.numel(), np_, 2, dtype=torch.float32)
         sz[:, :n, 0] = s[:, owner].t()
         sz[:, :n, 1] = zero[:, owner].t()
@@ -314,3 +341,33 @@ class CPUFP8Method:
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], n)
+
+
+class CPUQ80Method:
+    """GGUF q8_0 blocks (fp16 scale per 32 int8 values) through mixq.kernels.cpu_gguf,
+    read as stored: prepare keeps the blocks, so a tied embedding and its LM head share them."""
+
+    name = "cpu-q8_0"
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        if spec.layout != "gguf" or spec.qtype != "q8_0":
+            return False, f"layout {spec.describe()} is not gguf q8_0"
+        ok, why = _on_cpu(device)
+        if not ok:
+            return ok, why
+        return cpu_gguf.available()
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        b = weight.tensors["blocks"]
+        n, k = weight.shape
+        if tuple(b.shape) != (n, k // 32, 34) or k % 32:
+            raise CheckpointError(f"{weight.name}: q8_0 blocks {list(b.shape)} do not fit [{n}, {k}]")
+        return weight if b.is_contiguous() else QuantizedWeight(weight.name, weight.spec, weight.shape,
+                                                                {"blocks": b.contiguous()})
+
+    def apply(self, weight: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        y = cpu_gguf.q8_0_linear(x.reshape(-1, shape[-1]), weight.tensors["blocks"], x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*shape[:-1], weight.shape[0])

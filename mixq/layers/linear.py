@@ -22,7 +22,7 @@ from torch import nn
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 from mixq.kernels import dense
-from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
+from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method, CPUQ80Method
 from mixq.kernels.cpu_quant import quantize_input
 from mixq.kernels.methods import GGMLMethod, MMAW4A16Method, WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
@@ -93,7 +93,7 @@ class TorchDequantMethod:
 
 # Tried in order: the kernels made for a format first (GPU, then CPU), the torch reference last.
 METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), GGMLMethod(), FP8Method(), Int8Method(), CPUInt4Method(),
-                               CPUInt8Method(), CPUFP8Method(), DenseMethod(), TorchDequantMethod()]
+                               CPUInt8Method(), CPUFP8Method(), CPUQ80Method(), DenseMethod(), TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight: QuantizedWeight | None = None,

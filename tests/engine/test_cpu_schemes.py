@@ -74,23 +74,29 @@ def test_w8a8_int8_matches_transformers_with_per_token_int8_inputs():
     assert (weight_only - ref).abs().max() > 3e-3
 
 
-@pytest.mark.parametrize("variant", ["tiny-llama/gptq-legacy-4bit-desc-act", "tiny-llama/awq-gemm",
-                                     "tiny-llama/w8a8-int8", "tiny-llama/fp8-block", "tiny-qwen3-moe/gptq-w4a16",
-                                     "tiny-qwen3-moe/fp8-dynamic"])
-def test_greedy_outputs_equal_the_reference_compute(variant, monkeypatch):
-    """The same checkpoint, greedy, float32: CPU kernels vs the dequantize-every-forward
-    reference (the methods list without the kernels)."""
+# (variant, attention layers whose q/k/v merge): fp8-block's k/v (64 rows) are not whole
+# 128-row scale blocks; the MoE's q/k/v (64/32/32 rows) are not whole 64-row int4 blocks
+@pytest.mark.parametrize("variant,merges", [("tiny-llama/gptq-legacy-4bit-desc-act", 2), ("tiny-llama/awq-gemm", 2),
+                                            ("tiny-llama/w8a8-int8", 2), ("tiny-llama/fp8-block", 0),
+                                            ("tiny-qwen3-moe/gptq-w4a16", 0), ("tiny-qwen3-moe/fp8-dynamic", 2)])
+def test_greedy_outputs_equal_the_reference_compute(variant, merges, monkeypatch):
+    """The same checkpoint, greedy, float32: CPU kernels, with q/k/v and gate/up merged where
+    the formats agree (mixq.layers.merged), vs the dequantize-every-forward reference (the
+    methods list without the kernels; it has no merge rule, so every projection is separate)."""
     prompts = [[5, 9, 33, 100, 7], list(range(40, 70))]
     sp = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 
     def run():
         llm = LLM(model_path=str(FIX / variant), device="cpu", dtype="float32", max_total_tokens=256)
-        kinds = {m.method.name for m in llm.engine.model.modules() if getattr(m, "method", None) is not None}
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, sp)], kinds
+        mods = list(llm.engine.model.modules())
+        kinds = {m.method.name for m in mods if getattr(m, "method", None) is not None}
+        merged = sum(getattr(m, "qkv_proj", None) is not None for m in mods)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, sp)], kinds, merged
 
-    fast, kinds = run()
+    fast, kinds, merged = run()
     assert kinds & {"cpu-int4pack", "cpu-int8pack", "cpu-fp8"}
+    assert merged == merges  # where the formats and layouts allow, q/k/v are one CPU GEMM
     monkeypatch.setattr(linear, "METHODS", [linear.DenseMethod(), linear.TorchDequantMethod()])
-    slow, kinds = run()
-    assert kinds == {"dense", "torch-dequant"}
+    slow, kinds, merged = run()
+    assert kinds == {"dense", "torch-dequant"} and merged == 0
     assert fast == slow

@@ -13,7 +13,7 @@ import torch
 from mixq.formats import CheckpointCatalog, writers
 from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import cpu_fp8
-from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method
+from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method, CPUQ80Method
 from mixq.kernels.cpu_quant import fake_quant, round_to_e4m3, token_codes_torch
 from mixq.kernels.quant import quant_reference
 from mixq.layers.linear import TorchDequantMethod, select_method
@@ -246,3 +246,63 @@ def test_c_token_quantization_equals_the_torch_rule(to_int8, static):
             q, s = cpu_fp8.quant_rows(xi, to_int8, st, codes_dtype)
             q2, s2 = token_codes_torch(xi, to_int8, st, codes_dtype)
             assert torch.equal(s, s2) and torch.equal(q, q2), (dtype, codes_dtype)
+
+
+def _gguf_weight(qtype: str, n: int, k: int, gen: torch.Generator) -> tuple[QuantizedWeight, torch.Tensor]:
+    """(QuantizedWeight of `qtype` blocks for a random [N, K] weight, float64 W from the
+    gguf package's own dequantization of the same bytes)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from mixq.formats.gguf import gguf_spec
+
+    qt = gguf.GGMLQuantizationType[qtype.upper()]
+    w = (torch.randn(n, k, generator=gen) * 0.05).numpy().astype(np.float32)
+    raw = gguf.quants.quantize(w, qt)  # uint8 [N, K/32 * bytes per block]
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qt)).double()
+    blocks = torch.from_numpy(raw.reshape(n, k // 32, -1).copy())
+    return QuantizedWeight("m.weight", gguf_spec(qtype), (n, k), {"blocks": blocks}), ref
+
+
+@pytest.mark.parametrize("qtype,method", [("q4_0", CPUInt4Method), ("q4_1", CPUInt4Method), ("q8_0", CPUQ80Method)])
+@pytest.mark.parametrize("n,k", [(40, 96), (200, 576)])  # N % 16 != 0; N across OpenMP threads
+def test_gguf_blocks_against_ggufs_dequantization(qtype, method, n, k):
+    """GGUF q4_0 / q4_1 (torch's int4 kernel: scale d, zero m + 8 d) and q8_0 (the C kernel
+    over the blocks as stored) against x @ W^T in float64, W from gguf-py. fp32: fp32
+    rounding only (1e-5). bf16: x, the output and (int4) the bf16 scale/zero table round
+    to bf16, 2**-9 relative each (1.5e-2)."""
+    gen = torch.Generator().manual_seed(n + k)
+    qw, w = _gguf_weight(qtype, n, k, gen)
+    assert select_method(qw.spec, CPU, qw.name).name == method.name
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)):
+        held = method().prepare(qw, dtype)
+        for m in (1, 2, 3, 5, 17):  # the GEMV's 1-4 row groups and (q8_0) the tile path
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            y = method().apply(held, x, None)
+            assert y.dtype == dtype and y.shape == (m, n)
+            ref = x.double() @ w.t()
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < tol, (qtype, dtype, m, err)
+    if qtype == "q8_0":  # read as stored: the very blocks, no copy
+        assert held.tensors["blocks"].data_ptr() == qw.tensors["blocks"].data_ptr()
+    else:  # still 4-bit: N padded to 16, packed nibbles and a bf16 scale/zero pair per 32 columns
+        np_ = -(-n // 16) * 16
+        assert held.nbytes == np_ * k // 2 + np_ * (k // 32) * 2 * 2
+
+
+def test_tied_q8_0_embedding_and_head_share_the_blocks():
+    """A tied q8_0 table: the lookup and the LM head (the C kernel) read one copy of the
+    blocks; both against gguf-py's dequantization."""
+    from mixq.layers.embedding import Embedding
+
+    gen = torch.Generator().manual_seed(9)
+    qw, w = _gguf_weight("q8_0", 300, 64, gen)
+    emb = Embedding(300, 64, tied=True)
+    emb.load(qw, torch.float32)
+    assert emb.head.method.name == CPUQ80Method.name
+    assert emb.head.weight.tensors["blocks"].data_ptr() == emb.qweight.tensors["blocks"].data_ptr()
+    ids = torch.tensor([0, 299, 17])
+    torch.testing.assert_close(emb(ids).double(), w[ids], rtol=0, atol=1e-7)
+    h = torch.randn(2, 64, generator=gen)
+    ref = h.double() @ w.t()
+    assert float((emb.as_lm_head(h).double() - ref).norm() / ref.norm()) < 1e-5
