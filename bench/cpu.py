@@ -6,8 +6,10 @@ Configs (each measured in its own process, so its peak RSS is its own):
   hf-fp32, hf-bf16     transformers `generate` (greedy, its default cache) on the BF16 checkpoint
   mixq-bf16            the BF16 checkpoint through the engine at the CPU default dtype
   mixq-bf16@fp32       the same with --dtype float32 (the old CPU default)
-  mixq-<fmt>           every decoder Linear in <fmt>: fp8, int8 (W8A8), gptq-int4, awq-int4
-  mixq-default-mix     the default mix (attention BF16, gate/up GPTQ-INT4, down FP8, ...)
+  mixq-<fmt>           every decoder Linear in <fmt>: fp8, int8 (W8A8), gptq-int4, awq-int4, and
+                       gguf (the GGUF as published: Q4_1 Linears, the Q8_0 embedding as the tied head)
+  mixq-default-mix     the default mix (GGUF Q4_1 projections, BF16 where the plan spends its
+                       budget, the GGUF's Q8_0 embedding and tied head)
   llama.cpp            llama-cpp-python on the GGUF the default model comes from (Q4_1)
 
 Each process loads, warms up, then times `--reps` times: the prompt (`--prompt-tokens` of
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FIX = ROOT / "tests" / "fixtures" / "tiny-llama"
-FORMATS = ("fp8", "int8", "gptq-int4", "awq-int4")
+FORMATS = ("fp8", "int8", "gptq-int4", "awq-int4", "gguf")
 
 
 def configs(smoke: bool) -> dict[str, dict]:
