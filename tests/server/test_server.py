@@ -226,10 +226,12 @@ def test_server_info_and_memory_stats(server, reference):
     # the same checkpoint loaded the same way in this process holds the same bytes
     want = MemoryStats.from_weights(reference.engine.weights).as_dict()
     assert mem == json.loads(json.dumps(want))
-    # float32 KV on the CPU: 2 layers x (K, V) x 2 KV heads x 32 dims x 4 bytes a token, 2048 tokens
+    # the KV cache in the CPU default dtype: 2 layers x (K, V) x 2 KV heads x 32 dims x its
+    # bytes a token (4 float32, 2 bf16), 2048 tokens
+    size = {"float32": 4, "bfloat16": 2}[cpu_default]
     assert (kv["dtype"], kv["bytes_per_token"], kv["bf16_bytes_per_token"], kv["capacity_tokens"]) == (
-        "float32", 1024, 512, 2048)
-    assert kv["memory_mb"] == 2.0 and kv["memory_saved_mb"] == -1.0
+        cpu_default, 256 * size, 512, 2048)
+    assert kv["memory_mb"] == 256 * size * 2048 / 2**20 and kv["memory_saved_mb"] == (512 - 256 * size) * 2048 / 2**20
 
 
 def test_native_generate_text_ids_stream_and_errors(server, reference):
