@@ -20,7 +20,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from mixq.engine.engine import EngineConfig, RequestOutput
+from mixq.engine.engine import RequestOutput
+from mixq.engine.engine_config import EngineConfig
 from mixq.engine.sampling_params import SamplingParams
 from mixq.errors import MixqError
 
@@ -51,7 +52,8 @@ def replica_main(conn, cfg: EngineConfig, cpu_threads: int) -> None:
     goes away: the pipe closes and the replica exits with it)."""
     import torch
 
-    from mixq.engine.engine import LLMEngine, resolve_device
+    from mixq.engine.engine import LLMEngine
+    from mixq.engine.engine_config import resolve_device
 
     if resolve_device(cfg.device).type == "cpu":  # replicas share the CPU's cores
         torch.set_num_threads(cpu_threads)
@@ -214,7 +216,7 @@ class DataParallelEngine:
     def __init__(self, cfg: EngineConfig, dp_size: int, metrics_factory=None):
         import torch
 
-        from mixq.engine.engine import load_plan
+        from mixq.engine.engine_config import load_plan
         from mixq.formats.gguf_file import load_tokenizer
         from mixq.server.async_engine import AsyncEngine
 

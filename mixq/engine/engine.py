@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.engine.detokenizer import DetokState, IncrementalDetokenizer, find_stop, held_back
+from mixq.engine.engine_config import (  # also the engine's public names (mixq.engine.engine.EngineConfig, ...)
+    EngineConfig,
+    kv_cache_blocks,
+    load_plan,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_dtype,
+    tokenizer_path,
+    usable_cpus,
+)
 from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
@@ -22,51 +32,6 @@ from mixq.engine.sequence import Sequence
 from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
-
-
-@dataclass
-class EngineConfig:
-    """What the engine needs; built by the CLI/launcher from flags (one place)."""
-
-    model_path: str | None = None
-    mixed_precision_config: str | None = None
-    tokenizer_path: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 2048
-    max_total_tokens: int | None = None
-    page_size: int = 16
-    mem_fraction_static: float = 0.85
-    attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
-    disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
-    show_progress: bool = False
-    # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
-    # tools that hook or swap single projections (mixq.quality) and for A/B timing
-    merge_projections: bool = True
-    enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
-    # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None  # None: --max-running-requests, at most 256
-    cuda_graph_bs: list[int] | None = None  # explicit buckets (SGLang's --cuda-graph-bs)
-    # parallelism (mixq.distributed.config.ParallelConfig has the meanings)
-    tp_size: int = 1
-    ep_size: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_init_addr: str | None = None
-    moe_dispatch: str = "all-reduce"
-    base_gpu_id: int = 0
-    dist_timeout_s: float = 600.0
-
-    def parallel(self):
-        """The ParallelConfig these fields describe (checked: ConfigError when impossible)."""
-        from mixq.distributed.config import ParallelConfig
-
-        return ParallelConfig(self.tp_size, self.ep_size, self.nnodes, self.node_rank, self.dist_init_addr,
-                              self.moe_dispatch, self.base_gpu_id, self.dist_timeout_s)
 
 
 @dataclass
@@ -110,67 +75,6 @@ class _SeqState:
     generator: torch.Generator | None = None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32  # CPU bf16 GEMMs are slow and lossy; fp32 is the reference
-        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
-        return {"float16": torch.float16, "float32": torch.bfloat16}.get(name, torch.bfloat16)
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-
-
-def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype: auto (the model dtype), bfloat16, float16, float32, fp8_e4m3 or
-    fp8_e5m2 (8-bit with per-tensor scales, mixq.kernels.kv_quant)."""
-    from mixq.kernels.kv_quant import KV_CACHE_DTYPES
-
-    plain = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if name == "auto":
-        return model_dtype
-    if name in plain:
-        return plain[name]
-    if name in KV_CACHE_DTYPES:
-        return KV_CACHE_DTYPES[name]
-    raise ValueError(f"--kv-cache-dtype {name!r}: expected auto, {', '.join(plain)}, {', '.join(KV_CACHE_DTYPES)}")
-
-
-def load_plan(cfg: EngineConfig):
-    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
-    from mixq.config.schema import MixedPrecisionConfig
-    from mixq.formats import build_plan
-
-    mp = None
-    if cfg.mixed_precision_config:
-        mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
-    return build_plan(mp, model_path=cfg.model_path), mp
-
-
-def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
-    """KV blocks this process can hold: --max-total-tokens, else the GPU memory left under
-    --mem-fraction-static, else (CPU) room for every running request within 4 GiB."""
-    bs = cfg.page_size
-    if cfg.max_total_tokens:
-        return max(1, -(-cfg.max_total_tokens // bs))
-    per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = total * cfg.mem_fraction_static - (total - free)
-        if budget < per * (-(-max_model_len // bs)):
-            raise RuntimeError(
-                f"not enough GPU memory for the KV cache of one {max_model_len}-token sequence at "
-                f"--mem-fraction-static {cfg.mem_fraction_static}; raise it or lower --context-length"
-            )
-        return int(budget // per)
-    want = cfg.max_running_requests * -(-max_model_len // bs)
-    return max(-(-max_model_len // bs), min(want, int(4 * 2**30 // per)))
-
-
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.dist = None  # rank 0 of a tensor-parallel group (mixq.distributed.workers.Driver)
@@ -197,6 +101,10 @@ class LLMEngine:
             dtype = mp.inference.dtype if dtype == "auto" else dtype
             max_len = max_len or mp.inference.max_seq_length
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
+        if self.device.type == "cpu" and torch.get_num_threads() > (cores := usable_cpus()):
+            torch.set_num_threads(cores)  # a CPU quota below the affinity mask: more threads only spin
+        if self.device.type == "cpu":
+            log.info("CPU: %d threads, %s", torch.get_num_threads(), str(self.dtype).removeprefix("torch."))
         self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
         max_len = min(max_len or limit, limit)
@@ -222,7 +130,7 @@ class LLMEngine:
         self.model_config = self.model.config
 
         # a directory's tokenizer files, or the vocabulary inside a GGUF file
-        self.tokenizer = load_tokenizer(cfg.tokenizer_path or self.plan.base.path)
+        self.tokenizer = load_tokenizer(tokenizer_path(cfg, self.plan))
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)
@@ -237,6 +145,10 @@ class LLMEngine:
             num_blocks = self._num_blocks()
             self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
                                       cfg.attention_backend)
+        self.kv_cache_tokens = num_blocks * cfg.page_size
+        self.kv_cache_bytes = num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.page_size, self.kv_dtype)
+        log.info("KV cache: %d tokens (%d blocks of %d), %.1f MiB of %s on %s", self.kv_cache_tokens, num_blocks,
+                 cfg.page_size, self.kv_cache_bytes / 2**20, str(self.kv_dtype).removeprefix("torch."), self.device)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,

@@ -15,6 +15,7 @@ from torch import nn
 
 from mixq.formats.gguf_quants import dequantize
 from mixq.formats.spec import QuantizedWeight
+from mixq.kernels import dense
 from mixq.layers.linear import MixedPrecisionLinear
 
 
@@ -56,7 +57,7 @@ class Embedding(nn.Module):
                 raise RuntimeError(f"{self.qweight.name}: a quantized embedding is used as the LM head but was "
                                    "not built tied")
             return self.head(hidden)
-        return F.linear(hidden, self.weight)
+        return dense.linear(hidden, self.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)  # [T, dim]

@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens of the text")
     p.add_argument("--window", type=int, default=512, help="tokens per window (each starts fresh)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: the engine's "
-                   "default for the device)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on the CPU, "
+                   "the engine's default on a GPU)")
     p.add_argument("--json", action="store_true", help="print {name: row} as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw mean KLD against bits per weight")
     p.set_defaults(func=run)

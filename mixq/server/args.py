@@ -35,6 +35,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 2048
     mem_fraction_static: float = 0.85
+    cpu_kv_cache_space: float = 1.0  # GiB (mixq.engine.engine_config.EngineConfig)
     page_size: int = 16
     host: str = "127.0.0.1"
     port: int = 30000
@@ -77,6 +78,8 @@ class ServerArgs:
             raise ConfigError(f"--port must be <= 65535, got {self.port}")
         if not 0 < self.mem_fraction_static < 1:
             raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if not 0 < self.cpu_kv_cache_space < float("inf"):
+            raise ConfigError(f"--cpu-kv-cache-space must be > 0 GiB, got {self.cpu_kv_cache_space}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
@@ -148,8 +151,8 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("model", "--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
     ("model", "--served-model-name", dict(help="model name the API reports and accepts (default: the model "
                                                "directory's name)")),
-    ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: float32 on CPU, "
-                                   "the checkpoint's 16-bit dtype on GPU)")),
+    ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: on CPU bfloat16 "
+                                   "where it has native bf16, else float32; on GPU the checkpoint's 16-bit dtype)")),
     ("model", "--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)} (auto: --dtype; fp8: one "
                                              "byte a value, per-tensor scales from the checkpoint, else 1.0)")),
     ("model", "--device", dict(help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")),
@@ -164,6 +167,11 @@ _FLAGS: list[tuple[str, str, dict]] = [
                                                                             "disables chunking")),
     ("memory and scheduling", "--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights "
                                                                              "+ KV cache")),
+    ("memory and scheduling", "--cpu-kv-cache-space", dict(type=float, metavar="GIB", help="on a CPU: KV cache budget "
+                                                                 "in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE); the "
+                                                                 "cache is the smaller of this and what "
+                                                                 "--max-running-requests full-length sequences "
+                                                                 "need. --max-total-tokens overrides")),
     ("memory and scheduling", "--page-size", dict(type=int, help="tokens per KV cache block")),
     ("memory and scheduling", "--attention-backend", dict(help="triton (paged attention kernels; auto on CUDA) or "
                                                                "torch_native (SDPA per sequence; auto on CPU)")),
