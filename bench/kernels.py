@@ -10,6 +10,7 @@ measured copy bandwidth (the HBM roofline at small M), % of the measured BF16 / 
 matmul peak (large M), and the relative error against a float32 product.
 
     python bench/kernels.py [--quick] [--out results.json] [--sweep {wna16,w8}]
+    python bench/kernels.py --gguf [--quick] [--out gguf.json]   (GGUF block types: kernels_gguf.py)
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="two Llama shapes only")
     ap.add_argument("--out")
     ap.add_argument("--sweep", choices=["wna16", "w8"], help="time candidate launch configs and exit")
+    ap.add_argument("--gguf", action="store_true", help="the GGUF block types only (bench/kernels_gguf.py)")
     a = ap.parse_args()
     if a.sweep:
         sweep_wna16() if a.sweep == "wna16" else sweep_w8()
@@ -198,6 +200,20 @@ def main():
           f"bf16 matmul peak {peak16 / 1e12:.0f} TFLOP/s; fp8 _scaled_mm peak {_f(peak8 and peak8 / 1e12, '{:.0f}')} "
           "TFLOP/s", flush=True)
     shapes = dict(list(SHAPES.items())[2:4]) if a.quick else SHAPES
+    if a.gguf:
+        from kernels_gguf import bench_gguf, print_gguf
+
+        rows = []
+        for name, (k, n) in shapes.items():
+            r = bench_gguf(name, k, n, MS)
+            rows += r
+            print(f"\n### {name}")
+            print_gguf(r, bw)
+            sys.stdout.flush()
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump({"device": dev, "torch": torch.__version__, "copy_bw": bw, "gguf": rows}, f, indent=2)
+        return
     rows4, rows8 = [], []
     for name, (k, n) in shapes.items():  # tables per shape as it completes: a timeout keeps the rest
         r4 = bench_shape(name, k, n, MS)

@@ -36,7 +36,9 @@ sys.path[0] = str(ROOT)  # not bench/: its kernels.py would shadow the `kernels`
 
 from mixq.cli import main as mixq  # noqa: E402
 
-PRECISIONS = {"fp8": "fp8_path", "int8": "int8_path", "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path"}
+PRECISIONS = {"fp8": "fp8_path", "int8": "int8_path", "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path",
+              "gguf": "gguf_path"}  # gguf: the published file's own Q4_1 tensors (full run only)
+DEFAULT_GGUF = "planned at the default size, GGUF a candidate"
 
 
 def round1_default(num_layers: int) -> dict:
@@ -75,7 +77,7 @@ def sources(smoke: bool) -> dict:
 
     root = prepare_default_model()
     return {"fp16_path": root / "bf16", "fp8_path": root / "fp8", "int8_path": root / "int8",
-            "gptq_int4_path": root / "gptq-int4", "awq_int4_path": root / "awq-int4"}
+            "gptq_int4_path": root / "gptq-int4", "awq_int4_path": root / "awq-int4", "gguf_path": root / "gguf"}
 
 
 def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
@@ -92,7 +94,7 @@ def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
         if same:
             print(f"reusing {mfile} (measured in {doc['seconds']:.0f} s)", flush=True)
             return doc
-    argv = ["measure", "--model-path", str(paths["fp16_path"]), *[a for k, key in PRECISIONS.items()
+    argv = ["measure", "--model-path", str(paths["fp16_path"]), *[a for k, key in PRECISIONS.items() if key in paths
             for a in (f"--{k.replace('_', '-')}-path", str(paths[key]))],
             "--max-tokens", str(cal_tokens), "--window", str(window), "-o", str(mfile)]
     assert mixq(argv) == 0
@@ -121,24 +123,36 @@ def main() -> int:
     cfgs = {"bf16": write(out / "bf16.yaml", paths, {})}
     for name, p in (("fp8", "fp8"), ("int8", "int8"), ("gptq-int4", "gptq_int4"), ("awq-int4", "awq_int4")):
         cfgs[name] = write(out / f"{name}.yaml", paths, {"model.layers.*_proj.weight": p})
+    if "gguf_path" in paths:  # the published GGUF (Q4_1 projections), and with its Q8_0 embeddings
+        cfgs["gguf"] = write(out / "gguf.yaml", paths, {"model.layers.*_proj.weight": "gguf"})
+        cfgs["gguf + Q8_0 embeddings (the file)"] = write(out / "gguf-file.yaml", paths, {
+            "model.layers.*_proj.weight": "gguf", "model.embed_tokens.weight": "gguf"})
     if not args.smoke:
         cfgs["default (round 1)"] = write(out / "round1-default.yaml", paths, round1_default(layers))
     cfgs["llama.cpp-style rule"] = write(out / "rule.yaml", paths, llamacpp_rule(layers))
     size = {n: plan_size(EvalTarget(n, c).plan())[0] for n, c in cfgs.items()}
     int4 = min(size["gptq-int4"], size["awq-int4"])
     budgets = [int4, int(int4 * 1.15)] + [int(int4 + f * (size["fp8"] - int4)) for f in (0.4, 0.6, 0.8, 1.0)]
+    # the frontier plans choose among the checkpoints quantized from the BF16 base (issue 13); the
+    # GGUF, whose dequantization *is* that base, is a row of its own and a candidate only for the
+    # default mix (issue 15: the default's INT4 source is the file's own Q4_1)
+    from_base = ["--formats", ",".join(k for k in PRECISIONS if k != "gguf")]
     planned = {}
     for b in budgets:
         name = f"planned {8 * b / doc['model']['parameters']:.2f} bpw"
         yml = out / f"plan-{b}.yaml"
-        assert mixq(["plan", "--measure", str(out / "measure.json"), "--budget-gb", repr(b / 2**30), "-o",
-                     str(yml)]) == 0
+        assert mixq(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
+                     "-o", str(yml)]) == 0
         planned[name] = (b, str(yml))
     if "default (round 1)" in size:
         b = size["default (round 1)"]
-        assert mixq(["plan", "--measure", str(out / "measure.json"), "--budget-gb", repr(b / 2**30), "-o",
-                     str(out / "plan-default.yaml")]) == 0
+        assert mixq(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
+                     "-o", str(out / "plan-default.yaml")]) == 0
         planned["planned at the default size"] = (b, str(out / "plan-default.yaml"))
+        if "gguf_path" in paths:
+            assert mixq(["plan", "--measure", str(out / "measure.json"), "--budget-gb", repr(b / 2**30), "-o",
+                         str(out / "plan-default-gguf.yaml")]) == 0
+            planned[DEFAULT_GGUF] = (b, str(out / "plan-default-gguf.yaml"))
     targets = [EvalTarget(n, c) for n, c in cfgs.items()] + [EvalTarget(n, c) for n, (_, c) in planned.items()]
     from mixq.assets.text import EVAL_TEXT_NAME, load_eval_text
 
@@ -151,9 +165,11 @@ def main() -> int:
                   title="SmolLM2-135M: mean KLD vs bits per weight" if not args.smoke else "smoke")
 
     # the targets
-    fixed = [n for n in rows if n not in planned and n != "bf16"]
+    fixed = [n for n in rows if n not in planned and n != "bf16" and not n.startswith("gguf")]  # GGUF: own rows
     checks = []
     for n, (b, _) in planned.items():
+        if n == DEFAULT_GGUF:
+            continue  # compared below, against the round-1 default; the frontier is the base-derived plans
         beaten = [f for f in fixed if rows[f]["weight_bytes"] <= b]
         # lower, or the very same mix (at the INT4 size the only fit may be uniform INT4 itself)
         same = [f for f in beaten if rows[f]["weight_bytes"] == rows[n]["weight_bytes"]
@@ -164,10 +180,11 @@ def main() -> int:
     p115 = next(n for n, (b, _) in planned.items() if b == budgets[1])
     checks.append((f"{p115} (INT4 size + 15%): KLD {rows[p115]['kld_mean']:.4f} <= half of GPTQ-INT4's "
                    f"{rows['gptq-int4']['kld_mean']:.4f}", rows[p115]["kld_mean"] <= rows["gptq-int4"]["kld_mean"] / 2))
-    if "planned at the default size" in rows:
-        r, d = rows["planned at the default size"], rows["default (round 1)"]
-        checks.append((f"new default: {r['weight_bytes']} <= {d['weight_bytes']} bytes and KLD {r['kld_mean']:.4f} "
-                       f"<= half of the round-1 default's {d['kld_mean']:.4f}",
+    new_default = DEFAULT_GGUF if DEFAULT_GGUF in rows else "planned at the default size"
+    if new_default in rows:
+        r, d = rows[new_default], rows["default (round 1)"]
+        checks.append((f"new default ({new_default}): {r['weight_bytes']} <= {d['weight_bytes']} bytes and KLD "
+                       f"{r['kld_mean']:.5f} <= half of the round-1 default's {d['kld_mean']:.4f}",
                        r["weight_bytes"] <= d["weight_bytes"] and r["kld_mean"] <= d["kld_mean"] / 2))
     corr = doc["rank_correlation"]
     first = next(iter(rows.values()))
@@ -187,13 +204,13 @@ def main() -> int:
     md += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    if args.write_default_mix and "planned at the default size" in rows:
-        src = yaml.safe_load(Path(planned["planned at the default size"][1]).read_text())
+    if args.write_default_mix and new_default in rows:
+        src = yaml.safe_load(Path(planned[new_default][1]).read_text())
         mapping = src["mixed_precision"]["weight_mapping"]
         dst = ROOT / "mixq" / "assets" / "data" / "default_mix.yaml"
         dst.write_text("# The embedded default mix's weight_mapping, written by `python bench/quality.py "
                        "--write-default-mix`:\n# `mixq plan --measure` (exact estimates) at the round-1 default "
-                       f"mix's size ({planned['planned at the default size'][0]} bytes).\n"
+                       f"mix's size ({planned[new_default][0]} bytes), {new_default}.\n"
                        + yaml.safe_dump(mapping, sort_keys=False, width=4096))
         print(f"wrote {dst}")
     return 0

@@ -40,6 +40,7 @@ def plan_report(plan: LoadPlan, parallel=None) -> dict:
                 "family": t.spec.family,
                 "shape": list(t.entry.shape),
                 "bytes": t.nbytes,
+                "bits_per_weight": round(8 * t.nbytes / t.numel, 4) if t.numel else 0.0,
                 "smoothing_compensated": t.name in plan.input_scales,
             }
             for t in plan.tensors.values()
@@ -72,13 +73,15 @@ def render_text(report: dict) -> str:
         for r in group:
             lines.append(
                 f"  {r['name']:<{width}}  {r['precision']:<9} {r['format']:<34} "
-                f"{_fmt_bytes(r['bytes']):>11}  {r['source']}{'  *' if r['smoothing_compensated'] else ''}"
+                f"{_fmt_bytes(r['bytes']):>11} {r['bits_per_weight']:>6.2f} bpw  {r['source']}"
+                f"{'  *' if r['smoothing_compensated'] else ''}"
             )
     t = report["totals"]
     lines += ["", "totals by format:"]
     for fam, b in t["by_format"].items():
         lines.append(
             f"  {fam:<6} {b['tensors']:>6} tensors  {_fmt_bytes(b['memory_mb'] * MB):>11}"
+            f" {16 * b['memory_mb'] / b['bf16_memory_mb'] if b['bf16_memory_mb'] else 0:>6.2f} bpw"
             f"  (bf16: {_fmt_bytes(b['bf16_memory_mb'] * MB)})"
         )
     lines.append(

@@ -150,9 +150,9 @@ def test_default_eval_configs_put_every_linear_in_its_format(default_model_root)
     from tests.ckpt_utils import is_linear
 
     cfgs = default_eval_configs()
-    assert list(cfgs) == ["bf16", "fp8", "int8", "gptq-int4", "awq-int4", "default-mix"]
+    assert list(cfgs) == ["bf16", "fp8", "int8", "gptq-int4", "awq-int4", "gguf", "default-mix"]
     want = {"bf16": {"dense"}, "fp8": {"fp8"}, "int8": {"int8"}, "gptq-int4": {"gptq"}, "awq-int4": {"awq"},
-            "default-mix": {"dense", "fp8", "int8", "gptq", "awq"}}
+            "gguf": {"gguf"}, "default-mix": {"dense", "fp8", "int8", "gptq", "awq", "gguf"}}
     for name, path in cfgs.items():
         plan = build_plan(_config(path))
         layouts = {t.spec.layout for n, t in plan.tensors.items() if is_linear(n)}

@@ -38,7 +38,8 @@ def test_prepared_checkpoints_and_the_default_mix(root, tmp_path):
         assert (root / d / "config.json").is_file()
     cfg = yaml.safe_load((root / "default-mix.yaml").read_text())
     shipped = yaml.safe_load((Path(__file__).parents[1] / "mixq" / "assets" / "data" / "default_mix.yaml").read_text())
-    assert cfg["mixed_precision"]["weight_mapping"] == shipped  # the prepared cache holds the shipped plan
+    # the prepared cache holds the shipped plan, and the GGUF's own embedding table
+    assert cfg["mixed_precision"]["weight_mapping"] == {"model.embed_tokens.weight": "gguf", **shipped}
     plan = build_plan(MixedPrecisionConfig.from_yaml(root / "default-mix.yaml"))
     layouts = {t.spec.layout for n, t in plan.tensors.items() if n.endswith("_proj.weight")}
     assert len(layouts) >= 2 and "dense" in layouts  # a real mix: the base and quantized formats
@@ -52,6 +53,15 @@ def test_prepared_checkpoints_and_the_default_mix(root, tmp_path):
     round1.write_text(yaml.safe_dump({"mixed_precision": {**paths, "weight_mapping": ROUND1_MIX}}))
     assert (MemoryStats.from_plan(plan).total.bytes
             <= MemoryStats.from_plan(build_plan(MixedPrecisionConfig.from_yaml(round1))).total.bytes)
+    # the embeddings are the published GGUF's Q8_0 table, and its Q4_1 projections are a
+    # source: exactly the model, the BF16 base (transformers' dequantization of the same
+    # file) being their rounding to bf16, not a second quantization
+    t = plan.tensors
+    assert t["model.embed_tokens.weight"].spec.describe() == "gguf q8_0"
+    gguf = plan.catalogs["gguf_path"]
+    assert gguf.entries["model.layers.3.mlp.gate_proj.weight"].spec.describe() == "gguf q4_1"
+    for name in ("model.layers.3.mlp.gate_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(gguf.read(name).dequantize().bfloat16().float(), plan.base.read(name).dequantize()), name
 
 
 def test_bf16_conversion_matches_hf_and_both_know_paris(root):

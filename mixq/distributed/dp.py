@@ -218,13 +218,13 @@ class DataParallelEngine:
 
     def __init__(self, cfg: EngineConfig, dp_size: int, metrics_factory=None):
         import torch
-        from transformers import AutoTokenizer
 
         from mixq.engine.engine import load_plan
+        from mixq.formats.gguf_file import load_tokenizer
         from mixq.server.async_engine import AsyncEngine
 
         plan, _ = load_plan(cfg)  # headers only: fails fast, names the tokenizer's home
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or str(plan.base.path))
+        tokenizer = load_tokenizer(cfg.tokenizer_path or plan.base.path)
         tp = cfg.tp_size
         # one progress bar per replica would interleave: replicas load quietly
         threads = max(1, torch.get_num_threads() // dp_size)

@@ -7,7 +7,6 @@ dispatcher) are attached here, from the layout in mixq.distributed.layout.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixq.distributed.comm import GroupComm
@@ -49,20 +48,20 @@ class VocabParallelEmbedding(Embedding):
     """Embedding rows [start, start + V/tp) on this rank: ids outside look up zeros and
     the all-reduce fills them from their owner. Tied LM head: local logits, gathered."""
 
-    def __init__(self, vocab: int, dim: int, comm: GroupComm):
-        super().__init__(vocab // comm.size, dim)
+    def __init__(self, vocab: int, dim: int, comm: GroupComm, tied: bool = False):
+        super().__init__(vocab // comm.size, dim, tied)
         self.comm = comm
         self.start = comm.rank * self.num_embeddings
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         outside = (local < 0) | (local >= self.num_embeddings)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [T, dim]
+        out = self.lookup(local.masked_fill(outside, 0))  # [T, dim]
         out.masked_fill_(outside[:, None], 0)
         return self.comm.all_reduce(out)
 
     def as_lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather(F.linear(hidden, self.weight), -1)  # [R, vocab]
+        return self.comm.all_gather(self.logits(hidden), -1)  # [R, vocab]
 
 
 class RemoteExpert(nn.Module):
@@ -110,7 +109,7 @@ def parallelize(model: nn.Module, layout: ShardLayout, rank: int, comm: GroupCom
             object.__setattr__(mod, "local_experts", experts)
             mod.dispatcher = cls(experts, local.start, comm)
         elif isinstance(mod, Embedding) and not isinstance(mod, VocabParallelEmbedding):
-            _replace(model, name, VocabParallelEmbedding(mod.num_embeddings, mod.dim, comm))
+            _replace(model, name, VocabParallelEmbedding(mod.num_embeddings, mod.dim, comm, mod.tied))
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, MixedPrecisionLinear):
             continue

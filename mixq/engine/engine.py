@@ -184,9 +184,8 @@ class LLMEngine:
             raise
 
     def _init(self, cfg: EngineConfig) -> None:
-        from transformers import AutoTokenizer
-
         from mixq.formats import iter_weights
+        from mixq.formats.gguf_file import load_tokenizer
         from mixq.models import build_model, load_model_weights
         from mixq.models.registry import held_weights, load_kv_scales
         from mixq.tracking.memory import register_loaded_weights
@@ -225,8 +224,8 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
 
-        tok_path = cfg.tokenizer_path or str(self.plan.base.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        # a directory's tokenizer files, or the vocabulary inside a GGUF file
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path or self.plan.base.path)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)

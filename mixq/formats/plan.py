@@ -27,6 +27,8 @@ _ALLOWED = {
     "awq_int4_path": ({"ct-packed", "awq"}, {4}),
 }
 _ALLOWED_BY_PRECISION = {"gptq_int4": {"ct-packed", "gptq"}, "awq_int4": {"ct-packed", "awq"}}
+# gguf_path is a GGUF: "gguf" takes the stored type; a type name must be the stored type
+_GGUF_PRECISIONS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
 
 # Projections a model fuses into one GEMM when their specs agree.
 _FUSIBLE = [
@@ -163,8 +165,11 @@ def build_plan(cfg: MixedPrecisionConfig | None = None, model_path: str | None =
                 f"{where}: tensor {name!r} has shape {list(entry.shape)} in {file} but "
                 f"{list(base_entry.shape)} in the base {base.file_of(name)}"
             )
+        if path_key == "gguf_path" or cat.gguf:
+            _check_gguf(where, name, res.precision, path_key, entry, file, cat.gguf)
         if entry.spec.is_quantized:
-            _check_allowed(where, name, res.precision, path_key, entry, file)
+            if not cat.gguf:
+                _check_allowed(where, name, res.precision, path_key, entry, file)
         elif path_key != "fp16_path" and len(entry.shape) == 2 and name.endswith(".weight"):
             warnings.append(
                 f"{name}: mapped to {res.precision} but stored dense ({entry.spec.family}) in "
@@ -179,6 +184,18 @@ def build_plan(cfg: MixedPrecisionConfig | None = None, model_path: str | None =
             descr = ", ".join(f"{g.rsplit('.', 2)[-2]}={tensors[g].spec.describe()}" for g in group)
             warnings.append(f"{group[0].rsplit('.', 2)[0]}: {descr} differ; kept as separate projections")
     return plan
+
+
+def _check_gguf(where: str, name: str, precision: str, path_key: str, entry: Entry, file: str, is_gguf: bool) -> None:
+    if path_key != "gguf_path":
+        raise CheckpointError(f"{where}: tensor {name!r} is mapped to {precision} but {file} is a GGUF file "
+                              "(give it as mixed_precision.gguf_path)")
+    if not is_gguf:
+        raise CheckpointError(f"{where}: tensor {name!r} is mapped to {precision} but {file} is not a GGUF file")
+    stored = entry.spec.qtype if entry.spec.layout == "gguf" else entry.spec.family
+    if precision in _GGUF_PRECISIONS and stored != precision:
+        raise CheckpointError(f"{where}: tensor {name!r} is mapped to {precision} but {file} stores it as {stored} "
+                              "(map it to 'gguf' to take the stored type)")
 
 
 def _check_allowed(where: str, name: str, precision: str, path_key: str, entry: Entry, file: str) -> None:

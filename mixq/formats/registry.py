@@ -1,7 +1,8 @@
 """Which reader serves a checkpoint, and the catalogue of its logical tensors.
 
 One reader per format, picked from ``quantization_config.quant_method``; every tensor the
-quantized reader does not claim (embeddings, norms, ignored layers) is dense.
+quantized reader does not claim (embeddings, norms, ignored layers) is dense. A GGUF file
+(or a directory holding one) is read whole by the GGUF reader, float tensors included.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from mixq.formats.checkpoint import Checkpoint
 from mixq.formats.compressed_tensors import CompressedTensorsReader, CtPackedDequant
 from mixq.formats.dense import DenseReader
 from mixq.formats.fp8 import FP8BlockReader, FP8Dequant
+from mixq.formats.gguf import GGUFReader
+from mixq.formats.gguf_file import GGUFFile, is_gguf
 from mixq.formats.gptq import GPTQReader
 from mixq.formats.int8 import Int8Dequant
 from mixq.formats.kv_scales import is_kv_scale
@@ -24,7 +27,8 @@ from mixq.formats.spec import QuantizedWeight
 QUANT_METHODS = ("compressed-tensors", "gptq", "awq", "fp8")
 
 _DEQUANT: dict[str, FormatReader] = {
-    r.layout: r for r in (DenseReader(), FP8Dequant(), Int8Dequant(), CtPackedDequant(), GPTQReader(), AWQReader())
+    r.layout: r for r in (DenseReader(), FP8Dequant(), Int8Dequant(), CtPackedDequant(), GPTQReader(), AWQReader(),
+                          GGUFReader())
 }
 
 
@@ -56,8 +60,13 @@ class CheckpointCatalog:
     """A checkpoint seen as logical tensors: ``entries[name]`` -> Entry (spec, shape, bytes)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.ckpt = Checkpoint(path)
-        self.quant_reader = _quant_reader(self.ckpt)
+        self.gguf = is_gguf(path)
+        if self.gguf:  # one reader for every tensor: names, row order and types are its own
+            self.ckpt = GGUFFile(path)
+            self.quant_reader = GGUFReader()
+        else:
+            self.ckpt = Checkpoint(path)
+            self.quant_reader = _quant_reader(self.ckpt)
         self.dense = DenseReader()
 
     @property
@@ -66,6 +75,8 @@ class CheckpointCatalog:
 
     @property
     def quant_method(self) -> str | None:
+        if self.gguf:
+            return "gguf"
         return None if self.quant_reader is None else self.ckpt.quantization_config.get("quant_method")
 
     @cached_property
@@ -90,6 +101,8 @@ class CheckpointCatalog:
             raise CheckpointError(f"checkpoint {self.path}: no tensor {name!r}") from None
 
     def reader_of(self, entry: Entry) -> FormatReader:
+        if self.gguf:
+            return self.quant_reader
         return self.dense if entry.spec.layout == "dense" else self.quant_reader
 
     def read(self, name: str, shard: Shard | None = None) -> QuantizedWeight:

@@ -71,6 +71,10 @@ def input_scales(plan) -> dict[str, torch.Tensor]:
         used = plan.tensors[norm]
         if used.path_key == t.path_key or norm not in plan.catalogs[t.path_key].entries:
             continue
+        if getattr(plan.catalogs[t.path_key], "gguf", False):
+            # llama.cpp folds no scales into norms; its F32 norms differ from a BF16 base's
+            # only by rounding, which is no smoothing to compensate
+            continue
         src, ref = norm_of(t.path_key, norm), norm_of(used.path_key, norm)
         if torch.equal(src, ref):
             continue

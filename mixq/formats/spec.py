@@ -20,6 +20,7 @@ Layout = Literal[
     "ct-packed",  # compressed-tensors pack-quantized: int32 [N, K*bits/32]
     "gptq",  # AutoGPTQ/GPTQModel: qweight int32 [K*bits/32, N], qzeros, scales, g_idx
     "awq",  # AutoAWQ GEMM: qweight int32 [K, N*bits/32] interleaved, qzeros, scales
+    "gguf",  # llama.cpp GGML blocks: uint8 [N, K/B, T] (type in WeightSpec.qtype)
 ]
 ScaleLayout = Literal["none", "tensor", "channel", "group", "block"]
 # How activations are treated by the kernel for this weight.
@@ -46,6 +47,7 @@ class WeightSpec:
     act_order: bool = False
     activation: ActivationQuant = "none"
     zero_offset: int = 0  # GPTQ v1 stores zero - 1: actual zero = stored + zero_offset
+    qtype: str | None = None  # layout "gguf": the GGML block type ("q4_k", "q8_0", ...)
 
     @property
     def is_quantized(self) -> bool:
@@ -60,12 +62,16 @@ class WeightSpec:
             )
         if self.layout == "fp8":
             return "fp8"
+        if self.layout == "gguf" and self.qtype:
+            return self.qtype
         return f"int{self.bits}"
 
     def describe(self) -> str:
         """Short human-readable description, e.g. 'gptq int4 g128 asym act-order'."""
         if self.layout == "dense":
             return self.family
+        if self.layout == "gguf" and self.qtype:
+            return f"gguf {self.qtype}"
         parts = [self.family] if self.layout == self.family else [self.layout, self.family]
         if self.scale_layout == "group":
             parts.append(f"g{self.group_size}")
@@ -110,6 +116,7 @@ class QuantizedWeight:
       gptq:      qweight int32 [K*bits/32, N]; qzeros int32 [K/G, N*bits/32]; scales [K/G, N];
                  g_idx int32 [K] (act-order)
       awq:       qweight int32 [K, N*bits/32]; qzeros int32 [K/G, N*bits/32]; scales [K/G, N]
+      gguf:      blocks uint8 [N, K/B, T] (B values in T bytes per block; mixq.formats.gguf_quants)
     Tensor-parallel shards hold the same roles for their slice; `shape` is the shard's.
     """
 

@@ -9,9 +9,15 @@ import os
 
 import torch
 
+from mixq.formats.gguf_quants import decode
 from mixq.formats.packing import AWQ_ORDER, unpack_int32
 from mixq.formats.spec import QuantizedWeight, WeightSpec
-from mixq.kernels import cuda_jit, w4a16_mma, wna16
+from mixq.kernels import cuda_jit, ggml, w4a16_mma, wna16
+
+# GGUF block types whose layout is wna16's: 32-value groups of 4 or 8 bits with an fp16
+# scale and either a fixed zero (q4_0: 8, q8_0: 128 after the int8 -> uint8 shift) or a
+# floating min (q4_1: the kernel's offset)
+GGUF_WNA16 = ("q4_0", "q4_1", "q8_0")
 
 
 def canonical_int(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -39,6 +45,12 @@ def canonical_int(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torc
     if z is not None and bool((z == half).all()):
         z = None  # symmetric in fact: skip the zero-point loads
     return q, s, z, g_idx
+
+
+def _kernel_device(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda" and os.environ.get("MIXQ_TRITON_INTERPRET_METHODS") != "1":
+        return False, f"needs a CUDA device (got {device.type})"
+    return True, ""
 
 
 def _groups(spec: WeightSpec, k: int) -> int:
@@ -138,6 +150,10 @@ class WNA16Method:
     def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
         if wna16.triton is None:
             return False, "triton is not installed"
+        if spec.layout == "gguf":
+            if spec.qtype not in GGUF_WNA16:
+                return False, f"gguf {spec.qtype} is not a wna16 layout ({', '.join(GGUF_WNA16)})"
+            return _kernel_device(device)
         if spec.layout not in ("gptq", "awq", "ct-packed"):
             return False, f"layout {spec.layout} is not a packed int layout"
         if spec.bits not in (4, 8):
@@ -149,6 +165,8 @@ class WNA16Method:
         return True, ""
 
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        if weight.spec.layout == "gguf":
+            return self._prepare_gguf(weight)
         n, k = weight.shape
         group = _groups(weight.spec, k)
         q, s, z, g_idx = canonical_int(weight)
@@ -170,10 +188,45 @@ class WNA16Method:
                 tensors[role] = getattr(p, role)
         return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
 
+    def _prepare_gguf(self, weight: QuantizedWeight) -> QuantizedWeight:
+        """GGUF blocks -> wna16: values as stored (q8_0 shifted to unsigned), the fp16 block
+        scale d, and for q4_1 its fp16 min as the floating offset."""
+        p = decode(weight.tensors["blocks"], weight.spec.qtype)
+        bits = 8 if weight.spec.qtype == "q8_0" else 4
+        w = wna16.pack_wna16(p.q, p.d, None, bits, 32, offsets=p.m)
+        tensors = {"qweight": w.qweight, "scales": w.scales}
+        if w.offsets is not None:
+            tensors["offsets"] = w.offsets
+        return QuantizedWeight(weight.name, weight.spec, weight.shape, tensors)
+
     def apply(self, weight, x, bias):
         t, (n, k) = weight.tensors, weight.shape
-        w = wna16.WNA16Weight(t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), weight.spec.bits,
-                              _groups(weight.spec, k), n, k, t.get("gidx"))
+        bits = 8 if weight.spec.qtype == "q8_0" else weight.spec.bits
+        w = wna16.WNA16Weight(t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), bits,
+                              _groups(weight.spec, k), n, k, t.get("gidx"), t.get("offsets"))
         shape = x.shape
         y = wna16.wna16_gemm(x.reshape(-1, shape[-1]), w, bias)
         return y.reshape(*shape[:-1], w.n)
+
+
+class GGMLMethod:
+    """llama.cpp's q5_0, q5_1 and K-quant blocks on CUDA (or the interpreter, as above):
+    repacked once into mixq.kernels.ggml's layout (same bits), one Triton launch per call."""
+
+    name = "triton-ggml"
+
+    def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
+        if ggml.triton is None:
+            return False, "triton is not installed"
+        if spec.layout != "gguf" or spec.qtype not in ggml.GGML_KERNEL_TYPES:
+            return False, f"not a gguf {'/'.join(ggml.GGML_KERNEL_TYPES)} weight"
+        return _kernel_device(device)
+
+    def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        t = ggml.pack_ggml(decode(weight.tensors["blocks"], weight.spec.qtype), weight.spec.qtype)
+        return QuantizedWeight(weight.name, weight.spec, weight.shape, t)
+
+    def apply(self, weight, x, bias):
+        shape = x.shape
+        y = ggml.ggml_gemm(x.reshape(-1, shape[-1]), weight.tensors, weight.spec.qtype, weight.shape[0], bias)
+        return y.reshape(*shape[:-1], weight.shape[0])

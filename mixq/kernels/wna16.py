@@ -6,6 +6,8 @@ Kernel layout (made once by `pack_wna16`, never in forward):
                              contiguous dim, so a tile row is one coalesced load.
   scales  [G, N]            the checkpoint's dtype (fp16/bf16/fp32), upcast in-kernel
   zeros   uint8 [G, N]      integer zero points, or None (symmetric: 2**(bits-1))
+  offsets [G, N]            or None: a float added after scaling, w = q * s + o, instead of
+                             an integer zero (llama.cpp's q4_1/q5_1 blocks store d and a min)
   perm    int32 [K]         act-order: kernel column j reads activation column perm[j]
 Every K tile lies inside one group (BLOCK_K divides the group size), so each iteration
 loads one scale row — no per-element gathers. One row runs a GEMV kernel (no tensor
@@ -48,15 +50,17 @@ class WNA16Weight:
     n: int
     k: int
     gidx: torch.Tensor | None = None  # int32 [K]: group of each kernel column (see pack_wna16)
+    offsets: torch.Tensor | None = None  # [G, N] float: w = q * s + o (no zeros then)
 
     @property
     def nbytes(self) -> int:
-        ts = [self.qweight, self.scales, self.zeros, self.perm, self.gidx]
+        ts = [self.qweight, self.scales, self.zeros, self.perm, self.gidx, self.offsets]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
-               perm: torch.Tensor | None = None, gidx: torch.Tensor | None = None) -> WNA16Weight:
+               perm: torch.Tensor | None = None, gidx: torch.Tensor | None = None,
+               offsets: torch.Tensor | None = None) -> WNA16Weight:
     """Canonical -> kernel layout.
 
     q       uint8/int [N, K] unsigned values in [0, 2**bits), already in kernel column
@@ -66,6 +70,7 @@ def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
             for act-order weights split along K (a tensor-parallel shard keeps the whole scale
             table [N, G_full] while its columns fill groups unevenly); scales/zeros then have
             any number of groups and the kernel reads a scale per column.
+    offsets None, or float [N, K // G]: w = q * s + o (zeros must be None; no gidx).
     """
     if bits not in (4, 8):
         raise ValueError(f"pack_wna16: bits must be 4 or 8, got {bits}")
@@ -87,6 +92,8 @@ def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         raise ValueError(f"pack_wna16: scales shape {tuple(scales.shape)}, expected {(n, g)}")
     if zeros is not None and tuple(zeros.shape) != (n, g):
         raise ValueError(f"pack_wna16: zeros shape {tuple(zeros.shape)}, expected {(n, g)}")
+    if offsets is not None and (zeros is not None or gidx is not None or tuple(offsets.shape) != (n, g)):
+        raise ValueError(f"pack_wna16: offsets must be [N, G] = {(n, g)} with no zeros and no gidx")
     if int(q.min()) < 0 or int(q.max()) >= 2**bits:
         raise ValueError(f"pack_wna16: values out of range for {bits} bits")
     if perm is not None and tuple(perm.shape) != (k,):
@@ -99,6 +106,7 @@ def pack_wna16(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         perm=None if perm is None else perm.to(torch.int32).contiguous(),
         bits=bits, group_size=group_size, n=n, k=k,
         gidx=None if gidx is None else gidx.to(torch.int32).contiguous(),
+        offsets=None if offsets is None else offsets.t().contiguous(),
     )
 
 
@@ -114,8 +122,12 @@ def wna16_reference(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None =
     """Float64 reference of wna16_gemm."""
     q, s, z = unpack_wna16(w)
     zero = torch.full_like(s, 2 ** (w.bits - 1), dtype=torch.float64) if z is None else z.double()
+    if w.offsets is not None:
+        zero = torch.zeros_like(zero)
     groups = torch.arange(w.k, device=q.device) // w.group_size if w.gidx is None else w.gidx.long()
     wd = (q.double() - zero[:, groups]) * s.double()[:, groups]  # [N, K] in kernel column order
+    if w.offsets is not None:
+        wd = wd + w.offsets.t().double()[:, groups]
     xd = x.double() if w.perm is None else x.double()[:, w.perm.long()]
     y = xd @ wd.t()
     return y if bias is None else y + bias.double()
@@ -185,12 +197,23 @@ if triton is not None:
             return (qh - base[None, :]) * s.to(DT)[None, :]
 
     @triton.jit
+    def _dequant_offset(q, o, s, DT: tl.constexpr, MODE: tl.constexpr, F32_MATH: tl.constexpr = False):
+        """q * s + o for a floating offset o [BN] (q4_1-style blocks), fp32 math and one
+        rounding to DT; MODE > 0 builds the float from the bits (2**23 + q)."""
+        if MODE == 0:
+            qf = q.to(tl.float32)
+        else:
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return _round16(qf * s.to(tl.float32)[None, :] + o[None, :], DT, F32_MATH)
+
+    @triton.jit
     def _wna16_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, gidx_ptr, M, N, K,
                          split_k, stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          SWAP: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
-                         HAS_GIDX: tl.constexpr = False, FIXUP: tl.constexpr = True):
+                         HAS_GIDX: tl.constexpr = False, FIXUP: tl.constexpr = True, off_ptr=None, stride_og=0,
+                         HAS_OFF: tl.constexpr = False):
         """Tensor-core tiles. Split-K partials go to ws (split s at ws + s * stride_os) and the
         last split of a tile sums them into out (tiles.store_tile).
         HAS_GIDX: a scale (and zero) per kernel column through gidx, for act-order weights
@@ -238,11 +261,15 @@ if triton is not None:
             else:
                 g = (t * BK) // GROUP
                 s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0)
-                if HAS_ZP:
-                    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+                if HAS_OFF:
+                    o = tl.load(off_ptr + g * stride_og + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    w = _dequant_offset(q, o, s, DT, DQ, UPCAST)  # [BK, BN]
                 else:
-                    z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-                w = _dequant(q, z, s, DT, BITS, DQ, UPCAST)  # [BK, BN]
+                    if HAS_ZP:
+                        z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+                    else:
+                        z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+                    w = _dequant(q, z, s, DT, BITS, DQ, UPCAST)  # [BK, BN]
             if SWAP:
                 a = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :], other=0.0)
                 if UPCAST:  # fp32 activations (or the interpreter, whose bf16 dot is wrong)
@@ -272,10 +299,12 @@ if triton is not None:
     def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, split_k,
                            stride_qk, stride_sg, stride_zg, stride_os,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, off_ptr=None, stride_og=0,
+                           HAS_OFF: tl.constexpr = False):
         """One activation row, no tensor cores: per packed slot j a [BK/PER, BN] FMA into a
         2-D accumulator (no 3-D tensors, no reshape), magic-number dequant, and the zero
-        point and scale applied once per tile: sum_k x (q - z) s = s (sum x q - z sum x)."""
+        point and scale applied once per tile: sum_k x (q - z) s = s (sum x q - z sum x);
+        a floating offset the same way: sum_k x (q s + o) = s sum x q + o sum x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         PER: tl.constexpr = 32 // BITS
@@ -291,7 +320,9 @@ if triton is not None:
                              other=0, eviction_policy="evict_first")
             g = (t * BK) // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if HAS_ZP:
+            if HAS_OFF:
+                z = tl.load(off_ptr + g * stride_og + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            elif HAS_ZP:
                 z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
             else:
                 z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
@@ -307,7 +338,10 @@ if triton is not None:
                 qj = (((packed >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 part += xj[:, None] * qj
                 xs += xj
-            acc += s * (tl.sum(part, axis=0) - z * tl.sum(xs, axis=0))
+            if HAS_OFF:  # z holds the offset o here
+                acc += s * tl.sum(part, axis=0) + z * tl.sum(xs, axis=0)
+            else:
+                acc += s * (tl.sum(part, axis=0) - z * tl.sum(xs, axis=0))
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -392,7 +426,8 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None
         raise ValueError(f"wna16_gemm: x must be [M, {w.k}], got {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"wna16_gemm: x dtype {x.dtype} not supported")
-    args = (x.contiguous(), w.qweight, w.scales, w.zeros, w.perm, bias, w.bits, w.group_size, w.n, w.gidx)
+    args = (x.contiguous(), w.qweight, w.scales, w.zeros, w.perm, bias, w.bits, w.group_size, w.n, w.gidx,
+            w.offsets)
     if config is not None or gpu_dequant:
         return _launch(*args, config=config, gpu_dequant=gpu_dequant)
     chunk = CHUNK_OVERRIDE
@@ -406,15 +441,17 @@ def wna16_gemm(x: torch.Tensor, w: WNA16Weight, bias: torch.Tensor | None = None
 @torch.library.custom_op("mixq::wna16_gemm", mutates_args=())
 def _wna16_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-              n: int, gidx: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx)
+              n: int, gidx: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx, offsets)
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, n: int,
-            gidx: torch.Tensor | None = None, config: WNA16Config | None = None,
+            gidx: torch.Tensor | None = None, offsets: torch.Tensor | None = None, config: WNA16Config | None = None,
             gpu_dequant: bool = False) -> torch.Tensor:
     m, k = x.shape
+    if offsets is not None and (zeros is not None or gidx is not None):
+        raise ValueError("wna16: a floating offset takes no zeros and no gidx")
     if gidx is None:
         c = config or CONFIG_OVERRIDE or _config(m, n, k, group_size, x.device)
         if k % c.bk or group_size % c.bk:
@@ -431,6 +468,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     cnt = so.counters if so.counters is not None else dummy
     common = dict(BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, BN=c.bn, BK=c.bk, num_warps=c.num_warps, num_stages=c.num_stages)
+    if offsets is not None:
+        common.update(off_ptr=offsets, stride_og=offsets.stride(0), HAS_OFF=True)
     args = (x, qweight, scales, zeros if zeros is not None else dummy, perm if perm is not None else dummy,
             bias if bias is not None else dummy, so.out, so.ws, cnt)
     if gidx is not None:
@@ -454,7 +493,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 @_wna16_op.register_fake
-def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx=None):
+def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx=None, offsets=None):
     return x.new_empty((x.shape[0], n))
 
 

@@ -21,7 +21,7 @@ from mixq.kernels.wna16 import interpreting, triton
 if triton is not None:
     import triton.language as tl
 
-    from mixq.kernels.wna16 import _dequant
+    from mixq.kernels.wna16 import _dequant, _dequant_offset
 
 WHOLE_BYTES = 128 * 2**20  # dequantized weights up to this size: one buffer, one GEMM
 CHUNK_BYTES = 32 * 2**20  # else column chunks of about this size
@@ -46,7 +46,8 @@ if triton is not None:
     @triton.jit
     def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, n0, width, stride_qk, stride_sg, stride_zg,
                               stride_o, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                              HAS_GIDX: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DQ: tl.constexpr):
+                              HAS_GIDX: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DQ: tl.constexpr,
+                              off_ptr=None, stride_og=0, HAS_OFF: tl.constexpr = False):
         """out[k, n - n0] = dequantized W[n, k] for the K tile `program_id(0)` and BN columns
         of [n0, n0 + width): W^T row-major, the layout torch.mm takes as its right operand."""
         t = tl.program_id(0)
@@ -73,18 +74,22 @@ if triton is not None:
         else:
             g = (t * BK) // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0)
-            if HAS_ZP:
-                z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+            if HAS_OFF:  # w = q s + o (GGUF q4_1)
+                o = tl.load(off_ptr + g * stride_og + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                w = _dequant_offset(q, o, s, DT, DQ)
             else:
-                z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-            w = _dequant(q, z, s, DT, BITS, DQ)
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+                w = _dequant(q, z, s, DT, BITS, DQ)
         tl.store(out_ptr + offs_k[:, None] * stride_o + cols[None, :], w, mask=n_ok[None, :])
 
 
 @torch.library.custom_op("mixq::wna16_dequant_gemm", mutates_args=())
 def wna16_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, n: int,
-                       gidx: torch.Tensor | None, chunk: int) -> torch.Tensor:
+                       gidx: torch.Tensor | None, offsets: torch.Tensor | None, chunk: int) -> torch.Tensor:
     """x [M, K] -> x @ dequant(W)^T [M, N] in x's dtype, through a [K, chunk] dequantized
     buffer and torch.mm per chunk (the wna16 layout of mixq.kernels.wna16)."""
     m, k = x.shape
@@ -101,13 +106,14 @@ def wna16_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     upcast = interpreting() or x.dtype == torch.float32
     dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
     dummy = qweight
+    extra = {} if offsets is None else dict(off_ptr=offsets, stride_og=offsets.stride(0), HAS_OFF=True)
     for c0 in range(0, n, chunk):
         cn = min(chunk, n - c0)
         _wna16_dequant_kernel[(k // bk, triton.cdiv(cn, bn))](
             qweight, scales, zeros if zeros is not None else dummy, gidx if gidx is not None else dummy, buf, n, c0,
             cn, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, buf.stride(0),
             BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=gidx is not None, BN=bn, BK=bk, DQ=dq,
-            num_warps=4)
+            num_warps=4, **extra)
         torch.mm(x, buf[:, :cn], out=out if cn == n else out[:, c0:c0 + cn])  # in place, ldc = N
     if bias is not None:
         out += bias
@@ -115,5 +121,5 @@ def wna16_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 @wna16_dequant_gemm.register_fake
-def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx, chunk):
+def _(x, qweight, scales, zeros, perm, bias, bits, group_size, n, gidx, offsets, chunk):
     return x.new_empty((x.shape[0], n))

@@ -21,7 +21,7 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
-from mixq.kernels.methods import MMAW4A16Method, WNA16Method
+from mixq.kernels.methods import GGMLMethod, MMAW4A16Method, WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 
 log = logging.getLogger("mixq.layers")
@@ -84,7 +84,8 @@ class TorchDequantMethod:
 
 
 # Tried in order: the kernels made for a format first, the torch reference last.
-METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), FP8Method(), Int8Method(), DenseMethod(), TorchDequantMethod()]
+METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), GGMLMethod(), FP8Method(), Int8Method(), DenseMethod(),
+                               TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight: QuantizedWeight | None = None,

@@ -22,7 +22,8 @@ from mixq.layers.linear import MixedPrecisionLinear, takes_fp8_act
 MERGE_DIMS: dict[str, dict[str, int | None]] = {
     "dense": {"weight": 0},
     "cuda-w4a16": {"qw": 1, "scales": 1, "zeros": 1, "perm": None},
-    "triton-wna16": {"qweight": 1, "scales": 1, "zeros": 1, "perm": None},
+    "triton-wna16": {"qweight": 1, "scales": 1, "zeros": 1, "offsets": 1, "perm": None},
+    "triton-ggml": {"ql": 1, "qh": 1, "d": 1, "m": 1, "sc": 1, "mn": 1},
     "triton-fp8": {"weight": 0, "weight_scale": 0, "input_scale": None},
     "triton-int8": {"weight": 0, "weight_scale": 0, "weight_zero_point": 0, "input_scale": None},
 }

@@ -105,7 +105,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, c: ModelConfig, make_mlp, mlp_name: str = "mlp"):
         super().__init__()
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, tied=c.tie_word_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(c, make_mlp(i), mlp_name) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 

@@ -67,7 +67,8 @@ def load_model_weights(model: nn.Module, weights: Iterable[QuantizedWeight], dty
         else:
             raise ValueError(f"{qw.name}: the model has no parameter {leaf!r} on {mod_name!r}")
         seen.add(qw.name)
-    missing = [n for n, m in modules.items() if hasattr(m, "load") and getattr(m, "weight", 0) is None]
+    missing = [n for n, m in modules.items() if hasattr(m, "load") and getattr(m, "weight", 0) is None
+               and getattr(m, "qweight", None) is None]
     if missing:
         raise ValueError(f"no weight loaded for {len(missing)} module(s), e.g. {missing[:3]}")
     # post-load repacks that need several weights at once (MoE experts stacked per format)
@@ -110,6 +111,11 @@ def held_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
         if isinstance(mod, MixedPrecisionLinear) and mod.weight is not None:
             w = mod.weight
             out[f"{name}.weight"] = QuantizedWeight(f"{name}.weight", w.spec, w.shape, w.tensors, mod.input_scale)
+        elif isinstance(mod, Embedding) and mod.qweight is not None:
+            out[f"{name}.weight"] = mod.qweight
+            if mod.head is not None and mod.head.weight.tensors is not mod.qweight.tensors:
+                # a kernel's repacked copy for the tied LM head (GPU): bytes held too
+                out[f"{name}.weight[lm_head]"] = mod.head.weight
         elif isinstance(mod, Embedding) and mod.weight is not None:
             out[f"{name}.weight"] = QuantizedWeight(f"{name}.weight", dense_spec(mod.weight.dtype),
                                                     tuple(mod.weight.shape), {"weight": mod.weight})

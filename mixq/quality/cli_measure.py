@@ -16,6 +16,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="the base (BF16/FP16) checkpoint (default: the config's fp16_path)")
     for key in ("fp8", "int8", "int4", "gptq-int4", "awq-int4"):
         p.add_argument(f"--{key}-path", help=f"the {key.upper().replace('-', ' ')} checkpoint")
+    p.add_argument("--gguf-path", help="a llama.cpp GGUF of the model (candidate 'gguf': each tensor's stored type)")
     p.add_argument("--formats", nargs="+", help="precisions to choose from, e.g. 'fp8,int4' (default: one per "
                    "checkpoint given)")
 
@@ -30,7 +31,7 @@ def source_paths(args: argparse.Namespace) -> tuple[dict[str, str], dict]:
         paths = dict(cfg.mixed_precision.paths())
         sections = {k: v for k, v in (("inference", cfg.inference.model_dump(exclude_defaults=True)),
                                       ("server", cfg.server.model_dump(exclude_defaults=True))) if v}
-    for key in ("model", "fp8", "int8", "int4", "gptq_int4", "awq_int4"):
+    for key in ("model", "fp8", "int8", "int4", "gptq_int4", "awq_int4", "gguf"):
         value = getattr(args, f"{key}_path")
         if value is not None:
             paths["fp16_path" if key == "model" else f"{key}_path"] = str(Path(value).resolve())

@@ -33,7 +33,7 @@ _KINDS = (  # (kind, regex); the first match wins
 )
 _GROUP_OF = {"qkv": "attn", "o": "attn", "gate_up": "mlp", "down": "mlp", "shared_gate_up": "shared",
              "shared_down": "shared", "expert_gate_up": "expert", "expert_down": "expert"}
-PRECISION_OF_KEY = {"fp8_path": "fp8", "int8_path": "int8", "int4_path": "int4", "gptq_int4_path": "gptq_int4",
+PRECISION_OF_KEY = {"fp8_path": "fp8", "int8_path": "int8", "int4_path": "int4", "gptq_int4_path": "gptq_int4", "gguf_path": "gguf",
                     "awq_int4_path": "awq_int4"}
 
 

@@ -88,8 +88,9 @@ class ServerArgs:
             raise ConfigError("--enable-mixed-precision needs --mixed-precision-config")
         if self.mixed_precision_config and not os.path.isfile(self.mixed_precision_config):
             raise ConfigError(f"--mixed-precision-config {self.mixed_precision_config}: no such file")
-        if self.model_path is not None and not os.path.isdir(self.model_path):
-            raise ConfigError(f"--model-path {self.model_path}: no such directory")
+        if self.model_path is not None and not (os.path.isdir(self.model_path) or (
+                os.path.isfile(self.model_path) and self.model_path.endswith(".gguf"))):
+            raise ConfigError(f"--model-path {self.model_path}: no such directory or .gguf file")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
         if self.nnodes > 1 and not self.dist_init_addr:
@@ -138,7 +139,7 @@ class ServerArgs:
 
 # (group, flag, argparse keywords); defaults come from ServerArgs and are shown in --help
 _FLAGS: list[tuple[str, str, dict]] = [
-    ("model", "--model-path", dict(help="model directory (the base checkpoint) (default: the embedded SmolLM2-135M "
+    ("model", "--model-path", dict(help="model directory (the base checkpoint) or a GGUF file (default: the embedded SmolLM2-135M "
                                         "mix, prepared into ~/.cache/mixq on first use)")),
     ("model", "--mixed-precision-config", dict(help="mixed-precision YAML (docs/config.md); its inference: and "
                                                     "server: sections are defaults under these flags")),

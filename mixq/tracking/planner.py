@@ -39,7 +39,7 @@ _UNIT_RX = (
 )
 _KIND_NAMES = {"attention": "attention (per layer)", "mlp": "dense MLPs", "shared_expert": "shared experts",
                "expert": "routed experts"}
-_PRECISION_OF_KEY = {"fp8_path": "fp8", "int8_path": "int8", "int4_path": "int4", "gptq_int4_path": "gptq_int4",
+_PRECISION_OF_KEY = {"fp8_path": "fp8", "int8_path": "int8", "int4_path": "int4", "gptq_int4_path": "gptq_int4", "gguf_path": "gguf",
                      "awq_int4_path": "awq_int4"}
 
 

@@ -174,6 +174,29 @@ def test_bits_per_weight_budget_and_proxy_estimator(llama_measure, tmp_path, cap
     assert r["predicted_bytes"] <= 9 * doc["model"]["parameters"] / 8
 
 
+def test_formats_restrict_a_plan_to_some_measured_candidates(llama_measure, tmp_path, capsys):
+    """--formats fp8 on a measure of FP8 and GPTQ: the plan is the best of BF16/FP8 alone
+    (brute force over those choices), GPTQ's estimates unused."""
+    mdir, doc = llama_measure
+    units = [u["id"] for u in doc["units"]]
+    choices = {u["id"]: [("bf16", u["bytes"]["bf16"], 0.0)] for u in doc["units"]}
+    for e in doc["entries"]:
+        if e["precision"] == "fp8":
+            choices[e["units"][0]].append(("fp8", e["bytes"], e["exact"]))
+    fixed = doc["model"]["fixed_bytes"]
+    combos = [(fixed + sum(c[1] for c in combo), sum(c[2] for c in combo), combo)
+              for combo in itertools.product(*(choices[u] for u in units))]
+    budget = (min(b for b, _, _ in combos) + max(b for b, _, _ in combos)) // 2
+    best = min(loss for b, loss, _ in combos if b <= budget)
+    out = tmp_path / "fp8only.yaml"
+    capsys.readouterr()
+    assert main(["plan", "--measure", str(mdir / "m.json"), "--formats", "fp8", "--budget-gb", repr(budget / 2**30),
+                 "-o", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["assignment"].values()) <= {"bf16", "fp8"} and "fp8" in r["assignment"].values()
+    assert r["predicted_loss"] == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model-path", str(FIX / "tiny-qwen3-moe" / "bf16")], "was measured on another model"),
     (["--gptq-int4-path", str(LLAMA / "gptq-legacy-4bit-asym")], "was measured on other checkpoints: gptq_int4"),
