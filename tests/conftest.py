@@ -20,3 +20,20 @@ def default_model_root(tmp_path_factory):
 
     cache = os.environ.get("MIXQ_CACHE") or tmp_path_factory.mktemp("mixq-cache")
     return prepare_default_model(cache, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def byte_model(default_model_root, tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 64) with the embedded model's byte-level BPE
+    tokenizer (49152 tokens, every byte and "{", "}" among them): what structured-output
+    tests generate JSON with (the tiny-llama fixture's word-level vocabulary has no braces)."""
+    from transformers import AutoTokenizer
+
+    from tests.ckpt_utils import dense_tensors, llama_config, write_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(default_model_root / "bf16")
+    cfg = {**llama_config(vocab=len(tok)), "max_position_embeddings": 1024, "bos_token_id": tok.bos_token_id,
+           "eos_token_id": tok.eos_token_id}
+    out = write_checkpoint(tmp_path_factory.mktemp("byte-model"), dense_tensors(cfg, seed=1), cfg)
+    tok.save_pretrained(out)
+    return out

@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 
 from mixq.engine.engine import RequestOutput
 from mixq.engine.engine_config import EngineConfig
+from mixq.engine.grammar import Grammar, GrammarBackend
 from mixq.engine.sampling_params import SamplingParams
 from mixq.errors import MixqError
 
@@ -146,6 +147,8 @@ class RemoteEngine:
         self.plan = _PlanView(_Base(Path(info["base_path"])))
         self.device, self.dtype, self.weights = info["device"], info["dtype"], info["weights"]
         self.eos_token_ids = info["eos_token_ids"]
+        # structured outputs: compiled here too, so a refused grammar is the server's 400
+        self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._kv_cache = info["kv_cache"]
         self.scheduler = _SchedulerView(_Blocks(info["num_blocks"], info["block_size"]))
 
@@ -165,7 +168,9 @@ class RemoteEngine:
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams, grammar: Grammar | None = None) -> None:
+        # a compiled grammar does not cross processes: the replica compiles (and caches) its own,
+        # between two of its steps (a few to tens of ms once per schema)
         self._call("add_request", request_id, prompt, params)
         self.requests[request_id] = None
 
@@ -237,6 +242,8 @@ class DataParallelEngine:
                 r.close(5.0)
             raise
         self.engine = self.replicas[0]  # what the API reads: tokenizer, limits, model info
+        for r in self.replicas[1:]:  # one grammar cache: a schema is checked once, whichever replica serves it
+            r.grammar = self.engine.grammar
         metrics = [metrics_factory(r) if metrics_factory else None for r in self.replicas]
         self.async_engines = [AsyncEngine(r, metrics=m) for r, m in zip(self.replicas, metrics)]
         self.in_flight = [0] * dp_size  # requests sent to each replica and not finished

@@ -44,6 +44,21 @@ def graph_batch_sizes(max_bs: int, sizes: list[int] | None = None) -> list[int]:
     return sorted(out)
 
 
+def graph_plan(cfg, device: torch.device, attention_backend: str) -> tuple[list[int] | None, str]:
+    """The decode batch sizes an engine config (mixq.engine.engine.EngineConfig) captures on
+    `device` with `attention_backend`, or None and why not."""
+    if cfg.disable_cuda_graph:
+        return None, "--disable-cuda-graph"
+    if device.type != "cuda":
+        return None, f"device {device.type}"
+    if attention_backend != "triton":
+        return None, f"attention backend {attention_backend} (graphs need triton)"
+    if cfg.ep_size > 1 and cfg.moe_dispatch == "all-to-all":
+        return None, "--moe-dispatch all-to-all (its split sizes are host data)"
+    max_bs = min(cfg.cuda_graph_max_bs or min(cfg.max_running_requests, 256), cfg.max_running_requests)
+    return graph_batch_sizes(max_bs, cfg.cuda_graph_bs), ""
+
+
 class DecodeGraphs:
     """Static input buffers and one captured graph (or, with capture=False, an eager run on
     the same buffers: how the CPU tests check the padding) per batch size bucket.

@@ -24,6 +24,7 @@ from mixq.engine.engine_config import (  # also the engine's public names (mixq.
     tokenizer_path,
     usable_cpus,
 )
+from mixq.engine.grammar import Grammar, GrammarBackend, TokenMask, TokenMasks, advance_matchers
 from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
@@ -73,6 +74,8 @@ class _SeqState:
     emitted: int = 0  # characters of out.text already sent as deltas
     tokens_sent: int = 0
     generator: torch.Generator | None = None
+    matcher: object = None  # xgrammar.GrammarMatcher of a structured output (mixq.engine.grammar)
+    dead_end: bool = False  # its grammar allowed no token: ended with the EOS it was given instead
 
 
 class LLMEngine:
@@ -154,6 +157,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
             eos_token_ids=self.eos_token_ids, enable_prefix_caching=not cfg.disable_radix_cache))
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self._masks: TokenMasks | None = None
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
@@ -167,19 +172,9 @@ class LLMEngine:
 
     def cuda_graph_plan(self) -> tuple[list[int] | None, str]:
         """The decode batch sizes to capture, or None and why not."""
-        from mixq.engine.cuda_graph import graph_batch_sizes
+        from mixq.engine.cuda_graph import graph_plan
 
-        cfg = self.cfg
-        if cfg.disable_cuda_graph:
-            return None, "--disable-cuda-graph"
-        if self.device.type != "cuda":
-            return None, f"device {self.device.type}"
-        if self.runner.attention_backend != "triton":
-            return None, f"attention backend {self.runner.attention_backend} (graphs need triton)"
-        if cfg.ep_size > 1 and cfg.moe_dispatch == "all-to-all":
-            return None, "--moe-dispatch all-to-all (its split sizes are host data)"
-        max_bs = min(cfg.cuda_graph_max_bs or min(cfg.max_running_requests, 256), cfg.max_running_requests)
-        return graph_batch_sizes(max_bs, cfg.cuda_graph_bs), ""
+        return graph_plan(self.cfg, self.device, self.runner.attention_backend)
 
     def _capture_cuda_graphs(self) -> None:
         sizes, why = self.cuda_graph_plan()
@@ -214,14 +209,21 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    grammar: Grammar | None = None) -> None:
         """Queue a request (n sequences), all or nothing: ValueError (nothing queued, no other
-        request touched) when it can never be served."""
+        request touched) when it can never be served. A structured-output constraint is
+        compiled here (cached) unless `grammar` brings it compiled (the server compiles off
+        this thread: `self.grammar.compile(params)`)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"request {request_id}: params must be SamplingParams, got {type(params).__name__}")
         params.validate()  # fields may have been changed since construction
+        if grammar is None:
+            grammar = self.grammar.compile(params)
+        elif grammar.key != params.constraint:
+            raise ValueError(f"request {request_id}: the grammar given was compiled for another constraint")
         ids = self.encode(prompt)
         vocab = self.model_config.vocab_size
         if any(type(t) is not int or not 0 <= t < vocab for t in ids):
@@ -232,7 +234,8 @@ class LLMEngine:
             gen = None
             if params.seed is not None:  # sequence i draws from seed + i (mod 2**64, manual_seed's range)
                 gen = torch.Generator(device=self.device).manual_seed((params.seed + s.index) % 2**64)
-            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen)
+            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen,
+                                       matcher=self.grammar.matcher(grammar) if grammar else None)
         for s in seqs:  # nothing above queued anything; from here nothing can fail
             self.scheduler.add(s)
         self.requests[request_id] = _Request(request_id, ids, params, seqs, [s.engine_state.out for s in seqs],
@@ -265,13 +268,17 @@ class LLMEngine:
             h(batch)
         chunks = [SeqChunk(i.seq.token_ids[i.start : i.start + i.num_new_tokens], i.start, i.seq.block_table,
                            i.samples) for i in batch.items]
-        logits = self.runner.forward(chunks)
+        logits = self.runner.forward(chunks)  # queued: the grammar masks are filled meanwhile
         sampling = [i.seq for i in batch.items if i.samples]
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator)
-                for s in sampling]
-        out = self.sampler(logits, rows) if rows else None
+        matchers = [s.engine_state.matcher for s in sampling]
+        mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
+        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
+                          m is not None) for s, m in zip(sampling, matchers)]
+        out = self.sampler(logits, rows, mask) if rows else None
         tokens = out.token_ids if out else []
         self.scheduler.postprocess(batch, tokens)
+        if mask is not None:
+            self._advance_grammars(sampling, tokens, mask)
         self.stats["generation_tokens_total"] += len(tokens)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
@@ -291,9 +298,32 @@ class LLMEngine:
             touched[req.request_id] = req
         return [self._emit(req) for req in touched.values()]
 
+    def _token_masks(self) -> TokenMasks:
+        if self._masks is None:
+            self._masks = TokenMasks(self.model_config.vocab_size, self.eos_token_ids, self.device)
+        return self._masks
+
+    def _advance_grammars(self, sampling: list[Sequence], tokens: list[int], mask: TokenMask) -> None:
+        for k, reason in advance_matchers([s.engine_state.matcher for s in sampling], tokens, mask).items():
+            seq = sampling[k]
+            if reason == "abort":
+                log.warning("request %s: its grammar allows no token of this vocabulary after %d tokens; ended "
+                            "with finish_reason 'abort'", seq.request_id, len(seq.output_token_ids) - 1)
+                seq.engine_state.dead_end = True
+            self._end(seq, reason)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Finish `seq` with `reason`, or give it that reason if this step already finished it."""
+        if seq.is_finished:
+            seq.finish_reason = reason  # e.g. "length" on the very token that ended the grammar
+        else:
+            self.scheduler.finish(seq, reason)
+
     def _update_text(self, seq: Sequence, st: _SeqState) -> None:
         p = seq.params
         ids = seq.output_token_ids
+        if st.dead_end:
+            ids = ids[:-1]  # the EOS it was given is no output
         if ids and not (seq.finish_reason == "stop" and ids[-1] in (*self.eos_token_ids, *p.stop_token_ids)):
             start = len(st.out.text)
             st.out.text += self.detok.step(st.detok, ids, p.skip_special_tokens)

@@ -6,6 +6,10 @@ seeded rows use their own generator for E while the rest share one draw.
 
 Logprobs are those of the model's distribution (log_softmax of the raw logits, before
 penalties, temperature and truncation), as OpenAI-compatible servers report them.
+
+A structured-output token mask (mixq.engine.grammar) is applied after the penalties, on the
+sampler's own copy of the logits (a replayed CUDA graph's output is never written): the
+choice is made among the tokens the grammar allows.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixq.engine.grammar import TokenMask, apply_token_mask
 from mixq.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +28,7 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None  # for seeded requests
+    constrained: bool = False  # a grammar decides where it ends: no min_new_tokens ban on EOS
 
 
 @dataclass
@@ -66,7 +72,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow], eos_ids: tuple[
         pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
         logits = logits - freq * counts - pres * (counts > 0)
     for i, x in enumerate(rows):
-        if len(x.output_ids) < x.params.min_new_tokens:
+        if len(x.output_ids) < x.params.min_new_tokens and not x.constrained:
             banned = [t for t in (*([] if x.params.ignore_eos else eos_ids), *x.params.stop_token_ids) if t < v]
             if banned:
                 logits[i, banned] = float("-inf")
@@ -94,12 +100,15 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
-        """logits [R, V] float32, one row per sampling sequence."""
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], mask: TokenMask | None = None) -> SampleOutput:
+        """logits [R, V] float32, one row per sampling sequence; `mask` the allowed tokens of
+        the constrained rows (mixq.engine.grammar.TokenMasks.fill)."""
         dev = logits.device
         ps = [x.params for x in rows]
         raw_logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in ps) else None
-        logits = apply_penalties(logits, rows, self.eos_token_ids)
+        logits = apply_penalties(logits, rows, self.eos_token_ids)  # a new tensor
+        if mask is not None:
+            apply_token_mask(logits, mask)
         chosen = logits.argmax(-1)
         if not all(p.greedy for p in ps):
             greedy = torch.tensor([p.greedy for p in ps], device=dev)

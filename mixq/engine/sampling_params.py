@@ -8,12 +8,21 @@ a `SamplingParamError` naming the parameter, what it accepts and what it got.
 
 `SamplingParams.from_dict` is the door for API requests: it maps the names a request uses
 (OpenAI's `max_tokens`, vLLM's `min_tokens`, ...) onto the fields, applies the server's cap
-on `n`, and names the request's own field in any error. A new request field (e.g. a
-structured-output constraint) is a new dataclass field plus one `_RULES` entry.
+on `n`, and names the request's own field in any error. A new request field is a new
+dataclass field plus one `_RULES` entry.
+
+Structured outputs (`json_schema`, `regex`: SGLang's names) are checked here as far as
+plain Python can: the type, the size, that a schema is JSON text of an object or a boolean,
+that at most one constraint is given. Whether the grammar library takes the schema or the
+regex, and whether this model's vocabulary can begin the output it allows, needs the
+tokenizer: `mixq.engine.grammar.GrammarBackend.compile` checks that, off the event loop,
+raising the same `SamplingParamError`; `SamplingParams.renamed` names its field as the
+request did.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 
@@ -25,6 +34,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_GRAMMAR_CHARS = 128 * 1024  # a json_schema or regex (OpenAI caps a schema's strings at 120k characters)
+GRAMMAR_FIELDS = ("json_schema", "regex")  # the structured-output constraints (one at most)
 # Below this a temperature is greedy: dividing logits by it would overflow to inf (vLLM's eps).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -58,6 +69,10 @@ def _num_in(lo: float, hi: float, lo_open: bool = False):
     return lambda v: _is_num(v) and (lo < v if lo_open else lo <= v) and v <= hi
 
 
+def _grammar_text_ok(v) -> bool:
+    return v is None or (isinstance(v, str) and 0 < len(v) <= MAX_GRAMMAR_CHARS)
+
+
 def _stop_ok(v) -> bool:
     items = [v] if isinstance(v, str) else v
     return (isinstance(items, list) and len(items) <= MAX_STOP_STRINGS
@@ -87,6 +102,9 @@ _RULES: dict[str, tuple] = {
     "logprobs": (lambda v: v is None or _int_in(0, MAX_LOGPROBS)(v),
                  f"null or an integer in [0, {MAX_LOGPROBS}] (the number of top logprobs)"),
     "skip_special_tokens": (lambda v: type(v) is bool, "true or false"),
+    "json_schema": (_grammar_text_ok, f"null or a JSON schema (an object or a boolean, as JSON text) of at most "
+                                      f"{MAX_GRAMMAR_CHARS} characters"),
+    "regex": (_grammar_text_ok, f"null or a regular expression of 1 to {MAX_GRAMMAR_CHARS} characters"),
 }
 
 
@@ -111,6 +129,9 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top-k
     skip_special_tokens: bool = True
+    # structured outputs (mixq.engine.grammar): the output must match one of these
+    json_schema: str | None = None  # JSON text (a dict is serialized on construction)
+    regex: str | None = None
 
     def __post_init__(self):
         if self.stop is None:
@@ -121,6 +142,11 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.stop, tuple):
             self.stop = list(self.stop)
+        if isinstance(self.json_schema, (dict, bool)):  # the Python API and OpenAI's schema objects
+            try:
+                self.json_schema = json.dumps(self.json_schema, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise SamplingParamError("json_schema", f"json_schema must be a JSON schema: {e}") from None
         self.validate()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -135,6 +161,34 @@ class SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamError("min_new_tokens", f"min_new_tokens must be in [0, max_new_tokens "
                                      f"{self.max_new_tokens}], got {self.min_new_tokens}")
+        given = [f for f in GRAMMAR_FIELDS if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise SamplingParamError(given[1], f"{given[1]} and {given[0]} both constrain the output; give one")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise SamplingParamError("json_schema", f"json_schema must be a JSON schema; it is not valid JSON: "
+                                         f"{e}") from None
+            except RecursionError:
+                raise SamplingParamError("json_schema", "json_schema must be a JSON schema; it is nested too "
+                                         "deeply to read") from None
+            if not isinstance(schema, (dict, bool)):
+                raise SamplingParamError("json_schema", f"json_schema must be a JSON schema (an object or a "
+                                         f"boolean), got {_preview(schema)}")
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field, text) of the structured-output constraint, or None: the grammar's cache key."""
+        for f in GRAMMAR_FIELDS:
+            if getattr(self, f) is not None:
+                return f, getattr(self, f)
+        return None
+
+    def renamed(self, e: SamplingParamError) -> SamplingParamError:
+        """`e` (about one of this object's fields, raised after construction, e.g. by the
+        grammar compiler) naming the field as the request that built it did (`from_dict`)."""
+        return _renamed(e, getattr(self, "_request_names", {}).get(e.param, e.param))
 
     @property
     def greedy(self) -> bool:
@@ -164,16 +218,24 @@ class SamplingParams:
                                          "same parameter; give one")
             if v is not None:
                 values[name], asked_as[name] = v, key
+        given = [prefix + asked_as[f] for f in GRAMMAR_FIELDS if f in values]
+        if len(given) > 1:
+            raise SamplingParamError(given[1], f"{given[1]} and {given[0]} both constrain the output; give one")
         try:
             params = cls(**values)
         except SamplingParamError as e:
-            asked = prefix + asked_as.get(e.param, e.param)
-            msg = str(e)
-            if msg.startswith(e.param):
-                msg = asked + msg[len(e.param):]
-            raise SamplingParamError(asked, msg) from None
+            raise _renamed(e, prefix + asked_as.get(e.param, e.param)) from None
+        params._request_names = {name: prefix + key for name, key in asked_as.items()}
         if max_n is not None and params.n > max_n:
             asked = prefix + asked_as.get("n", "n")
             raise SamplingParamError(asked, f"{asked} must be at most {max_n} on this server (--max-n), "
                                      f"got {params.n}")
         return params
+
+
+def _renamed(e: SamplingParamError, asked: str) -> SamplingParamError:
+    """`e` naming its parameter `asked` (also where its message begins with the old name)."""
+    msg = str(e)
+    if msg.startswith(e.param):
+        msg = asked + msg[len(e.param):]
+    return SamplingParamError(asked, msg)

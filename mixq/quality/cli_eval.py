@@ -34,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on the CPU, "
                    "the engine's default on a GPU)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16",
+                                                                 "float16", "float32"),
+                   help="the KV cache every config runs with (auto: the model dtype); other than auto, the base "
+                   "runs with a bfloat16 KV cache, so the KLD includes the cache's cost (a config that is the base "
+                   "checkpoint shows that cost alone)")
     p.add_argument("--json", action="store_true", help="print {name: row} as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw mean KLD against bits per weight")
     p.set_defaults(func=run)
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     text, text_name = read_text(args.text)
     rows = evaluate(targets_from_args(args), text, args.window, args.max_tokens, base=args.base,
-                    device=args.device, dtype=args.dtype, text_name=text_name)
+                    device=args.device, dtype=args.dtype, text_name=text_name,
+                    kv_cache_dtype=args.kv_cache_dtype)
     print(json.dumps(rows, indent=2) if args.json else render_table(rows))
     if args.plot:
         plot_frontier(list(rows.values()), args.plot)

@@ -2,6 +2,11 @@
 weight bytes (as `mixq inspect` counts them), bits per weight, perplexity, ΔPPL %, mean
 and 99.9th-percentile KL divergence from the base, same-top-token %.
 
+With a KV-cache dtype (`--kv-cache-dtype fp8_e4m3`, ...) every config runs with that cache
+and the base (the reference row) with a bfloat16 one: each row then shows what the cache
+costs on top of its weights; a config that is the base checkpoint itself shows the cache's
+cost alone.
+
 The base model runs first, once: its log-probabilities for every scored token go to a
 temporary file (tokens x vocab float32, memory-mapped) that every config's KLD reads."""
 
@@ -60,10 +65,12 @@ def _is_base(plan, base_path: Path) -> bool:
 
 def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens: int = 4096,
              base: str | None = None, device: str = "auto", dtype: str = "auto", progress: bool | None = None,
-             text_name: str = "the text") -> dict[str, dict]:
+             text_name: str = "the text", kv_cache_dtype: str = "auto") -> dict[str, dict]:
     """name -> row for every target (see the module docstring), in order. `base`: the
     reference checkpoint (default: the first target's base checkpoint); a quantized base
-    (a single quantized checkpoint evaluated alone) gets perplexity only."""
+    (a single quantized checkpoint evaluated alone) gets perplexity only. `kv_cache_dtype`:
+    the configs' KV cache ("auto": the model dtype, the base's too); any other value runs
+    the base with a bfloat16 KV cache."""
     from tqdm import tqdm
 
     if not targets:
@@ -81,7 +88,8 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
                                 f"{targets[0].name}; a KL divergence compares against one base: give --base")
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mixq-eval-") as tmp:
-        sess = Session.load(str(base_path), None, device, dtype, window)
+        base_kv = "auto" if kv_cache_dtype == "auto" else "bfloat16"
+        sess = Session.load(str(base_path), None, device, dtype, window, base_kv)
         # every config computes in the base's dtype (a YAML's inference.dtype does not apply)
         dtype = str(sess.engine.dtype).removeprefix("torch.")
         base_is_dense = not any(t.spec.is_quantized for t in sess.engine.plan.tensors.values())
@@ -105,20 +113,24 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
         del sess
         gc.collect()
         base_ppl = base_row["perplexity"]
-        if not any(_is_base(p, base_path) for p in plans.values()):  # the reference row first
-            targets = [EvalTarget("base", None, str(base_path)), *targets]
-            plans["base"] = targets[0].plan()
+        # the reference row first; with another KV cache every target (the base checkpoint too) is scored
+        reference = None
+        if kv_cache_dtype != base_kv or not any(_is_base(p, base_path) for p in plans.values()):
+            reference = EvalTarget("base" if "base" not in plans else "base (reference)", None, str(base_path))
+            targets = [reference, *targets]
+            plans[reference.name] = reference.plan()
         seen: dict[tuple, dict] = {}  # the same assignment under two names is scored once
         for t in targets:
             plan = plans[t.name]
             nbytes, params = plan_size(plan)
             same = _assignment(plan)
-            if _is_base(plan, base_path):
+            kv = base_kv if t is reference else kv_cache_dtype
+            if _is_base(plan, base_path) and kv == base_kv:
                 r = dict(base_row)
-            elif same in seen:
-                r = {k: v for k, v in seen[same].items() if k not in ("delta_ppl_pct",)}
+            elif (same, kv) in seen:
+                r = {k: v for k, v in seen[(same, kv)].items() if k not in ("delta_ppl_pct",)}
             else:
-                sess = Session.load(t.model_path, t.config, device, dtype, window)
+                sess = Session.load(t.model_path, t.config, device, dtype, window, kv)
                 score, offset = TextScore(), 0
                 for w in tqdm(windows, desc=t.name, unit="window", disable=_no_bar(progress)):
                     logits = sess.logits(w)[:-1]
@@ -129,10 +141,11 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
                 sess.close()
                 del sess
                 gc.collect()
-            seen.setdefault(same, dict(r))
+            seen.setdefault((same, kv), dict(r))
             r["delta_ppl_pct"] = 100.0 * (r["perplexity"] / base_ppl - 1.0)
             rows[t.name] = {"name": t.name, "config": t.config, "model_path": t.model_path, "weight_bytes": nbytes,
-                            "parameters": params, "bits_per_weight": 8.0 * nbytes / params, **r, "window": window,
+                            "parameters": params, "bits_per_weight": 8.0 * nbytes / params, **r, "kv_cache_dtype": kv,
+                            "window": window,
                             "text": text_name, "base": str(base_path)}
         del store
     return rows
@@ -155,8 +168,13 @@ def render_table(rows: dict[str, dict]) -> str:
                      f"{num(r, 'kld_p999', '9.4f'):>9} {num(r, 'same_top_pct', '10.2f'):>10}")
     first = next(iter(rows.values()))
     lines.append(f"({first['tokens']} scored tokens of {first['text']}, windows of {first['window']}; "
-                 f"KLD vs {first['base']})")
+                 f"KLD vs {first['base']}" + _kv_note(rows) + ")")
     return "\n".join(lines)
+
+
+def _kv_note(rows: dict[str, dict]) -> str:
+    kvs = {r.get("kv_cache_dtype", "auto") for r in rows.values()} - {"auto", "bfloat16"}
+    return f" with a bfloat16 KV cache; the others with {', '.join(sorted(kvs))}" if kvs else ""
 
 
 def plot_frontier(rows: list[dict], path: str, series: dict[str, str] | None = None, title: str | None = None) -> None:

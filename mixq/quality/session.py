@@ -46,7 +46,8 @@ class Session:
         self.blocks: list[int] = []
 
     @classmethod
-    def load(cls, model_path: str | None, config: str | None, device: str, dtype: str, window: int) -> Session:
+    def load(cls, model_path: str | None, config: str | None, device: str, dtype: str, window: int,
+             kv_cache_dtype: str = "auto") -> Session:
         from mixq.engine.engine import LLM
         from mixq.engine.engine_config import resolve_device
 
@@ -55,7 +56,7 @@ class Session:
             # not the engine's speed default (bf16 where the CPU has it)
             dtype = "float32"
         llm = LLM(model_path=model_path, mixed_precision_config=config, device=device, dtype=dtype,
-                  max_total_tokens=window + 64, max_running_requests=1, disable_cuda_graph=True,
+                  kv_cache_dtype=kv_cache_dtype, max_total_tokens=window + 64, max_running_requests=1, disable_cuda_graph=True,
                   merge_projections=False)  # measure hooks and swaps single projections
         return cls(llm.engine)
 

@@ -143,6 +143,8 @@ def build_app(aengine: AsyncEngine, metrics: ServerMetrics, served_model_name: s
         gen = aengine.generate(rid, ids, params)
         try:
             first = await gen.__anext__()
+        except SamplingParamError as e:  # the grammar compiler's refusal: named as the request named it
+            raise params.renamed(e) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except EngineStopped as e:

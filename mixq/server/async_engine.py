@@ -5,7 +5,10 @@ come back to the event loop through `call_soon_threadsafe` into per-request asyn
 queues. A request whose client is gone is aborted, which frees its KV blocks at once.
 
 A bad request can never stop the thread: `add_request` checks everything before it queues
-anything, and any exception it raises goes back to that request's caller only. Only an
+anything, and any exception it raises goes back to that request's caller only. A
+structured-output grammar is compiled before the request is handed over, on a worker
+thread of its own (`mixq-grammar`), so neither the event loop nor the steps of the other
+requests wait for it; a grammar the library refuses is raised to the caller (a 400). Only an
 exception inside a step (a bug or a device failure) ends the thread; then every waiting
 request fails with `EngineStopped` and `/health` answers 503.
 """
@@ -18,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from mixq.engine.engine import LLMEngine, RequestOutput
 from mixq.engine.sampling_params import SamplingParams
@@ -40,6 +43,8 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mixq-engine", daemon=True)
         self.error: BaseException | None = None
+        # compiles share the CPU with the steps: two at a time (xgrammar uses 2 threads in each)
+        self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mixq-grammar")
 
     def start(self) -> None:
         self._thread.start()
@@ -49,6 +54,7 @@ class AsyncEngine:
         self._stop.set()
         self._cmds.put(("wake",))
         self._thread.join(timeout)
+        self._grammar_pool.shutdown(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -64,17 +70,23 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; abort it if the consumer goes away.
         The engine's refusal (ValueError: a bad request; other exceptions: an add that
-        failed) is raised before the first output, with nothing queued; EngineStopped when
-        the engine stops before the request ends."""
+        failed; SamplingParamError: a grammar the library refuses) is raised before the first
+        output, with nothing queued; EngineStopped when the engine stops before the request
+        ends."""
         if request_id in self._streams:  # never touch the request that holds the id
             raise ValueError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done: Future = Future()
-        self._streams[request_id] = (loop, q)
+        self._streams[request_id] = (loop, q)  # in flight from here: counted by the server's limits
         added = finished = False
         try:
-            self._cmds.put(("add", request_id, prompt, params, done))
+            grammar = None
+            if params.constraint is not None:  # compiled (or found in the cache) off the loop and the engine
+                grammar = await loop.run_in_executor(self._grammar_pool, self.engine.grammar.compile, params)
+                if not self.alive:  # it stopped while the grammar compiled: nobody would take the add
+                    raise EngineStopped("the engine is not running")
+            self._cmds.put(("add", request_id, prompt, params, grammar, done))
             await asyncio.wrap_future(done)  # raises the engine's refusal, if any
             added = True
             while not finished:
@@ -122,11 +134,11 @@ class AsyncEngine:
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params, done = cmd
+            _, rid, prompt, params, grammar, done = cmd
             if not done.set_running_or_notify_cancel():
                 return  # its caller went away before it was added
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, grammar)
             except ValueError as e:
                 done.set_exception(e)
             except Exception as e:  # not the request's fault, but only this request fails

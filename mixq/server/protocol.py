@@ -4,6 +4,12 @@ pydantic checks each body's shape (strict types: no string-to-number coercion); 
 field's `description` says what it accepts, and mixq.server.errors quotes it when a value
 is refused. Sampling values are passed through untouched (`Any`) to
 `SamplingParams.from_dict`, the one place that checks them, via `sampling_params()`.
+
+Structured outputs: OpenAI's `response_format` (`json_object`: any JSON object;
+`json_schema`: its `schema`) becomes `SamplingParams.json_schema`, named in errors as the
+request gave it (`response_format.json_schema.schema`); SGLang's `regex` and `json_schema`
+are passed through like the other sampling fields (on `/generate`, inside
+`sampling_params`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ _CHECKED = "checked as a sampling parameter"
 # the OpenAI routes' sampling fields passed as they are (max_tokens, logprobs: see _params)
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "n", "stop", "stop_token_ids", "seed",
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
-                    "skip_special_tokens")
+                    "skip_special_tokens", "regex", "json_schema")
+# OpenAI's json_object: any JSON object (as vLLM and SGLang compile it)
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
 
 
 class _Req(BaseModel):
@@ -50,6 +59,11 @@ class _Sampling(_Req):
     ignore_eos: Any = _s()
     min_tokens: Any = _s()
     skip_special_tokens: Any = _s()
+    regex: Any = _s()
+    json_schema: Any = _s()
+    response_format: ResponseFormat | None = Field(
+        default=None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                                  '"json_schema": {"name": ..., "schema": {...}}}')
     stream: bool = Field(default=False, description="true or false")
     stream_options: StreamOptions | None = Field(default=None, description='an object such as {"include_usage": true}')
     user: str | None = Field(default=None, description="a string")
@@ -65,8 +79,37 @@ class _Sampling(_Req):
         d[key] = getattr(self, key) if self.explicit_max_tokens else 16
         d["temperature"] = 1.0 if self.temperature is None else self.temperature
         d[logprobs[0]] = logprobs[1]
-        return SamplingParams.from_dict(
-            d, aliases={"max_completion_tokens": "max_new_tokens", "top_logprobs": "logprobs"}, max_n=max_n)
+        aliases = {"max_completion_tokens": "max_new_tokens", "top_logprobs": "logprobs"}
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            # the name errors give: a missing schema is the request's, a refused one is its schema's
+            name = "response_format" if rf.type == "json_object" else "response_format.json_schema.schema"
+            if rf.type == "json_object":
+                d[name] = JSON_OBJECT_SCHEMA
+            elif rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise SamplingParamError(name, f"{name} is required with response_format type json_schema: "
+                                         "a JSON schema (a JSON object)")
+            else:
+                d[name] = rf.json_schema.schema_
+            aliases[name] = "json_schema"
+        return SamplingParams.from_dict(d, aliases=aliases, max_n=max_n)
+
+
+class JsonSchemaFormat(_Req):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = Field(default=None, description="a string (the schema's name)")
+    description: str | None = Field(default=None, description="a string")
+    schema_: Any = Field(default=None, alias="schema", description="a JSON schema (a JSON object)")
+    strict: bool | None = Field(default=None, description="true or false (outputs always follow the schema)")
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="one of 'text', 'json_object', 'json_schema'")
+    json_schema: JsonSchemaFormat | None = Field(
+        default=None, description='an object {"name": ..., "schema": {...}} (with type json_schema)')
 
 
 class StreamOptions(_Req):

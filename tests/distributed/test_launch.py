@@ -147,6 +147,9 @@ def test_dp2_replicas_behind_one_server(tmp_path, reference):
         wait_healthy(url, [proc], [log])
         tree = descendants(proc.pid)
         assert len(tree) >= 2  # the two replica processes
+        # a constraint the grammar library refuses is the front's 400, before any replica sees it
+        bad = httpx.post(f"{url}/generate", json={"text": "a", "sampling_params": {"regex": "(a|"}}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampling_params.regex", bad.text
         check_against(url, reference)
         text = httpx.get(f"{url}/metrics").text
         per_replica = [metric(text, f'mixq_generation_tokens_total{{dp_rank="{i}"}}') for i in (0, 1)]

@@ -29,6 +29,11 @@ CASES = {
     "n": ([1, 4], [0, -1, 1.0, "2", True]),
     "logprobs": ([None, 0, 5, 20], [-1, 21, 1.0, True, "2"]),
     "skip_special_tokens": ([True, False], [1, "false"]),
+    # structured outputs: JSON text of an object or a boolean (a dict is serialized); whether
+    # the grammar library takes it is mixq.engine.grammar's check (tests/engine/test_structured.py)
+    "json_schema": ([None, '{"type": "object"}', {"type": "string", "maxLength": 3}, True, "{}"],
+                    ["", 5, ["a"], "{not json", "[1]", '"s"', {"a": math.nan}, " " * 131073]),
+    "regex": ([None, "a+", "[0-9]{2}", "x" * 131072], ["", 5, ["a"], "x" * 131073]),
 }
 
 
@@ -67,6 +72,18 @@ def test_validate_catches_a_field_changed_after_construction():
     sp.seed = 2**64
     with pytest.raises(SamplingParamError, match="seed must be"):
         sp.validate()
+
+
+def test_one_constraint_at_most_named_as_the_request_did():
+    with pytest.raises(SamplingParamError, match=r"^regex and json_schema both constrain the output") as e:
+        SamplingParams(regex="a", json_schema="{}")
+    assert e.value.param == "regex"
+    with pytest.raises(SamplingParamError, match=r"^sampling_params\.regex and sampling_params\.json_schema both") as e:
+        SamplingParams.from_dict({"json_schema": {}, "regex": "a"}, prefix="sampling_params.")
+    assert e.value.param == "sampling_params.regex"
+    sp = SamplingParams.from_dict({"rf": {"type": "object"}}, aliases={"rf": "json_schema"})
+    assert sp.constraint == ("json_schema", '{"type": "object"}')
+    assert sp.renamed(SamplingParamError("json_schema", "json_schema is bad")).param == "rf"
 
 
 def test_from_dict_names_the_field_as_the_request_did():

@@ -137,3 +137,30 @@ def test_eval_refuses_configs_on_two_bases_and_bad_text(tmp_path, capsys, llama_
     bad.write_bytes(b"\xff\xfe not utf-8 \xc3")
     assert main(["eval", str(a), "--text", str(bad)]) == 2
     assert f"--text {bad}: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_eval_kv_cache_dtype_scores_the_cache_against_a_bf16_kv_base(capsys):
+    from mixq.engine.engine import LLM
+
+    assert main(["eval", "--model-path", str(LLAMA / "bf16"), "--kv-cache-dtype", "fp8_e4m3", "--max-tokens", "130",
+                 "--window", "64", "--json", "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert list(rows) == ["base", "model"]  # the same checkpoint twice: bf16 KV (reference), fp8 KV
+    b, r = rows["base"], rows["model"]
+    assert (b["kv_cache_dtype"], r["kv_cache_dtype"]) == ("bfloat16", "fp8_e4m3") and b["kld_mean"] == 0
+
+    # the reference: the engine's logits with each cache, KLD by hand in float64
+    ids = AutoTokenizer.from_pretrained(LLAMA / "bf16").encode(load_eval_text())[:130]
+    windows = [ids[s : s + 64] for s in range(0, 130, 64)]
+    logp = {}
+    for kv in ("bfloat16", "fp8_e4m3"):
+        eng = LLM(model_path=str(LLAMA / "bf16"), device="cpu", kv_cache_dtype=kv, max_total_tokens=128).engine
+        logp[kv] = torch.cat([eng.runner.score(w, [0, 1, 2, 3])[:-1].double().log_softmax(-1) for w in windows])
+        eng.close()
+    p, q = logp["bfloat16"], logp["fp8_e4m3"]
+    kld = (p.exp() * (p - q)).sum(-1)
+    assert r["tokens"] == len(kld) == 130 - 3
+    # fp8 K/V (3 mantissa bits) moves the tiny model's distribution by ~1e-5 nats: far above
+    # float32 summation noise (~1e-9), so a cache that was not applied gives 0 and fails
+    assert kld.mean().item() > 1e-7
+    assert r["kld_mean"] == pytest.approx(kld.mean().item(), rel=1e-3, abs=1e-9)

@@ -61,6 +61,7 @@ GOOD = {
     "ignore_eos": st.booleans(),
     "min_tokens": st.integers(0, 1),
     "skip_special_tokens": st.booleans(),
+    "regex": st.sampled_from(["[a-z]+", "(the|a)[a-z]*"]),  # structured outputs (the vocabulary is words)
 }
 def pick(values: list):
     """One of `values`, about evenly (sampled_from favours the first ones)."""
@@ -85,6 +86,7 @@ BAD = {
     "ignore_eos": pick([1, "true", [True]]),
     "min_tokens": pick([-1, 2**31, "1", 10**9]),
     "skip_special_tokens": pick([0, "false"]),
+    "regex": pick(["(a|", "", "[z-a]", 5, ["a"], "x" * 131073]),
 }
 
 
