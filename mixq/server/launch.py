@@ -125,7 +125,7 @@ def serve(args: ServerArgs) -> int:
 
         default_name = NAME
     if args.dp_size > 1:
-        from mixq.distributed.dp import DataParallelEngine, DPMetrics
+        from mixq.server.dp import DataParallelEngine, DPMetrics
 
         per_replica: list[ServerMetrics] = []
 
