@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.engine.detokenizer import DetokState, IncrementalDetokenizer, find_stop, held_back
-from mixq.engine.model_runner import ModelRunner, SeqChunk
+from mixq.engine.model_runner import ModelRunner
+from mixq.engine.overlap import LaunchedStep, pending_ids, step_chunks
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
@@ -42,6 +43,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
     disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
+    # SGLang's flag: record each step right after it runs instead of while the device runs
+    # the next one (mixq.engine.overlap)
+    disable_overlap_schedule: bool = False
     show_progress: bool = False
     # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
     # tools that hook or swap single projections (mixq.quality) and for A/B timing
@@ -243,6 +247,13 @@ class LLMEngine:
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
             eos_token_ids=self.eos_token_ids, enable_prefix_caching=not cfg.disable_radix_cache))
         self.sampler = Sampler(self.eos_token_ids)
+        # the ranks of a TP group take a step's chunks as host data: a placeholder for a
+        # token on rank 0's device cannot cross, so TP runs without the overlap schedule
+        self.overlap = not cfg.disable_overlap_schedule and self.dist is None
+        if not self.overlap:
+            log.info("overlap schedule off: %s", "--disable-overlap-schedule" if cfg.disable_overlap_schedule
+                     else "tensor parallelism")
+        self._in_flight: LaunchedStep | None = None  # the step queued and not recorded yet
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
@@ -336,43 +347,68 @@ class LLMEngine:
         if req is None:
             return 0
         ended = len(self.scheduler.abort(request_id))
+        step = self._in_flight
+        if step is not None and all(i.seq.is_finished for i in step.batch.items):
+            self._in_flight = None  # nothing left to record: every token it samples is dropped
         for f in self.finish_hooks:
             f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
         return ended
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an update for every request that progressed."""
+        """Run one scheduled batch; return an update for every request that progressed.
+        With the overlap schedule the update is one step behind: the batch is queued on
+        the device, then the step before it is recorded while it runs."""
+        prev, self._in_flight = self._in_flight, None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        if not batch and prev is None and self.scheduler.has_unfinished():  # would spin forever
+            raise RuntimeError(f"the scheduler found nothing to run: running {self.scheduler.running}, "
+                               f"waiting {list(self.scheduler.waiting)}")
+        launched = self._launch(batch, prev) if batch else None
+        if self.overlap:
+            self._in_flight, launched = launched, prev
+        return self._record(launched) if launched is not None else []
+
+    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
+        """Queue a committed batch on the device: forward, then sampling (no host sync)."""
         for h in self.step_hooks:
             h(batch)
-        chunks = [SeqChunk(i.seq.token_ids[i.start : i.start + i.num_new_tokens], i.start, i.seq.block_table,
-                           i.samples) for i in batch.items]
-        logits = self.runner.forward(chunks)
+        chunks, placeholders = step_chunks(batch, prev)
+        logits = self.runner.forward(chunks, prev.tokens) if placeholders else self.runner.forward(chunks)
         sampling = [i.seq for i in batch.items if i.samples]
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator)
-                for s in sampling]
-        out = self.sampler(logits, rows) if rows else None
+        step = LaunchedStep(batch, sampling)
+        if sampling:
+            # num_pending > 1: the token this sequence sampled last is still in flight
+            rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
+                              pending=s.num_pending > 1) for s in sampling]
+            res = self.sampler.sample(logits, rows, pending_ids(sampling, prev, logits.device))
+            step.tokens, step.result = res.token_ids, res.to_host()
+            step.rows = {s.seq_id: k for k, s in enumerate(sampling)}
+        return step
+
+    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
+        """A step's results into the sequences and requests (stop checks, detokenization);
+        a sequence that ended while the step ran (stop, abort) drops its token."""
+        out = step.result.output() if step.result is not None else None
         tokens = out.token_ids if out else []
-        self.scheduler.postprocess(batch, tokens)
-        self.stats["generation_tokens_total"] += len(tokens)
+        live = [not s.is_finished for s in step.sampling]
+        self.scheduler.postprocess(step.batch, tokens)
+        self.stats["generation_tokens_total"] += sum(live)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
-        for k, seq in enumerate(sampling):
+        for k, seq in enumerate(step.sampling):
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or not live[k]:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
             st: _SeqState = seq.engine_state
             st.out.token_ids.append(tokens[k])
-            if out.logprobs is not None:
+            if seq.params.logprobs is not None:  # (the batch has them when any row asked)
                 st.out.logprobs.append(out.logprobs[k])
                 if out.top_logprobs is not None:
                     st.out.top_logprobs.append(out.top_logprobs[k])

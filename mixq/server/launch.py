@@ -95,6 +95,7 @@ def engine_config(args: ServerArgs):
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True,
         attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
         disable_cuda_graph=args.disable_cuda_graph, disable_radix_cache=args.disable_radix_cache,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         cuda_graph_bs=args.cuda_graph_bs,
         enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
