@@ -91,8 +91,13 @@ def build_model(dst: Path, s: dict, dev: torch.device) -> Path:
                                           decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0, **common)
         cls = transformers.Qwen3MoeForCausalLM
     torch.manual_seed(0)
-    with torch.device(dev):
-        model = cls(cfg).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in BF16: 30B parameters in fp32 would not fit the GPU
+    try:
+        with torch.device(dev):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(dst)
     del model
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(s["vocab"])}, unk_token="w0"))
