@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixq.engine.engine import LLM
 from mixq.engine.sampler import SampleResult
@@ -214,3 +215,22 @@ def test_disable_overlap_schedule_flag_reaches_the_engine():
     base = ["--model-path", str(FIX)]
     assert engine_config(from_namespace(p.parse_args(base))).disable_overlap_schedule is False
     assert engine_config(from_namespace(p.parse_args([*base, "--disable-overlap-schedule"]))).disable_overlap_schedule
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs are a CUDA matter (MIXQ_TEST_DEVICE=cuda)")
+def test_decode_steps_never_wait_for_the_device():
+    """In steady decode (CUDA graphs, the overlap schedule) a step queues the next batch and
+    reads the last one's samples through an event: no stream or device sync, no blocking
+    copy (torch's sync debug mode raises on any)."""
+    eng = make(True, max_running_requests=8).engine
+    assert eng.runner.graphs is not None
+    for i, p in enumerate(token_prompts(4, seed=9)):
+        eng.add_request(str(i), p, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    for _ in range(3):  # prefill and the first decodes: compiles, allocations
+        eng.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [o for _ in range(5) for o in eng.step()]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(outs) == 20
