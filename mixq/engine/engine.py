@@ -25,7 +25,8 @@ from mixq.engine.engine_config import (  # also the engine's public names (mixq.
     usable_cpus,
 )
 from mixq.engine.grammar import Grammar, GrammarBackend, TokenMask, TokenMasks, advance_matchers
-from mixq.engine.model_runner import ModelRunner, SeqChunk
+from mixq.engine.model_runner import ModelRunner
+from mixq.engine.overlap import LaunchedStep, pending_ids, step_chunks
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
@@ -159,6 +160,13 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._masks: TokenMasks | None = None
+        # the ranks of a TP group take a step's chunks as host data: a placeholder for a
+        # token on rank 0's device cannot cross, so TP runs without the overlap schedule
+        self.overlap = not cfg.disable_overlap_schedule and self.dist is None
+        if not self.overlap:
+            log.info("overlap schedule off: %s", "--disable-overlap-schedule" if cfg.disable_overlap_schedule
+                     else "tensor parallelism")
+        self._in_flight: LaunchedStep | None = None  # the step queued and not recorded yet
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
@@ -250,47 +258,79 @@ class LLMEngine:
         if req is None:
             return 0
         ended = len(self.scheduler.abort(request_id))
+        step = self._in_flight
+        if step is not None and all(i.seq.is_finished for i in step.batch.items):
+            self._in_flight = None  # nothing left to record: every token it samples is dropped
         for f in self.finish_hooks:
             f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
         return ended
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an update for every request that progressed."""
+        """Run one scheduled batch; return an update for every request that progressed.
+        With the overlap schedule the update is one step behind: the batch is queued on
+        the device, then the step before it is recorded while it runs."""
+        prev, self._in_flight = self._in_flight, None
+        early: list[RequestOutput] = []
+        if prev is not None and prev.mask is not None:
+            # a grammar's next mask needs the token in flight: record that step first (a step
+            # with structured outputs runs without the overlap)
+            early, prev = self._record(prev), None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        if not batch and prev is None and not early and self.scheduler.has_unfinished():  # would spin forever
+            raise RuntimeError(f"the scheduler found nothing to run: running {self.scheduler.running}, "
+                               f"waiting {list(self.scheduler.waiting)}")
+        launched = self._launch(batch, prev) if batch else None
+        if self.overlap:
+            self._in_flight, launched = launched, prev
+        return early + (self._record(launched) if launched is not None else [])
+
+    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
+        """Queue a committed batch on the device: forward, then sampling (no host sync)."""
         for h in self.step_hooks:
             h(batch)
-        chunks = [SeqChunk(i.seq.token_ids[i.start : i.start + i.num_new_tokens], i.start, i.seq.block_table,
-                           i.samples) for i in batch.items]
-        logits = self.runner.forward(chunks)  # queued: the grammar masks are filled meanwhile
+        chunks, placeholders = step_chunks(batch, prev)
+        logits = self.runner.forward(chunks, prev.tokens) if placeholders else self.runner.forward(chunks)
         sampling = [i.seq for i in batch.items if i.samples]
-        matchers = [s.engine_state.matcher for s in sampling]
-        mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
-                          m is not None) for s, m in zip(sampling, matchers)]
-        out = self.sampler(logits, rows, mask) if rows else None
+        step = LaunchedStep(batch, sampling)
+        if sampling:
+            matchers = [s.engine_state.matcher for s in sampling]
+            # filled on the host while the forward runs; a constrained row's previous token is
+            # always recorded by now (step() records such a step before scheduling the next)
+            step.mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
+            # num_pending > 1: the token this sequence sampled last is still in flight
+            rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
+                              constrained=m is not None, pending=s.num_pending > 1) for s, m in zip(sampling, matchers)]
+            res = self.sampler.sample(logits, rows, pending_ids(sampling, prev, logits.device), step.mask)
+            step.tokens, step.result = res.token_ids, res.to_host()
+            step.rows = {s.seq_id: k for k, s in enumerate(sampling)}
+        return step
+
+    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
+        """A step's results into the sequences and requests (stop checks, detokenization);
+        a sequence that ended while the step ran (stop, abort) drops its token."""
+        out = step.result.output() if step.result is not None else None
         tokens = out.token_ids if out else []
-        self.scheduler.postprocess(batch, tokens)
-        if mask is not None:
-            self._advance_grammars(sampling, tokens, mask)
-        self.stats["generation_tokens_total"] += len(tokens)
+        live = [not s.is_finished for s in step.sampling]
+        self.scheduler.postprocess(step.batch, tokens)
+        if step.mask is not None:
+            self._advance_grammars(step.sampling, tokens, step.mask, live)
+        self.stats["generation_tokens_total"] += sum(live)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
-        for k, seq in enumerate(sampling):
+        for k, seq in enumerate(step.sampling):
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or not live[k]:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
             st: _SeqState = seq.engine_state
             st.out.token_ids.append(tokens[k])
-            if out.logprobs is not None:
+            if seq.params.logprobs is not None:  # (the batch has them when any row asked)
                 st.out.logprobs.append(out.logprobs[k])
                 if out.top_logprobs is not None:
                     st.out.top_logprobs.append(out.top_logprobs[k])
@@ -303,9 +343,12 @@ class LLMEngine:
             self._masks = TokenMasks(self.model_config.vocab_size, self.eos_token_ids, self.device)
         return self._masks
 
-    def _advance_grammars(self, sampling: list[Sequence], tokens: list[int], mask: TokenMask) -> None:
+    def _advance_grammars(self, sampling: list[Sequence], tokens: list[int], mask: TokenMask,
+                          live: list[bool]) -> None:
         for k, reason in advance_matchers([s.engine_state.matcher for s in sampling], tokens, mask).items():
             seq = sampling[k]
+            if not live[k]:  # ended (aborted) while the step ran: its token is dropped
+                continue
             if reason == "abort":
                 log.warning("request %s: its grammar allows no token of this vocabulary after %d tokens; ended "
                             "with finish_reason 'abort'", seq.request_id, len(seq.output_token_ids) - 1)

@@ -40,6 +40,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
     disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
+    # SGLang's flag: record each step right after it runs instead of while the device runs
+    # the next one (mixq.engine.overlap)
+    disable_overlap_schedule: bool = False
     show_progress: bool = False
     # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
     # tools that hook or swap single projections (mixq.quality) and for A/B timing

@@ -47,6 +47,7 @@ class ServerArgs:
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
@@ -180,6 +181,9 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("memory and scheduling", "--disable-radix-cache", dict(action="store_true", default=None,
                                                              help="turn prefix caching off (on by default: requests "
                                                                   "reuse the KV blocks of a shared prompt prefix)")),
+    ("memory and scheduling", "--disable-overlap-schedule", dict(
+        action="store_true", default=None, help="record each step before scheduling the next (on by default: the "
+                                                "host schedules step i+1 and records step i while the device runs)")),
     ("memory and scheduling", "--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA "
                                                                          "graph (default: --max-running-requests, "
                                                                          "at most 256)")),

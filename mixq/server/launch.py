@@ -96,6 +96,7 @@ def engine_config(args: ServerArgs):
         cpu_kv_cache_space=args.cpu_kv_cache_space, show_progress=True,
         attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
         disable_cuda_graph=args.disable_cuda_graph, disable_radix_cache=args.disable_radix_cache,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         cuda_graph_bs=args.cuda_graph_bs,
         enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -126,7 +127,7 @@ def serve(args: ServerArgs) -> int:
 
         default_name = NAME
     if args.dp_size > 1:
-        from mixq.distributed.dp import DataParallelEngine, DPMetrics
+        from mixq.server.dp import DataParallelEngine, DPMetrics
 
         per_replica: list[ServerMetrics] = []
 
