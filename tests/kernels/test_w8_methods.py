@@ -69,7 +69,7 @@ def test_method_on_real_checkpoints(variant, method, monkeypatch):
         # calibrated static scales cover |x| <= 448 * input_scale: stay mostly inside
         amp = float(qw.tensors["input_scale"].float()) * 448 / 4 if "input_scale" in qw.tensors else 1.0
         for m in (1, 5, 17) if not CUDA else (1, 5, 17, 100, 257):
-            monkeypatch.setattr(lin.method, "weight_only_max_m", 64 if CUDA else 4)
+            monkeypatch.setattr(type(lin.method), "weight_only_max_m", 64 if CUDA else 4)
             x = (torch.randn(m, qw.shape[1], generator=gen) * amp).bfloat16().to(DEV)
             y = lin(x)
             ref = weight_only_reference(qw, x)
@@ -86,7 +86,7 @@ def test_method_on_real_checkpoints(variant, method, monkeypatch):
 def test_static_input_scale_is_honoured(monkeypatch):
     qw = CheckpointCatalog(FIX / "fp8-static").read(NAMES[0])
     lin = load(qw, monkeypatch)
-    monkeypatch.setattr(lin.method, "weight_only_max_m", 0)
+    monkeypatch.setattr(type(lin.method), "weight_only_max_m", 0)
     gen = torch.Generator().manual_seed(4)
     lim = float(qw.tensors["input_scale"].float()) * 448
     x = (torch.randn(9, qw.shape[1], generator=gen) * lim / 2).bfloat16().to(DEV)  # ~5% beyond the static range
@@ -115,7 +115,7 @@ def test_asymmetric_int8_weights(activation, monkeypatch):
     qw = int8_weight(72, 136, gen, activation=activation)
     lin = load(qw, monkeypatch)
     assert "weight_zero_point" in lin.weight.tensors
-    monkeypatch.setattr(lin.method, "weight_only_max_m", 2)
+    monkeypatch.setattr(type(lin.method), "weight_only_max_m", 2)
     for m in (1, 3, 19):
         x = torch.randn(m, 136, generator=gen).bfloat16().to(DEV)
         ref = weight_only_reference(qw, x)
@@ -127,7 +127,7 @@ def test_method_traces_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph) sees the kernels as ops with fake impls (no graph break)."""
     qw = CheckpointCatalog(FIX / "fp8-block").read(NAMES[1])
     lin = load(qw, monkeypatch)
-    monkeypatch.setattr(lin.method, "weight_only_max_m", 2)
+    monkeypatch.setattr(type(lin.method), "weight_only_max_m", 2)
     compiled = torch.compile(lin, backend="eager", fullgraph=True, dynamic=False)
     gen = torch.Generator().manual_seed(8)
     for m in (1, 3):
