@@ -306,3 +306,10 @@ def test_tied_q8_0_embedding_and_head_share_the_blocks():
     h = torch.randn(2, 64, generator=gen)
     ref = h.double() @ w.t()
     assert float((emb.as_lm_head(h).double() - ref).norm() / ref.norm()) < 1e-5
+    # a bf16 model gets float32 logits from the C kernel (fp32 sums, never rounded to bf16)
+    emb16 = Embedding(300, 64, tied=True)
+    emb16.load(qw, torch.bfloat16)
+    hb = h.bfloat16()
+    y = emb16.as_lm_head(hb)
+    ref = hb.double() @ w.t()
+    assert y.dtype == torch.float32 and float((y.double() - ref).norm() / ref.norm()) < 1e-5
