@@ -169,6 +169,7 @@ def timed_generate(generate, prompts, new: int, dev: torch.device, repeats: int)
     `new`-token run minus it the decode; the fastest of `repeats` of each. Warmed up on the
     timed shapes first (Triton compiles one kernel per launch configuration)."""
     generate(prompts, 3)
+    generate(prompts, 1)
     ones, fulls = [], []
     for _ in range(repeats):
         sync(dev)
@@ -207,7 +208,10 @@ def mixq_engine(kind: str, paths: dict, cfgs: dict, max_batch: int, max_tokens: 
     src = dict(model_path=str(paths["bf16"])) if kind.startswith("bf16") else dict(mixed_precision_config=str(cfgs[kind]))
     t = time.perf_counter()
     llm = LLM(**src, max_running_requests=max_batch, max_total_tokens=max_tokens, dtype="bfloat16", device=str(dev),
-              disable_cuda_graph=not graphs, disable_overlap_schedule=kind == "bf16-no-overlap")
+              disable_cuda_graph=not graphs, disable_overlap_schedule=kind == "bf16-no-overlap",
+              # every timed run prefills its whole prompt: with the prefix cache, the runs after the
+              # warm-up would hit it (and compile the extend kernel's prefix configs while timed)
+              disable_radix_cache=True)
     print(f"  engine up in {time.perf_counter() - t:.1f}s (CUDA graphs: {llm.engine.runner.graphs is not None}, "
           f"overlap schedule: {llm.engine.overlap})", flush=True)
 
