@@ -39,6 +39,10 @@ from mixq.cli import main as mixq  # noqa: E402
 PRECISIONS = {"fp8": "fp8_path", "int8": "int8_path", "gptq_int4": "gptq_int4_path", "awq_int4": "awq_int4_path",
               "gguf": "gguf_path"}  # gguf: the published file's own Q4_1 tensors (full run only)
 DEFAULT_GGUF = "planned at the default size, GGUF a candidate"
+# float32 activations for measuring and scoring: in bfloat16 two kernel paths of the same
+# weights already differ by ~2e-3 mean KLD, more than most single-unit swaps cost, so the
+# per-unit estimates would be rounding noise (seen: plans worse than uniform FP8 at its size)
+DTYPE = "float32"
 
 
 def round1_default(num_layers: int) -> dict:
@@ -96,7 +100,7 @@ def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
             return doc
     argv = ["measure", "--model-path", str(paths["fp16_path"]), *[a for k, key in PRECISIONS.items() if key in paths
             for a in (f"--{k.replace('_', '-')}-path", str(paths[key]))],
-            "--max-tokens", str(cal_tokens), "--window", str(window), "-o", str(mfile)]
+            "--max-tokens", str(cal_tokens), "--window", str(window), "--dtype", DTYPE, "-o", str(mfile)]
     assert mixq(argv) == 0
     return json.loads(mfile.read_text())
 
@@ -156,7 +160,8 @@ def main() -> int:
     targets = [EvalTarget(n, c) for n, c in cfgs.items()] + [EvalTarget(n, c) for n, (_, c) in planned.items()]
     from mixq.assets.text import EVAL_TEXT_NAME, load_eval_text
 
-    rows = evaluate(targets, load_eval_text(), args.window, args.max_tokens, device="cpu", text_name=EVAL_TEXT_NAME)
+    rows = evaluate(targets, load_eval_text(), args.window, args.max_tokens, device="cpu", dtype=DTYPE,
+                    text_name=EVAL_TEXT_NAME)
     for n, (b, _) in planned.items():
         rows[n]["budget_bytes"] = b
     (out / "results.json").write_text(json.dumps({"rows": rows, "rank_correlation": doc["rank_correlation"],
@@ -189,7 +194,8 @@ def main() -> int:
     corr = doc["rank_correlation"]
     first = next(iter(rows.values()))
     md = [f"Command: `python bench/quality.py --max-tokens {args.max_tokens} --cal-tokens {args.cal_tokens}`"
-          f"{' --smoke' if args.smoke else ''} ({platform.machine()} CPU, {os.cpu_count()} cores, torch "
+          f"{' --smoke' if args.smoke else ''} ({platform.machine()} CPU, {os.cpu_count()} cores, {DTYPE} "
+          f"activations, torch "
           f"{__import__('torch').__version__}, {datetime.date.today()}). Evaluation: {first['tokens']} tokens of "
           f"{EVAL_TEXT_NAME}, windows of {args.window}; calibration: {doc['calibration']['tokens']} tokens of "
           f"{doc['calibration']['text']}; measure took {doc['seconds']:.0f} s.", "",

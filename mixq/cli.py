@@ -78,8 +78,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, help="seed for sampling (64-bit signed integer)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on CPU, the "
-                   "checkpoint's 16-bit dtype on GPU)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: on CPU bfloat16 "
+                   "where it has native bf16, else float32; on GPU the checkpoint's 16-bit dtype)")
     p.add_argument("--enable-expert-tracking", action="store_true", help="count MoE expert activations")
     p.add_argument("--expert-stats-out", metavar="PATH", help="write the expert stats JSON here (implies tracking)")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (this process is rank 0)")
@@ -88,50 +88,64 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from mixq.engine.engine import LLM
+    from mixq.engine.engine import LLM, EngineConfig, load_plan, tokenizer_path
+    from mixq.formats.gguf_file import load_tokenizer
     from mixq.server.args import check_generate_args
 
     sp = check_generate_args(args)  # every flag checked before anything is prepared or loaded
     model_path, cfg = _model_args(args)
     track = args.enable_expert_tracking or args.expert_stats_out is not None
-    llm = LLM(model_path=model_path, mixed_precision_config=cfg, device=args.device, dtype=args.dtype,
-              show_progress=True, enable_expert_tracking=track, tp_size=args.tp_size, ep_size=args.ep_size)
+    # the KV cache holds exactly this work (every prompt with its new tokens, all at once):
+    # tokenize first, then size the engine
+    ecfg = EngineConfig(model_path=model_path, mixed_precision_config=cfg)
+    tok_path = tokenizer_path(ecfg, load_plan(ecfg)[0])
+    tok = load_tokenizer(tok_path)
+    prompts = args.prompt or ["The capital of France is"]
+    if args.chat:
+        # the template writes the special tokens itself: encode it without adding more
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    page = ecfg.page_size
+    blocks = sum(-(-(len(i) + sp.max_new_tokens) // page) for i in ids)
+    llm = LLM(model_path=model_path, mixed_precision_config=cfg, tokenizer_path=tok_path, device=args.device,
+              dtype=args.dtype, show_progress=True, enable_expert_tracking=track, tp_size=args.tp_size,
+              ep_size=args.ep_size, max_total_tokens=blocks * page, max_running_requests=len(ids))
     try:
-        return _generate(llm, args, sp)
+        return _generate(llm, args, sp, prompts, ids)
     finally:
         llm.close()
 
 
-def _generate(llm, args: argparse.Namespace, sp) -> int:
+def _generate(llm, args: argparse.Namespace, sp, prompts: list[str], ids: list[list[int]]) -> int:
+    import resource
     import time
 
     from mixq.tracking.memory import get_mixed_precision_memory_stats
 
-    prompts = args.prompt or ["The capital of France is"]
-    tok = llm.engine.tokenizer
-    inputs = prompts
-    if args.chat:
-        # the template writes the special tokens itself: encode it without adding more
-        inputs = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True), add_special_tokens=False)
-                  for p in prompts]
     t0 = time.perf_counter()
-    outs = llm.generate(inputs, sp)
+    outs = llm.generate(ids, sp)
     dt = time.perf_counter() - t0
     n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
     for p, o in zip(prompts, outs):
         # a completion continues its prompt; a chat answer is a reply, printed under it
         print(f"{p}\n{o.outputs[0].text}" if args.chat else f"{p}{o.outputs[0].text}")
         print("-" * 40)
-    if llm.engine.dist is not None:  # tensor/expert parallel: what each rank holds
+    eng = llm.engine
+    if eng.dist is not None:  # tensor/expert parallel: what each rank holds
         from mixq.distributed.report import format_layout
 
-        print(format_layout(llm.engine.dist.layout, llm.engine.dist.rank_stats))
+        print(format_layout(eng.dist.layout, eng.dist.rank_stats))
     s = get_mixed_precision_memory_stats()
     fmts = ", ".join(f"{k} {v['memory_mb']:.1f} MB" for k, v in s["by_format"].items())
-    print(f"{n_tok} tokens in {dt:.2f} s ({n_tok / dt:.1f} tokens/s) on {llm.engine.device}")
+    print(f"{n_tok} tokens in {dt:.2f} s ({n_tok / dt:.1f} tokens/s) on {eng.device}")
     print(f"weights {s['memory_mb']:.1f} MB ({fmts}); saved {s['memory_saved_mb']:.1f} MB vs BF16, "
           f"compression {s['compression_ratio']:.2f}x")
+    # ru_maxrss is KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"KV cache {eng.kv_cache_tokens} tokens ({eng.kv_cache_bytes / 2**20:.1f} MiB); peak RSS {peak:.0f} MiB")
     if llm.engine.expert_tracker is not None:
         doc = llm.engine.expert_tracker.stats(top_k=5)
         for lid, b in doc["load_balance"].items():

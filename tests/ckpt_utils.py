@@ -108,6 +108,24 @@ def quantize_checkpoint(dense: dict[str, torch.Tensor], fmt: str, **kw) -> tuple
     elif fmt == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": kw.get("group", 32), "zero_point": True,
               "version": "gemm"}
-    else:
-        qc = CT_FP8_QC
+    elif kw.get("activations", True):
+        qc = CT_FP8_QC  # FP8_DYNAMIC: per-token FP8 activations
+    else:  # FP8 weights only (W8A16)
+        group = dict(CT_FP8_QC["config_groups"]["group_0"], input_activations=None)
+        qc = dict(CT_FP8_QC, config_groups={"group_0": group})
     return out, qc
+
+
+def weight_only_copy(src: Path, dst: Path) -> Path:
+    """`src` (a compressed-tensors checkpoint) as weights-only: the same files (symlinked),
+    config.json without input activation quantization. For references that cannot quantize
+    activations inside a module (HF's fused MoE experts)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    for group in cfg["quantization_config"]["config_groups"].values():
+        group["input_activations"] = None
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

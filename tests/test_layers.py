@@ -12,15 +12,17 @@ from mixq.layers.moe import dispatch, route
 
 
 def test_no_method_for_a_spec_lists_every_refusal(monkeypatch):
-    """With the torch reference removed, an FP8 weight on the CPU has no method: the error
-    names the tensor, the spec and each method's reason."""
+    """With the torch reference removed, a 4-bit GPTQ weight with groups of 16 (below the CPU
+    int4 kernel's 32) has no method on the CPU: the error names the tensor, the spec and
+    each method's reason."""
     methods = [m for m in linear.METHODS if m.name != linear.TorchDequantMethod.name]
     monkeypatch.setattr(linear, "METHODS", methods)
-    spec = WeightSpec(layout="fp8", bits=8, dtype=torch.float8_e4m3fn, scale_layout="channel")
+    spec = WeightSpec(layout="gptq", bits=4, dtype=torch.int32, scale_layout="group", group_size=16)
     with pytest.raises(ValueError) as e:
         linear.select_method(spec, torch.device("cpu"), "model.layers.3.mlp.down_proj.weight")
     msg = str(e.value)
-    assert msg.startswith("model.layers.3.mlp.down_proj.weight: no kernel implements fp8 per-channel on cpu: ")
+    assert msg.startswith("model.layers.3.mlp.down_proj.weight: no kernel implements gptq int4 g16 on cpu: ")
+    assert "cpu-int4pack: group size 16 is not a multiple of 32" in msg
     for m in methods:
         ok, why = m.can_implement(spec, torch.device("cpu"))
         assert not ok and f"{m.name}: {why}" in msg

@@ -123,3 +123,55 @@ def test_modules_merge_on_load_and_account_per_tensor():
                 ref = (torch.nn.functional.silu(g) * u) @ ws["mlp.down_proj.weight"].tensors["weight"].float().t()
                 assert float((y.float() - ref).norm() / ref.norm()) < 2e-2  # bf16 weights, activations, output
         assert stats[0] == stats[1]
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU methods")
+@pytest.mark.parametrize("fmt", ["gptq4", "awq", "int8", "fp8-channel", "fp8-block", "q4_1", "q8_0"])
+def test_cpu_methods_merge_and_equal_the_separate_ones(fmt):
+    """The CPU methods' layouts merge along N (int4: packed rows, scale/zero columns; GGUF
+    q8_0: the blocks as stored) and give the separate projections' numbers: the same
+    kernels on the same bytes, and each output row depends only on its own weight row."""
+    from mixq.formats.gguf import gguf_spec
+    from mixq.formats.spec import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(len(fmt))
+    k, outs = 128, (128, 64, 64)
+    ps = []
+    for i, n in enumerate(outs):
+        w = torch.randn(n, k, generator=gen) * 0.05
+        if fmt in ("q4_1", "q8_0"):
+            import gguf
+
+            raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[fmt.upper()])
+            qw = QuantizedWeight(f"p{i}.weight", gguf_spec(fmt), (n, k),
+                                 {"blocks": torch.from_numpy(raw.reshape(n, k // 32, -1).copy())})
+        else:
+            qw = make_weight(fmt, f"p{i}.weight", w)
+        lin = MixedPrecisionLinear(k, n)
+        lin.load(qw, torch.bfloat16)
+        assert lin.method.name.startswith("cpu-"), lin.method.name
+        ps.append(lin)
+    x = torch.randn(3, k, generator=gen).bfloat16()
+    sep = [p(x) for p in ps]
+    before = {n: w.nbytes for n, w in held_weights(torch.nn.ModuleList(ps)).items()}
+    m = merge_linears(ps, "qkv")
+    assert isinstance(m, MergedLinear), merge_problem(ps)
+    for a, b in zip(m(x), sep):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-3)  # bf16 outputs, same sums
+    assert {n: w.nbytes for n, w in held_weights(torch.nn.ModuleList(ps)).items()} == before
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU int4 packing")
+@pytest.mark.parametrize("outs", [(40, 24), (96, 32), (64, 32, 32)])
+def test_cpu_int4_parts_off_the_64_row_block_do_not_merge(outs):
+    """torch's CPU int4 packing lays rows out in blocks of 64: a leading part that is not a
+    whole number of blocks would be read with the wrong layout (the Qwen3-MoE fixture's
+    q/k/v of 64/32/32 rows computed garbage for k and v before this check)."""
+    gen = torch.Generator().manual_seed(1)
+    ps = []
+    for i, n in enumerate(outs):
+        lin = MixedPrecisionLinear(64, n)
+        lin.load(make_weight("gptq4", f"p{i}.weight", torch.randn(n, 64, generator=gen) * 0.05), torch.bfloat16)
+        ps.append(lin)
+    assert "multiple of 64" in merge_problem(ps) and merge_linears(ps, "qkv") is None

@@ -13,12 +13,14 @@ from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.errors import CheckpointError
 from mixq.formats import build_plan, load_weights
 from mixq.models import build_model, load_model_weights
+from tests.act_quant_ref import hook_activation_quant
 from tests.ckpt_utils import quantize_checkpoint, write_checkpoint
 from tests.devices import DEVICE
 from tests.test_models_hf import hf_logits, make_hf
 
 FORMATS = {"gptq": ("gptq", {"act_order": True, "group": 32}), "awq": ("awq", {"group": 32}),
-           "fp8": ("ct-fp8", {}), "gptq8": ("gptq", {"bits": 8, "group": 32, "sym": False})}
+           "fp8": ("ct-fp8", {}), "fp8w": ("ct-fp8", {"activations": False}),
+           "gptq8": ("gptq", {"bits": 8, "group": 32, "sym": False})}
 PATH_KEYS = {"gptq": "gptq_int4_path", "awq": "awq_int4_path", "fp8": "fp8_path", "gptq8": "int8_path"}
 
 
@@ -34,9 +36,13 @@ def build_variants(family, root):
     return hf, cfg
 
 
-def run_mix(root, cfg_json, mapping, family_hf_cls):
+def run_mix(root, cfg_json, mapping, family_hf_cls, fp8="fp8"):
+    """fp8: the FP8 checkpoint, "fp8" (FP8_DYNAMIC: per-token FP8 activations, which the
+    reference model gets through hooks) or "fp8w" (weights only: HF's fused MoE experts
+    have no per-expert module to hook)."""
     mp = {"fp16_path": str(root / "bf16"), **{k: str(root / n) for n, k in PATH_KEYS.items()},
           "weight_mapping": mapping}
+    mp["fp8_path"] = str(root / fp8)
     plan = build_plan(MixedPrecisionConfig.from_dict({"mixed_precision": mp}))
     weights = load_weights(plan, device=DEVICE)
     model = build_model(plan.model_config, DEVICE)
@@ -48,6 +54,8 @@ def run_mix(root, cfg_json, mapping, family_hf_cls):
     save_file({n: w.dequantize().contiguous() for n, w in weights.items()}, str(ref_dir / "model.safetensors"))
     (ref_dir / "config.json").write_text((root / "bf16" / "config.json").read_text())
     ref = family_hf_cls.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    if DEVICE == "cpu":  # W8A8 / FP8 schemes quantize their inputs (the GPU methods skip it up to M = 64)
+        hook_activation_quant(ref, weights)
     return plan, model, ref
 
 
@@ -107,7 +115,7 @@ def test_moe_experts_each_in_their_own_format(family, tmp_path):
         f"{base}.3.*.weight": "awq_int4",  # expert 2 stays bf16
         "model.layers.*.self_attn.o_proj.weight": "fp8",
     }
-    plan, model, ref = run_mix(tmp_path, None, mapping, hf_cls)
+    plan, model, ref = run_mix(tmp_path, None, mapping, hf_cls, fp8="fp8w")
     moe = model.model.layers[0].get_submodule("block_sparse_moe" if family == "mixtral" else "mlp")
     kinds = [tuple(getattr(moe.experts[e], n).weight.spec.layout for n in (g, u, d)) for e in range(4)]
     assert kinds == [("gptq",) * 3, ("fp8", "fp8", "gptq"), ("dense",) * 3, ("awq",) * 3]
@@ -150,6 +158,8 @@ def test_real_checkpoints_mix_with_smoothing_compensation(tmp_path):
     save_file(dense, str(ref_dir / "model.safetensors"))
     (ref_dir / "config.json").write_text((m / "bf16" / "config.json").read_text())
     ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    if DEVICE == "cpu":  # the GPU methods skip activation quantization up to M = 64 tokens
+        assert hook_activation_quant(ref, weights) == 5  # W8A8 o_proj, block-FP8 layer-1 attention
     compare(model, ref)
 
     # The compensation undoes the smoothing: per input column, W_awq * m fits the BF16

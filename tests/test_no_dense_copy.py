@@ -67,15 +67,24 @@ def test_loading_never_dequantizes_and_holds_the_packed_bytes(name, monkeypatch)
 
     quantized = [n for n, t in plan.tensors.items() if t.spec.is_quantized]
     assert len(quantized) >= 14 and {plan.tensors[n].spec.layout for n in quantized} >= {"fp8", "gptq"}
+    methods = {m.weight.name: m.method.name for m in model.modules()
+               if isinstance(getattr(m, "weight", None), QuantizedWeight) and getattr(m, "method", None)}
     for n in quantized:
         t, w = plan.tensors[n], held[n]
         assert w.spec == t.spec, n
         assert not any(_is_dense_copy(x, t.entry.shape) for x in w.tensors.values()), n
-        if DEVICE == "cpu":  # the reference method keeps the checkpoint layout as stored
+        if DEVICE != "cpu":
+            continue
+        packed = w.nbytes - (0 if w.input_scale is None else w.input_scale.nbytes)
+        if methods[n] == "torch-dequant":  # the reference keeps the checkpoint layout as stored
             stored = plan.catalog(t).read(n)
             assert w.tensors.keys() == stored.tensors.keys(), n
             assert all(torch.equal(w.tensors[r], stored.tensors[r]) for r in w.tensors), n
-            assert w.nbytes - (0 if w.input_scale is None else w.input_scale.nbytes) == t.nbytes, n
+            assert packed == t.nbytes, n
+        else:  # a CPU kernel's layout: the same bits a weight, larger (fp32 here) scale tables
+            assert packed <= 1.4 * t.nbytes, (n, methods[n], packed, t.nbytes)
+    if DEVICE == "cpu":
+        assert set(methods.values()) >= {"cpu-int4pack", "cpu-fp8"}
 
     # Forward dequantizes transiently (CPU reference) but keeps nothing dense afterwards.
     before = {n: {r: (x.data_ptr(), x.nbytes) for r, x in held[n].tensors.items()} for n in quantized}
@@ -90,15 +99,26 @@ def test_loading_never_dequantizes_and_holds_the_packed_bytes(name, monkeypatch)
     assert big == [], f"dense copies kept on modules: {big[:3]}"
 
 
-def test_memory_stats_are_the_bytes_the_model_holds():
+def test_memory_stats_are_the_bytes_the_model_holds(monkeypatch):
     """The engine's stats against an independent count from the checkpoint headers: packed
     bytes for quantized weights (+ their float32 smoothing vector), numel x 4 for what the
-    CPU engine holds dense in float32; BF16 baseline = 2 bytes per logical element."""
+    CPU engine holds dense in float32; BF16 baseline = 2 bytes per logical element. (The
+    CPU kernels repack: with them the stats are the bytes of their layouts.)"""
     from mixq.engine.engine import LLM
     from mixq.tracking.memory import MB, get_mixed_precision_memory_stats
 
     if DEVICE != "cpu":
         pytest.skip("the exact count is for the CPU reference layout; GPU methods repack")
+    import mixq.layers.linear as linear
+
+    kernels = LLM(mixed_precision_config=str(ROOT / "examples" / "tiny-llama-mix.yaml"), device="cpu",
+                  dtype="float32", max_total_tokens=256)
+    # with the CPU kernels the stats are the bytes their repacked layouts hold
+    repacked = get_mixed_precision_memory_stats()
+    assert repacked["memory_mb"] * MB == pytest.approx(sum(w.nbytes for w in kernels.engine.weights.values()))
+    del kernels
+    # the reference layout is the checkpoint's: its bytes can be counted from the headers
+    monkeypatch.setattr(linear, "METHODS", [linear.DenseMethod(), linear.TorchDequantMethod()])
     llm = LLM(mixed_precision_config=str(ROOT / "examples" / "tiny-llama-mix.yaml"), device="cpu", dtype="float32",
               max_total_tokens=256)
     stats = get_mixed_precision_memory_stats()

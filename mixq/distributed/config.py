@@ -7,7 +7,8 @@ SGLang's meanings (and ours):
   partitioned into M expert-parallel groups; each group owns E/M experts of every MoE
   layer, and each expert is TP-sharded over the N/M ranks of its group ("moe tp size").
   So M must divide N. EP adds no processes: it re-partitions the TP group for the MoE.
-- ``--dp-size D``: D replicas of the TP group behind one server (mixq.distributed.dp).
+- ``--dp-size D``: D replicas of the TP group behind one server (the front: mixq.server.dp;
+  each replica's process: mixq.distributed.replica).
 - ``--nnodes K --node-rank i --dist-init-addr HOST:PORT``: the N ranks of a replica are
   spread over K machines, N/K each; rank 0 (node 0) hosts the rendezvous at HOST:PORT.
 """

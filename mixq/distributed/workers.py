@@ -29,6 +29,7 @@ from mixq.distributed.config import ParallelConfig, free_port
 from mixq.distributed.layers import parallelize
 from mixq.distributed.layout import ShardLayout
 from mixq.distributed.report import format_layout
+from mixq.engine.engine_config import EngineConfig, kv_cache_blocks, load_plan, resolve_device
 from mixq.engine.model_runner import ModelRunner, SeqChunk
 from mixq.errors import ConfigError, MixqError
 from mixq.formats import iter_weights
@@ -43,7 +44,7 @@ log = logging.getLogger("mixq.distributed")
 class WorkerSpec:
     """What a rank process needs to start (picklable)."""
 
-    cfg: object  # mixq.engine.engine.EngineConfig
+    cfg: EngineConfig
     pc: ParallelConfig
     rank: int
     parent_pid: int | None = None  # exit when this process is gone (no orphans)
@@ -118,7 +119,7 @@ def _cpu_threads(pc: ParallelConfig) -> int:
     return max(1, torch.get_num_threads() // pc.ranks_per_node)
 
 
-def _spawn(cfg, pc: ParallelConfig, ranks, threads: int) -> list:
+def _spawn(cfg: EngineConfig, pc: ParallelConfig, ranks, threads: int) -> list:
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for r in ranks:
@@ -153,13 +154,11 @@ class Driver:
         self.threads = torch.get_num_threads()
 
     @classmethod
-    def start(cls, cfg, pc: ParallelConfig, plan, dtype: torch.dtype, max_model_len: int,
+    def start(cls, cfg: EngineConfig, pc: ParallelConfig, plan, dtype: torch.dtype, max_model_len: int,
               kv_dtype: torch.dtype | None = None) -> Driver:
         """Check the layout, start this node's other ranks, join the group, send them the
         settings only rank 0 resolved (dtypes, context length), load every rank's part and
         agree on the KV-cache size. Any failure stops the other ranks and raises here."""
-        from mixq.engine.engine import kv_cache_blocks, resolve_device
-
         layout = ShardLayout(ModelConfig.from_hf(plan.model_config), pc)
         layout.check(plan)  # bad layouts fail here: no process started, no weight read
         device_type = resolve_device(cfg.device).type
@@ -252,8 +251,6 @@ def _watch_parent(parent_pid: int) -> None:
 def worker_main(spec: WorkerSpec) -> int:
     """A rank > 0: join the group, load this rank's part, then run what rank 0 sends
     until it says stop. Returns the process exit status."""
-    from mixq.engine.engine import kv_cache_blocks, load_plan, resolve_device
-
     if spec.parent_pid is not None:
         _watch_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
@@ -291,11 +288,9 @@ def _worker_process(spec: WorkerSpec) -> None:
     raise SystemExit(worker_main(spec))
 
 
-def run_node(cfg, pc: ParallelConfig) -> int:
+def run_node(cfg: EngineConfig, pc: ParallelConfig) -> int:
     """A node other than 0 (--node-rank > 0): run its ranks until rank 0 stops them.
     The first rank runs in this process, the others in child processes."""
-    from mixq.engine.engine import resolve_device
-
     _check_devices(pc, resolve_device(cfg.device).type)
     ranks = pc.node_ranks()
     threads = _cpu_threads(pc)

@@ -30,6 +30,15 @@ from mixq.layers.forward_batch import ForwardBatch
 log = logging.getLogger("mixq.engine")
 
 
+def resolve_placeholders(ids: torch.Tensor, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+    """ids with each -(k+1) replaced by prev_tokens[k], on the device (no host sync): how a
+    step's inputs take the tokens the step before sampled (the overlap schedule), eager or
+    replayed."""
+    if prev_tokens is None or prev_tokens.numel() == 0:
+        return ids
+    return torch.where(ids < 0, prev_tokens[(-ids - 1).clamp(0, prev_tokens.numel() - 1)], ids)
+
+
 def graph_batch_sizes(max_bs: int, sizes: list[int] | None = None) -> list[int]:
     """The buckets to capture: `sizes` if given (each >= 1), else 1, 2, 4, 8 and every
     multiple of 8 up to max_bs (SGLang's spacing), always ending at max_bs. Sorted, unique."""
@@ -130,9 +139,10 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, chunks, bs: int) -> torch.Tensor:
+    def run(self, chunks, bs: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [n, vocab] float32 of a decode step of n = len(chunks) <= bs sequences.
-        The tensor is a view of the graph's output: valid until the next replay."""
+        The tensor is a view of the graph's output: valid until the next replay. Token ids
+        -(k+1) stand for prev_tokens[k] (ModelRunner.forward)."""
         n, page = len(chunks), self.runner.block_size
         ids, pos, slots, ctx = [], [], [], []
         width = max(len(c.block_table) for c in chunks)
@@ -151,6 +161,8 @@ class DecodeGraphs:
         # columns past `width` keep older ids: never read, the kernel stops at the context
         self.meta[:, :n].copy_(torch.tensor([ids, pos, slots, ctx], dtype=torch.int64), non_blocking=True)
         self.tables[:n, :width].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
+        if prev_tokens is not None and any(i < 0 for i in ids):
+            self.meta[0, :n] = resolve_placeholders(self.meta[0, :n], prev_tokens)
         self._fill_padding(n, bs)
         if self.capture:
             self.graphs[bs].replay()

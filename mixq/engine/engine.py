@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.engine.detokenizer import DetokState, IncrementalDetokenizer, find_stop, held_back
+from mixq.engine.engine_config import (  # also the engine's public names (mixq.engine.engine.EngineConfig, ...)
+    EngineConfig,
+    kv_cache_blocks,
+    load_plan,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_dtype,
+    tokenizer_path,
+    usable_cpus,
+)
 from mixq.engine.grammar import Grammar, GrammarBackend, TokenMask, TokenMasks, advance_matchers
-from mixq.engine.model_runner import ModelRunner, SeqChunk
+from mixq.engine.model_runner import ModelRunner
+from mixq.engine.overlap import LaunchedStep, pending_ids, step_chunks
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
@@ -23,51 +34,6 @@ from mixq.engine.sequence import Sequence
 from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
-
-
-@dataclass
-class EngineConfig:
-    """What the engine needs; built by the CLI/launcher from flags (one place)."""
-
-    model_path: str | None = None
-    mixed_precision_config: str | None = None
-    tokenizer_path: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 2048
-    max_total_tokens: int | None = None
-    page_size: int = 16
-    mem_fraction_static: float = 0.85
-    attention_backend: str = "auto"  # "triton" | "torch_native" (mixq.engine.model_runner)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; else bfloat16, float16, float32, fp8_e4m3 or fp8_e5m2
-    disable_radix_cache: bool = False  # SGLang's flag: no prefix caching (mixq.engine.block_manager)
-    show_progress: bool = False
-    # q/k/v and gate/up as one GEMM where their formats agree (mixq.layers.merged); off for
-    # tools that hook or swap single projections (mixq.quality) and for A/B timing
-    merge_projections: bool = True
-    enable_expert_tracking: bool = False  # count MoE expert activations (mixq.tracking.experts)
-    # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph); CUDA + triton attention
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None  # None: --max-running-requests, at most 256
-    cuda_graph_bs: list[int] | None = None  # explicit buckets (SGLang's --cuda-graph-bs)
-    # parallelism (mixq.distributed.config.ParallelConfig has the meanings)
-    tp_size: int = 1
-    ep_size: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_init_addr: str | None = None
-    moe_dispatch: str = "all-reduce"
-    base_gpu_id: int = 0
-    dist_timeout_s: float = 600.0
-
-    def parallel(self):
-        """The ParallelConfig these fields describe (checked: ConfigError when impossible)."""
-        from mixq.distributed.config import ParallelConfig
-
-        return ParallelConfig(self.tp_size, self.ep_size, self.nnodes, self.node_rank, self.dist_init_addr,
-                              self.moe_dispatch, self.base_gpu_id, self.dist_timeout_s)
 
 
 @dataclass
@@ -113,67 +79,6 @@ class _SeqState:
     dead_end: bool = False  # its grammar allowed no token: ended with the EOS it was given instead
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32  # CPU bf16 GEMMs are slow and lossy; fp32 is the reference
-        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
-        return {"float16": torch.float16, "float32": torch.bfloat16}.get(name, torch.bfloat16)
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-
-
-def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype: auto (the model dtype), bfloat16, float16, float32, fp8_e4m3 or
-    fp8_e5m2 (8-bit with per-tensor scales, mixq.kernels.kv_quant)."""
-    from mixq.kernels.kv_quant import KV_CACHE_DTYPES
-
-    plain = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if name == "auto":
-        return model_dtype
-    if name in plain:
-        return plain[name]
-    if name in KV_CACHE_DTYPES:
-        return KV_CACHE_DTYPES[name]
-    raise ValueError(f"--kv-cache-dtype {name!r}: expected auto, {', '.join(plain)}, {', '.join(KV_CACHE_DTYPES)}")
-
-
-def load_plan(cfg: EngineConfig):
-    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
-    from mixq.config.schema import MixedPrecisionConfig
-    from mixq.formats import build_plan
-
-    mp = None
-    if cfg.mixed_precision_config:
-        mp = MixedPrecisionConfig.from_yaml(cfg.mixed_precision_config, model_path=cfg.model_path)
-    return build_plan(mp, model_path=cfg.model_path), mp
-
-
-def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
-    """KV blocks this process can hold: --max-total-tokens, else the GPU memory left under
-    --mem-fraction-static, else (CPU) room for every running request within 4 GiB."""
-    bs = cfg.page_size
-    if cfg.max_total_tokens:
-        return max(1, -(-cfg.max_total_tokens // bs))
-    per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = total * cfg.mem_fraction_static - (total - free)
-        if budget < per * (-(-max_model_len // bs)):
-            raise RuntimeError(
-                f"not enough GPU memory for the KV cache of one {max_model_len}-token sequence at "
-                f"--mem-fraction-static {cfg.mem_fraction_static}; raise it or lower --context-length"
-            )
-        return int(budget // per)
-    want = cfg.max_running_requests * -(-max_model_len // bs)
-    return max(-(-max_model_len // bs), min(want, int(4 * 2**30 // per)))
-
-
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.dist = None  # rank 0 of a tensor-parallel group (mixq.distributed.workers.Driver)
@@ -200,6 +105,10 @@ class LLMEngine:
             dtype = mp.inference.dtype if dtype == "auto" else dtype
             max_len = max_len or mp.inference.max_seq_length
         self.dtype = resolve_dtype(dtype, self.device, hf_cfg)
+        if self.device.type == "cpu" and torch.get_num_threads() > (cores := usable_cpus()):
+            torch.set_num_threads(cores)  # a CPU quota below the affinity mask: more threads only spin
+        if self.device.type == "cpu":
+            log.info("CPU: %d threads, %s", torch.get_num_threads(), str(self.dtype).removeprefix("torch."))
         self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
         max_len = min(max_len or limit, limit)
@@ -225,7 +134,7 @@ class LLMEngine:
         self.model_config = self.model.config
 
         # a directory's tokenizer files, or the vocabulary inside a GGUF file
-        self.tokenizer = load_tokenizer(cfg.tokenizer_path or self.plan.base.path)
+        self.tokenizer = load_tokenizer(tokenizer_path(cfg, self.plan))
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.max_model_len = max_len
         eos = set(self.model_config.eos_token_ids)
@@ -240,6 +149,10 @@ class LLMEngine:
             num_blocks = self._num_blocks()
             self.runner = ModelRunner(self.model, num_blocks, cfg.page_size, self.kv_dtype, self.device,
                                       cfg.attention_backend)
+        self.kv_cache_tokens = num_blocks * cfg.page_size
+        self.kv_cache_bytes = num_blocks * ModelRunner.kv_bytes_per_block(self.model, cfg.page_size, self.kv_dtype)
+        log.info("KV cache: %d tokens (%d blocks of %d), %.1f MiB of %s on %s", self.kv_cache_tokens, num_blocks,
+                 cfg.page_size, self.kv_cache_bytes / 2**20, str(self.kv_dtype).removeprefix("torch."), self.device)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=cfg.page_size, max_running_requests=cfg.max_running_requests,
             max_model_len=self.max_model_len, chunked_prefill_size=cfg.chunked_prefill_size,
@@ -247,6 +160,13 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._masks: TokenMasks | None = None
+        # the ranks of a TP group take a step's chunks as host data: a placeholder for a
+        # token on rank 0's device cannot cross, so TP runs without the overlap schedule
+        self.overlap = not cfg.disable_overlap_schedule and self.dist is None
+        if not self.overlap:
+            log.info("overlap schedule off: %s", "--disable-overlap-schedule" if cfg.disable_overlap_schedule
+                     else "tensor parallelism")
+        self._in_flight: LaunchedStep | None = None  # the step queued and not recorded yet
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
@@ -338,47 +258,79 @@ class LLMEngine:
         if req is None:
             return 0
         ended = len(self.scheduler.abort(request_id))
+        step = self._in_flight
+        if step is not None and all(i.seq.is_finished for i in step.batch.items):
+            self._in_flight = None  # nothing left to record: every token it samples is dropped
         for f in self.finish_hooks:
             f(request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
         return ended
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an update for every request that progressed."""
+        """Run one scheduled batch; return an update for every request that progressed.
+        With the overlap schedule the update is one step behind: the batch is queued on
+        the device, then the step before it is recorded while it runs."""
+        prev, self._in_flight = self._in_flight, None
+        early: list[RequestOutput] = []
+        if prev is not None and prev.mask is not None:
+            # a grammar's next mask needs the token in flight: record that step first (a step
+            # with structured outputs runs without the overlap)
+            early, prev = self._record(prev), None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        if not batch and prev is None and not early and self.scheduler.has_unfinished():  # would spin forever
+            raise RuntimeError(f"the scheduler found nothing to run: running {self.scheduler.running}, "
+                               f"waiting {list(self.scheduler.waiting)}")
+        launched = self._launch(batch, prev) if batch else None
+        if self.overlap:
+            self._in_flight, launched = launched, prev
+        return early + (self._record(launched) if launched is not None else [])
+
+    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
+        """Queue a committed batch on the device: forward, then sampling (no host sync)."""
         for h in self.step_hooks:
             h(batch)
-        chunks = [SeqChunk(i.seq.token_ids[i.start : i.start + i.num_new_tokens], i.start, i.seq.block_table,
-                           i.samples) for i in batch.items]
-        logits = self.runner.forward(chunks)  # queued: the grammar masks are filled meanwhile
+        chunks, placeholders = step_chunks(batch, prev)
+        logits = self.runner.forward(chunks, prev.tokens) if placeholders else self.runner.forward(chunks)
         sampling = [i.seq for i in batch.items if i.samples]
-        matchers = [s.engine_state.matcher for s in sampling]
-        mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
-                          m is not None) for s, m in zip(sampling, matchers)]
-        out = self.sampler(logits, rows, mask) if rows else None
+        step = LaunchedStep(batch, sampling)
+        if sampling:
+            matchers = [s.engine_state.matcher for s in sampling]
+            # filled on the host while the forward runs; a constrained row's previous token is
+            # always recorded by now (step() records such a step before scheduling the next)
+            step.mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
+            # num_pending > 1: the token this sequence sampled last is still in flight
+            rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
+                              constrained=m is not None, pending=s.num_pending > 1) for s, m in zip(sampling, matchers)]
+            res = self.sampler.sample(logits, rows, pending_ids(sampling, prev, logits.device), step.mask)
+            step.tokens, step.result = res.token_ids, res.to_host()
+            step.rows = {s.seq_id: k for k, s in enumerate(sampling)}
+        return step
+
+    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
+        """A step's results into the sequences and requests (stop checks, detokenization);
+        a sequence that ended while the step ran (stop, abort) drops its token."""
+        out = step.result.output() if step.result is not None else None
         tokens = out.token_ids if out else []
-        self.scheduler.postprocess(batch, tokens)
-        if mask is not None:
-            self._advance_grammars(sampling, tokens, mask)
-        self.stats["generation_tokens_total"] += len(tokens)
+        live = [not s.is_finished for s in step.sampling]
+        self.scheduler.postprocess(step.batch, tokens)
+        if step.mask is not None:
+            self._advance_grammars(step.sampling, tokens, step.mask, live)
+        self.stats["generation_tokens_total"] += sum(live)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
-        for k, seq in enumerate(sampling):
+        for k, seq in enumerate(step.sampling):
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or not live[k]:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
             st: _SeqState = seq.engine_state
             st.out.token_ids.append(tokens[k])
-            if out.logprobs is not None:
+            if seq.params.logprobs is not None:  # (the batch has them when any row asked)
                 st.out.logprobs.append(out.logprobs[k])
                 if out.top_logprobs is not None:
                     st.out.top_logprobs.append(out.top_logprobs[k])
@@ -391,9 +343,12 @@ class LLMEngine:
             self._masks = TokenMasks(self.model_config.vocab_size, self.eos_token_ids, self.device)
         return self._masks
 
-    def _advance_grammars(self, sampling: list[Sequence], tokens: list[int], mask: TokenMask) -> None:
+    def _advance_grammars(self, sampling: list[Sequence], tokens: list[int], mask: TokenMask,
+                          live: list[bool]) -> None:
         for k, reason in advance_matchers([s.engine_state.matcher for s in sampling], tokens, mask).items():
             seq = sampling[k]
+            if not live[k]:  # ended (aborted) while the step ran: its token is dropped
+                continue
             if reason == "abort":
                 log.warning("request %s: its grammar allows no token of this vocabulary after %d tokens; ended "
                             "with finish_reason 'abort'", seq.request_id, len(seq.output_token_ids) - 1)

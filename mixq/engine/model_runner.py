@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixq.engine.cuda_graph import resolve_placeholders
 from mixq.layers.attention import PagedAttention
 from mixq.layers.forward_batch import ForwardBatch
 
@@ -40,7 +41,9 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 class SeqChunk:
     """New tokens of one sequence for this step.
 
-    token_ids: tokens to compute now (a prefill chunk, or the one decode token);
+    token_ids: tokens to compute now (a prefill chunk, or the one decode token); an id
+        -(k+1) stands for row k of the previous step's sampled tokens, still on the device
+        (the overlap schedule: `forward`'s prev_tokens);
     start_pos: their first position (= tokens already in the cache);
     block_table: the sequence's KV blocks (enough for start_pos + len(token_ids));
     sample: whether this step needs the last token's logits.
@@ -99,8 +102,8 @@ class ModelRunner:
                 logits_index.append(qstart[-1] - 1)
             tables.append(c.block_table + [0] * (width - len(c.block_table)))
 
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype, device=self.device)
+        def t(x, dtype=torch.int64):  # non-blocking: queued behind the step in flight, no host sync
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         batch = ForwardBatch(
             positions=t(pos), slot_mapping=t(slots), query_start=t(qstart), context_lens=t(ctx),
@@ -135,13 +138,15 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def forward(self, chunks: list[SeqChunk], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [R, vocab] float32 for the chunks with sample=True, in order (for a
-        replayed decode step, a view valid until the next step)."""
+        replayed decode step, a view valid until the next step). prev_tokens [R'] int64, on
+        the device: the previous step's sampled tokens, which ids -(k+1) stand for."""
         if self.graphs is not None and all(len(c.token_ids) == 1 and c.sample for c in chunks):
             bs = self.graphs.bucket(len(chunks))
             if bs is not None:
-                return self.graphs.run(chunks, bs)
+                return self.graphs.run(chunks, bs, prev_tokens)
         ids, batch = self.prepare(chunks)
+        ids = resolve_placeholders(ids, prev_tokens)
         hidden = self.model(ids, batch)  # [T, hidden]
         return self.model.compute_logits(hidden[batch.logits_index]).float()

@@ -14,6 +14,15 @@ With prefix caching (on unless `enable_prefix_caching=False`, SGLang's
 blocks of its longest cached prefix (mixq.engine.block_manager) and computes only the rest;
 `postprocess` registers the blocks each step completed. A preempted sequence matches its
 own released blocks when it comes back, if they were not evicted meanwhile.
+
+A scheduled batch is committed when it is built: its sequences' `num_computed` advance
+and each sampling sequence gets a pending token (`num_pending`), which `postprocess`
+records once its id is known. So the engine may schedule step i+1 while step i runs on the
+device (the overlap schedule, mixq.engine.engine): a sequence decodes its pending token
+(its id stays on the device), one whose pending token will end it by length is left out,
+and one that turns out to have stopped (EOS, stop token, stop string) wasted one token of
+work that `postprocess` drops. A waiting sequence with a pending token (preempted while
+its token was in flight) is admitted once the token is recorded.
 """
 
 from __future__ import annotations
@@ -128,7 +137,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue  # preempted while making room for an earlier one
-            want = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.num_pending and self._ends_by_length(seq):
+                continue  # its pending token ends it: nothing more to compute
+            want = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
             while not self.blocks.can_reserve(seq, seq.num_computed + want):
                 victim = self.running[-1]  # newest arrival
                 self._preempt(victim)
@@ -138,10 +149,12 @@ class Scheduler:
             if seq.status != SeqStatus.RUNNING:
                 continue
             self.blocks.reserve(seq, seq.num_computed + want)
-            items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
+            items.append(self._commit(seq, want))
             budget -= want
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]  # holds no blocks, nothing computed
+            if seq.num_pending:
+                break  # preempted with a token in flight: its tokens are not all known yet
             hits = self.blocks.match_prefix(seq)
             cached = len(hits) * self.config.block_size
             remaining = seq.num_tokens - cached
@@ -157,25 +170,46 @@ class Scheduler:
             seq.num_cached_tokens = cached
             self.admitted_tokens += seq.num_tokens
             self.cached_tokens += cached
-            items.append(ScheduledSeq(seq, want, seq.num_computed, seq.num_computed + want == seq.num_tokens))
+            items.append(self._commit(seq, want))
             budget -= want
         return ScheduledBatch(items, preempted)
 
+    @staticmethod
+    def _commit(seq: Sequence, want: int) -> ScheduledSeq:
+        """Schedule `want` tokens of seq from num_computed on: they count as computed from
+        now (the device computes them in order), and reaching the last token leaves one
+        token pending."""
+        start = seq.num_computed
+        samples = start + want == seq.num_tokens + seq.num_pending
+        seq.num_computed = start + want
+        seq.num_pending += samples
+        return ScheduledSeq(seq, want, start, samples)
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Whether recording seq's pending tokens will end it by length for sure."""
+        n = seq.num_tokens + seq.num_pending
+        return len(seq.output_token_ids) + seq.num_pending >= seq.params.max_new_tokens or n >= self.config.max_model_len
+
     def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
-        """Record progress; `sampled` holds one token per item with samples=True, in
-        order. Returns the sequences that finished this step (their blocks are freed)."""
+        """Record a step's results; `sampled` holds one token per item with samples=True, in
+        order. A sequence that finished meanwhile (stop, abort) drops its token; one
+        preempted meanwhile keeps it (its recompute includes it). Returns the sequences that
+        finished now (their blocks are freed)."""
         finished = []
         tokens = iter(sampled)
         for item in batch.items:
             seq = item.seq
-            if seq.status != SeqStatus.RUNNING:
-                continue  # aborted during the step
-            seq.num_computed = item.start + item.num_new_tokens
-            self.blocks.cache_computed(seq)  # its K/V are written: full blocks can be shared now
-            if not item.samples:
+            tok = next(tokens) if item.samples else None
+            if seq.status == SeqStatus.FINISHED:
                 continue
-            tok = next(tokens)
-            seq.output_token_ids.append(tok)
+            if tok is not None:
+                seq.num_pending -= 1
+                seq.output_token_ids.append(tok)
+            # its K/V are written (or queued before any reader): full blocks can be shared now
+            if seq.status == SeqStatus.RUNNING:
+                self.blocks.cache_computed(seq)
+            if tok is None:
+                continue
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 self.finish(seq, reason)

@@ -33,6 +33,9 @@ class Sequence:
         self.num_computed = 0
         self.num_cached_blocks = 0  # leading blocks of block_table registered in (or matched from) the prefix cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when last admitted
+        # tokens sampled by a scheduled step and not yet recorded in output_token_ids (0 or 1
+        # between steps; with the overlap schedule the next step is scheduled before then)
+        self.num_pending = 0
         self.finish_reason: str | None = None
         self.engine_state: object = None  # detokenizer state etc., owned by the engine
 
@@ -50,4 +53,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, blocks={len(self.block_table)})")
+                f"pending={self.num_pending}, computed={self.num_computed}, blocks={len(self.block_table)})")

@@ -110,7 +110,8 @@ def plan_tiles(query_start: list[int], context_lens: list[int], group: int, head
         work += [(ctx - n + min(t0 + tq, n), i, t0) for t0 in range(0, n, tq)]
     work.sort(key=lambda w: -w[0])  # stable: ties keep sequence order
     tiles = torch.tensor([[w[1] for w in work], [w[2] for w in work]], dtype=torch.int32).view(2, -1)
-    return ExtendTiles(tiles.to(device), block_m, group)
+    # non-blocking: a blocking copy would wait for the step in flight (the overlap schedule)
+    return ExtendTiles(tiles.to(device, non_blocking=True), block_m, group)
 
 
 def paged_extend_reference(q, k_cache, v_cache, block_tables, query_start, context_lens, scale, k_scale=1.0,

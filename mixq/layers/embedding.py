@@ -15,6 +15,7 @@ from torch import nn
 
 from mixq.formats.gguf_quants import dequantize
 from mixq.formats.spec import QuantizedWeight
+from mixq.kernels import cpu_gguf, dense
 from mixq.layers.linear import MixedPrecisionLinear
 
 
@@ -55,8 +56,14 @@ class Embedding(nn.Module):
             if self.head is None:
                 raise RuntimeError(f"{self.qweight.name}: a quantized embedding is used as the LM head but was "
                                    "not built tied")
+            if self.head.method.name == "cpu-q8_0":
+                # the C kernel writes its fp32 sums as they are: float32 logits at no cost. In
+                # bf16 logits near 25 fall on 0.125 steps, and greedy decoding then breaks
+                # near-ties by token id (the README's chat prompt: 0.1 logit apart in fp32)
+                return cpu_gguf.q8_0_linear(hidden.reshape(-1, self.dim), self.head.weight.tensors["blocks"],
+                                            torch.float32).reshape(*hidden.shape[:-1], self.num_embeddings)
             return self.head(hidden)
-        return F.linear(hidden, self.weight)
+        return dense.linear(hidden, self.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)  # [T, dim]

@@ -21,6 +21,9 @@ from torch import nn
 
 from mixq.formats.registry import reader_for_layout
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
+from mixq.kernels import dense
+from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method, CPUQ80Method
+from mixq.kernels.cpu_quant import quantize_input
 from mixq.kernels.methods import GGMLMethod, MMAW4A16Method, WNA16Method
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 
@@ -42,7 +45,8 @@ class LinearMethod(Protocol):
 
 
 class DenseMethod:
-    """Dense weights: held in the model dtype, computed by F.linear (cuBLAS on GPU)."""
+    """Dense weights: held in the model dtype, computed by F.linear (cuBLAS on GPU; one CPU
+    row of bf16/fp16 by torch.mv, see mixq.kernels.dense)."""
 
     name = "dense"
 
@@ -56,7 +60,7 @@ class DenseMethod:
         return weight
 
     def apply(self, weight, x, bias):
-        return F.linear(x, weight.tensors["weight"], bias)
+        return dense.linear(x, weight.tensors["weight"], bias)
 
 
 class TorchDequantMethod:
@@ -80,12 +84,16 @@ class TorchDequantMethod:
 
     def apply(self, weight, x, bias):
         w = reader_for_layout(weight.spec.layout).dequantize(weight).to(x.dtype)
+        if weight.spec.activation != "none":  # W8A8 / FP8 schemes quantize their inputs (per token, ...)
+            static = weight.tensors.get("input_scale")
+            x2 = quantize_input(x.reshape(-1, x.shape[-1]), weight.spec, None if static is None else static.float())
+            x = x2.to(x.dtype).reshape(x.shape)
         return F.linear(x, w, bias)
 
 
-# Tried in order: the kernels made for a format first, the torch reference last.
-METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), GGMLMethod(), FP8Method(), Int8Method(), DenseMethod(),
-                               TorchDequantMethod()]
+# Tried in order: the kernels made for a format first (GPU, then CPU), the torch reference last.
+METHODS: list[LinearMethod] = [MMAW4A16Method(), WNA16Method(), GGMLMethod(), FP8Method(), Int8Method(), CPUInt4Method(),
+                               CPUInt8Method(), CPUFP8Method(), CPUQ80Method(), DenseMethod(), TorchDequantMethod()]
 
 
 def select_method(spec: WeightSpec, device: torch.device, name: str = "", weight: QuantizedWeight | None = None,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mixq.formats.spec import QuantizedWeight
+from mixq.kernels.cpu_methods import INT4_PACK_BLOCK_N
 from mixq.layers.linear import MixedPrecisionLinear, takes_fp8_act
 
 # method -> {tensor role: the dim that is N in the prepared layout, or None: must be equal
@@ -26,6 +27,11 @@ MERGE_DIMS: dict[str, dict[str, int | None]] = {
     "triton-ggml": {"ql": 1, "qh": 1, "d": 1, "m": 1, "sc": 1, "mn": 1},
     "triton-fp8": {"weight": 0, "weight_scale": 0, "input_scale": None},
     "triton-int8": {"weight": 0, "weight_scale": 0, "weight_zero_point": 0, "input_scale": None},
+    # CPU methods (mixq.kernels.cpu_methods): int4 rows are packed in blocks of 64 (merge_problem checks)
+    "cpu-int4pack": {"packed": 0, "scale_zero": 1, "src": None},
+    "cpu-int8pack": {"weight": 0, "scale": 0, "zero_scale": 0, "input_scale": None},
+    "cpu-fp8": {"weight": 0, "weight_scale": 0, "input_scale": None},
+    "cpu-q8_0": {"blocks": 0},
 }
 
 
@@ -53,7 +59,9 @@ def merge_problem(parts: list[MixedPrecisionLinear]) -> str | None:
         if rules[role] is None and not all(torch.equal(p.weight.tensors[role], t) for p in parts[1:]):
             return f"{role} differs between the parts"
     spec = first.weight.spec
-    if first.method.name == "triton-fp8" and spec.scale_layout == "block":
+    if first.method.name == "cpu-int4pack" and any(p.out_features % INT4_PACK_BLOCK_N for p in parts[:-1]):
+        return f"an output size is not a multiple of {INT4_PACK_BLOCK_N} (the CPU int4 packing's row block)"
+    if first.method.name in ("triton-fp8", "cpu-fp8") and spec.scale_layout == "block":
         bn = spec.block_size[0]
         if any(p.out_features % bn for p in parts[:-1]):
             return f"output sizes are not multiples of the {bn}-row scale block"

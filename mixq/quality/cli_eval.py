@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens of the text")
     p.add_argument("--window", type=int, default=512, help="tokens per window (each starts fresh)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: the engine's "
-                   "default for the device)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on the CPU, "
+                   "the engine's default on a GPU)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3", "fp8_e5m2", "bfloat16",
                                                                  "float16", "float32"),
                    help="the KV cache every config runs with (auto: the model dtype); other than auto, the base "

@@ -63,8 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", metavar="JSON", help="expert stats (--enable-expert-tracking): routing frequency "
                    "of each expert for the proxy, instead of counting it on the calibration text")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: the engine's "
-                   "default for the device)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: float32 on the CPU, "
+                   "the engine's default on a GPU)")
     p.set_defaults(func=run)
 
 

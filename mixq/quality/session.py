@@ -49,7 +49,12 @@ class Session:
     def load(cls, model_path: str | None, config: str | None, device: str, dtype: str, window: int,
              kv_cache_dtype: str = "auto") -> Session:
         from mixq.engine.engine import LLM
+        from mixq.engine.engine_config import resolve_device
 
+        if dtype == "auto" and resolve_device(device).type == "cpu":
+            # scores are compared at the 1e-5 level (KLD against the base): float32 on the CPU,
+            # not the engine's speed default (bf16 where the CPU has it)
+            dtype = "float32"
         llm = LLM(model_path=model_path, mixed_precision_config=config, device=device, dtype=dtype,
                   kv_cache_dtype=kv_cache_dtype, max_total_tokens=window + 64, max_running_requests=1, disable_cuda_graph=True,
                   merge_projections=False)  # measure hooks and swaps single projections

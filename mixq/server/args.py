@@ -35,6 +35,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 2048
     mem_fraction_static: float = 0.85
+    cpu_kv_cache_space: float = 1.0  # GiB (mixq.engine.engine_config.EngineConfig)
     page_size: int = 16
     host: str = "127.0.0.1"
     port: int = 30000
@@ -46,6 +47,7 @@ class ServerArgs:
     trust_remote_code: bool = False
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
     attention_backend: str = "auto"
@@ -77,6 +79,8 @@ class ServerArgs:
             raise ConfigError(f"--port must be <= 65535, got {self.port}")
         if not 0 < self.mem_fraction_static < 1:
             raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if not 0 < self.cpu_kv_cache_space < float("inf"):
+            raise ConfigError(f"--cpu-kv-cache-space must be > 0 GiB, got {self.cpu_kv_cache_space}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
@@ -148,8 +152,8 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("model", "--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
     ("model", "--served-model-name", dict(help="model name the API reports and accepts (default: the model "
                                                "directory's name)")),
-    ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: float32 on CPU, "
-                                   "the checkpoint's 16-bit dtype on GPU)")),
+    ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: on CPU bfloat16 "
+                                   "where it has native bf16, else float32; on GPU the checkpoint's 16-bit dtype)")),
     ("model", "--kv-cache-dtype", dict(help=f"KV cache dtype: {', '.join(KV_DTYPES)} (auto: --dtype; fp8: one "
                                              "byte a value, per-tensor scales from the checkpoint, else 1.0)")),
     ("model", "--device", dict(help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")),
@@ -164,6 +168,11 @@ _FLAGS: list[tuple[str, str, dict]] = [
                                                                             "disables chunking")),
     ("memory and scheduling", "--mem-fraction-static", dict(type=float, help="fraction of GPU memory for weights "
                                                                              "+ KV cache")),
+    ("memory and scheduling", "--cpu-kv-cache-space", dict(type=float, metavar="GIB", help="on a CPU: KV cache budget "
+                                                                 "in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE); the "
+                                                                 "cache is the smaller of this and what "
+                                                                 "--max-running-requests full-length sequences "
+                                                                 "need. --max-total-tokens overrides")),
     ("memory and scheduling", "--page-size", dict(type=int, help="tokens per KV cache block")),
     ("memory and scheduling", "--attention-backend", dict(help="triton (paged attention kernels; auto on CUDA) or "
                                                                "torch_native (SDPA per sequence; auto on CPU)")),
@@ -172,6 +181,9 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("memory and scheduling", "--disable-radix-cache", dict(action="store_true", default=None,
                                                              help="turn prefix caching off (on by default: requests "
                                                                   "reuse the KV blocks of a shared prompt prefix)")),
+    ("memory and scheduling", "--disable-overlap-schedule", dict(
+        action="store_true", default=None, help="record each step before scheduling the next (on by default: the "
+                                                "host schedules step i+1 and records step i while the device runs)")),
     ("memory and scheduling", "--cuda-graph-max-bs", dict(type=int, help="largest decode batch replayed from a CUDA "
                                                                          "graph (default: --max-running-requests, "
                                                                          "at most 256)")),

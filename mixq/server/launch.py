@@ -92,9 +92,11 @@ def engine_config(args: ServerArgs):
         model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
-        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static, show_progress=True,
+        page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
+        cpu_kv_cache_space=args.cpu_kv_cache_space, show_progress=True,
         attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
         disable_cuda_graph=args.disable_cuda_graph, disable_radix_cache=args.disable_radix_cache,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         cuda_graph_bs=args.cuda_graph_bs,
         enable_expert_tracking=args.enable_expert_tracking, tp_size=args.tp_size, ep_size=args.ep_size, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -125,7 +127,7 @@ def serve(args: ServerArgs) -> int:
 
         default_name = NAME
     if args.dp_size > 1:
-        from mixq.distributed.dp import DataParallelEngine, DPMetrics
+        from mixq.server.dp import DataParallelEngine, DPMetrics
 
         per_replica: list[ServerMetrics] = []
 

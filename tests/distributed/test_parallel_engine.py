@@ -9,6 +9,10 @@ partial sums in another order than one process's GEMM, which changes rounding by
 ulps (~1e-7 relative per sum here, measured 3e-7..7e-7 of the largest logit over two
 layers). 1e-5 of the largest logit leaves a 10x margin and is far below any real bug
 (a wrong shard or a lost all-reduce moves logits by O(1)).
+
+Formats that quantize their inputs (W8A8, FP8 dynamic) sit only where every rank sees the
+whole input (column-parallel): a row-parallel one quantizes each rank's K slice with its
+own per-token scale (as vLLM does), a different rounding than one process's.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def ref_mixtral():
     return Reference("mix-mixtral.yaml", 4)
 
 
-def check_parallel(ref: Reference, cfg: str, **parallel) -> list[dict]:
+def check_parallel(ref: Reference, cfg: str, tol: float = 1e-5, **parallel) -> list[dict]:
     """Run the layout, compare with the reference, return the per-rank load stats."""
     if DEVICE == "cuda" and torch.cuda.device_count() < parallel["tp_size"]:
         pytest.skip(f"needs {parallel['tp_size']} GPUs")  # never on the CPU: gloo ranks need none
@@ -86,7 +90,7 @@ def check_parallel(ref: Reference, cfg: str, **parallel) -> list[dict]:
         for p, want in zip(ref.prompts, ref.logits):
             logits = llm.engine.runner.score(p, list(range(8)))
             err = (logits - want).abs().max() / want.abs().max()
-            assert err < 1e-5, f"max logit difference {err:.2e} of the largest logit"
+            assert err < tol, f"max logit difference {err:.2e} of the largest logit"
         stats = llm.engine.dist.rank_stats
         predicted = llm.engine.dist.layout.rank_bytes(llm.engine.plan)
     assert multiprocessing.active_children() == []  # every rank process reaped
@@ -111,16 +115,21 @@ def test_tensor_parallel_mixed_formats(ref_llama, tp):
 def test_expert_parallel_each_expert_in_its_own_format(ref_moe_ep, tp, ep, dispatch):
     stats = check_parallel(ref_moe_ep, "mix-qwen3-moe-ep.yaml", tp_size=tp, ep_size=ep, moe_dispatch=dispatch)
     assert [s["experts"] for s in stats] == [[0, 1], [2, 3]]
-    # rank 0 holds the GPTQ and AWQ experts (int4 only), rank 1 the FP8/INT8 and CT-INT4 ones
-    assert set(stats[0]["by_format"]) == {"bf16", "fp8", "int4"}
+    # rank 0 holds the GPTQ and AWQ experts (int4 only), rank 1 the FP8/INT8 and CT-INT4 ones;
+    # attention (FP8 q/k/v, INT8 o_proj) is on both
+    assert set(stats[0]["by_format"]) == {"bf16", "fp8", "int4", "int8"}
     assert set(stats[1]["by_format"]) == {"bf16", "fp8", "int4", "int8"}
+    assert stats[0]["by_format"]["int8"] < stats[1]["by_format"]["int8"]  # rank 1 adds expert 2's down_proj
     # nothing is read twice but the norms and routers: the ranks' parts add up to ~the model
     assert sum(s["bytes"] for s in stats) <= 1.05 * ref_moe_ep.total_bytes
     assert all(s["bytes"] < 0.6 * ref_moe_ep.total_bytes for s in stats)
 
 
 def test_tp4_with_ep2_shards_experts_over_their_group(ref_moe_tp):
-    stats = check_parallel(ref_moe_tp, "mix-qwen3-moe-tp.yaml", tp_size=4, ep_size=2)
+    # FP8 inputs after a row-parallel sum: a ~1e-7 difference upstream can move a code across
+    # an e4m3 rounding boundary (one step = 1/8 of that element), measured 2.4e-5 of the
+    # largest logit; a sharding bug moves logits by O(1)
+    stats = check_parallel(ref_moe_tp, "mix-qwen3-moe-tp.yaml", tol=2e-4, tp_size=4, ep_size=2)
     assert [s["experts"] for s in stats] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert stats[0]["bytes"] == stats[1]["bytes"] and stats[2]["bytes"] == stats[3]["bytes"]
     assert sum(s["bytes"] for s in stats) <= 1.1 * ref_moe_tp.total_bytes

@@ -38,7 +38,7 @@ def test_batch_size_buckets():
 def _count_replays(runner, monkeypatch) -> list[tuple[int, int]]:
     seen = []
     run = runner.graphs.run
-    monkeypatch.setattr(runner.graphs, "run", lambda chunks, bs: seen.append((len(chunks), bs)) or run(chunks, bs))
+    monkeypatch.setattr(runner.graphs, "run", lambda chunks, bs, *prev: seen.append((len(chunks), bs)) or run(chunks, bs, *prev))
     return seen
 
 

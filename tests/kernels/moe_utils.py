@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 
 import torch
 
@@ -67,12 +68,14 @@ FORMATS = ("bf16", "fp16", "fp8-channel", "fp8-tensor", "fp8-block", "int8", "gp
 
 
 def make_moe(hidden: int, inter: int, experts: int, top_k: int, formats, seed=0, dtype=torch.float32,
-             device="cpu", fused=None, skip=(), local: range | None = None):
+             device="cpu", fused=None, skip=(), local: range | None = None, weight_only: bool = False):
     """A SparseMoE whose expert e has projections in formats[e % len] = (gate, up, down) (or
     one name for all three), loaded and post-processed (fused=False: the per-expert path;
     on the CPU that is the torch reference, whatever the environment says). Returns (moe,
     dense fp64 weights). `local`: as an expert-parallel rank, only these experts are loaded
-    and the layer's `local_experts` lists them (numbered from 0), as mixq.distributed does."""
+    and the layer's `local_experts` lists them (numbered from 0), as mixq.distributed does.
+    weight_only: the 8-bit experts' specs drop their activation quantization (what the fused
+    kernels compute; the CPU methods would quantize the activations as the scheme says)."""
     if local is not None:
         skip = set(skip) | (set(range(experts)) - set(local))
     g = torch.Generator().manual_seed(seed)
@@ -87,6 +90,8 @@ def make_moe(hidden: int, inter: int, experts: int, top_k: int, formats, seed=0,
                                      ((inter, hidden), (inter, hidden), (hidden, inter))):
             w = torch.randn(o, i, generator=g) / i**0.5
             qw = make_weight(fmt, f"experts.{e}.{proj}.weight", w)
+            if weight_only:
+                qw = QuantizedWeight(qw.name, replace(qw.spec, activation="none"), qw.shape, qw.tensors)
             dense[(e, proj)] = qw.dequantize(torch.float64)  # the reference reads the CPU copy
             qw = qw.to(device)
             if e not in skip:

@@ -155,8 +155,8 @@ def test_engine_triton_backend_matches_torch_native_on_chunked_prefill(monkeypat
     steps = []  # per step: (start, new tokens) of each sequence
     forward = fast.engine.runner.forward
     monkeypatch.setattr(fast.engine.runner, "forward",
-                        lambda chunks: steps.append([(c.start_pos, len(c.token_ids)) for c in chunks])
-                        or forward(chunks))
+                        lambda chunks, *prev: steps.append([(c.start_pos, len(c.token_ids)) for c in chunks])
+                        or forward(chunks, *prev))
     ps = prompts(5, seed=4)
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
     got = fast.generate(ps, params)

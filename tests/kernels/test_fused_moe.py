@@ -49,7 +49,8 @@ def run_layer(formats, ms, top_ks, dtype, override=None, monkeypatch=None):
         # activations above 64 rows (a few % per row, a different function)
         monkeypatch.setattr(w8_methods._W8Method, "weight_only_max_m", 1 << 30)
     fused, dense = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV)
-    ref_layer, _ = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV, fused=False)
+    ref_layer, _ = make_moe(H, INTER, E, max(top_ks), formats, dtype=dtype, device=DEV, fused=False,
+                            weight_only=True)
     assert fused.fused_plan is not None and ref_layer.fused_plan is None
     if override:
         monkeypatch.setattr(fm, "CONFIG_OVERRIDE", override)

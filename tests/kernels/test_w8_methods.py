@@ -17,7 +17,7 @@ from mixq.kernels import wna16
 from mixq.kernels.quant import quant_reference
 from mixq.kernels.w8_methods import FP8Method, Int8Method
 from mixq.kernels.w8a8 import w8a8_reference
-from mixq.layers.linear import MixedPrecisionLinear, TorchDequantMethod, select_method
+from mixq.layers.linear import MixedPrecisionLinear, select_method
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -35,6 +35,12 @@ def load(qw: QuantizedWeight, monkeypatch) -> MixedPrecisionLinear:
     lin = MixedPrecisionLinear(qw.shape[1], qw.shape[0])
     lin.load(qw.to(DEV), torch.bfloat16)
     return lin
+
+
+def weight_only_reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """Float64 x @ dequantize(w)^T, activations as given (the methods' weight-only path;
+    TorchDequantMethod quantizes them as the checkpoint's scheme says)."""
+    return x.double() @ qw.dequantize(torch.float64).to(DEV).t()
 
 
 def same_quant_reference(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +72,7 @@ def test_method_on_real_checkpoints(variant, method, monkeypatch):
             monkeypatch.setattr(type(lin.method), "weight_only_max_m", 64 if CUDA else 4)
             x = (torch.randn(m, qw.shape[1], generator=gen) * amp).bfloat16().to(DEV)
             y = lin(x)
-            ref = TorchDequantMethod().apply(qw.to(DEV), x.double(), None)
+            ref = weight_only_reference(qw, x)
             assert y.dtype == torch.bfloat16 and y.shape == (m, qw.shape[0])
             if m <= lin.method.weight_only_max_m or qw.spec.activation == "none":
                 # weight-only: exact 8-bit weights, bf16 activations, bf16 output rounding
@@ -112,7 +118,7 @@ def test_asymmetric_int8_weights(activation, monkeypatch):
     monkeypatch.setattr(type(lin.method), "weight_only_max_m", 2)
     for m in (1, 3, 19):
         x = torch.randn(m, 136, generator=gen).bfloat16().to(DEV)
-        ref = TorchDequantMethod().apply(qw.to(DEV), x.double(), None)
+        ref = weight_only_reference(qw, x)
         # weight-only: output rounding only; per-token int8 activations: ~1%
         assert rel_err(lin(x), ref) < (5e-3 if m <= 2 or activation == "none" else 0.02), m
 
@@ -162,8 +168,8 @@ def test_refusals_name_the_reason(monkeypatch):
         monkeypatch.delenv("MIXQ_TRITON_INTERPRET_METHODS", raising=False)
         ok, why = fp8.can_implement(spec, DEV)
         assert not ok and "needs a CUDA device" in why
-        # and the layer then takes the torch reference, saying so through its method
-        assert select_method(spec, DEV).name == "torch-dequant"
+        # and the layer then takes the CPU's own FP8 kernel, saying so through its method
+        assert select_method(spec, DEV).name == "cpu-fp8"
     monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
     assert select_method(spec, DEV).name == "triton-fp8"
     odd_block = WeightSpec(layout="fp8", bits=8, dtype=torch.float8_e4m3fn, scale_layout="block", block_size=(128, 96))

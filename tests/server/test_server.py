@@ -216,17 +216,22 @@ def test_server_info_and_memory_stats(server, reference):
     info = httpx.get(f"{server}/get_server_info", headers=H).json()
     assert (info["served_model_name"], info["page_size"], info["max_model_len"], info["max_total_tokens"]) == (
         "tiny", 8, 512, 2048)
-    assert info["kv_blocks"] == 2048 // 8 and info["device"] == "cpu" and info["dtype"] == "float32"
+    from mixq.engine.engine_config import cpu_has_native_bf16
+
+    cpu_default = "bfloat16" if cpu_has_native_bf16() else "float32"  # --dtype auto on a CPU
+    assert info["kv_blocks"] == 2048 // 8 and info["device"] == "cpu" and info["dtype"] == cpu_default
     assert KEY not in json.dumps(info)  # the API key is never echoed
     mem = httpx.get(f"{server}/memory_stats", headers=H).json()
     kv = mem.pop("kv_cache")
     # the same checkpoint loaded the same way in this process holds the same bytes
     want = MemoryStats.from_weights(reference.engine.weights).as_dict()
     assert mem == json.loads(json.dumps(want))
-    # float32 KV on the CPU: 2 layers x (K, V) x 2 KV heads x 32 dims x 4 bytes a token, 2048 tokens
+    # the KV cache in the CPU default dtype: 2 layers x (K, V) x 2 KV heads x 32 dims x its
+    # bytes a token (4 float32, 2 bf16), 2048 tokens
+    size = {"float32": 4, "bfloat16": 2}[cpu_default]
     assert (kv["dtype"], kv["bytes_per_token"], kv["bf16_bytes_per_token"], kv["capacity_tokens"]) == (
-        "float32", 1024, 512, 2048)
-    assert kv["memory_mb"] == 2.0 and kv["memory_saved_mb"] == -1.0
+        cpu_default, 256 * size, 512, 2048)
+    assert kv["memory_mb"] == 256 * size * 2048 / 2**20 and kv["memory_saved_mb"] == (512 - 256 * size) * 2048 / 2**20
 
 
 def test_native_generate_text_ids_stream_and_errors(server, reference):
