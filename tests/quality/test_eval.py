@@ -154,7 +154,8 @@ def test_eval_kv_cache_dtype_scores_the_cache_against_a_bf16_kv_base(capsys):
     windows = [ids[s : s + 64] for s in range(0, 130, 64)]
     logp = {}
     for kv in ("bfloat16", "fp8_e4m3"):
-        eng = LLM(model_path=str(LLAMA / "bf16"), device="cpu", kv_cache_dtype=kv, max_total_tokens=128).engine
+        eng = LLM(model_path=str(LLAMA / "bf16"), device="cpu", dtype="float32", kv_cache_dtype=kv,
+                  max_total_tokens=128).engine  # eval scores in float32 on the CPU
         logp[kv] = torch.cat([eng.runner.score(w, [0, 1, 2, 3])[:-1].double().log_softmax(-1) for w in windows])
         eng.close()
     p, q = logp["bfloat16"], logp["fp8_e4m3"]
