@@ -40,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # run as a script, bench/ is sys.path[0], and its kernels.py would shadow the `kernels`
-# package transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# package transformers imports; the checkout's mixq comes first, installed or not
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FIX = ROOT / "tests" / "fixtures" / "tiny-llama"
 FORMATS = ("fp8", "int8", "gptq-int4", "awq-int4", "gguf")
 
