@@ -40,6 +40,7 @@ from mixq.formats.spec import QuantizedWeight, WeightSpec
 from mixq.kernels import cpu_fp8, cpu_gguf
 from mixq.kernels.cpu_quant import quantize_input, token_codes
 from mixq.kernels.methods import canonical_int
+from mixq.kernels.w8_methods import _static_scale as w8_static_scale
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 # torch's CPU int4 packing lays rows out in blocks of 64 (a shorter last block): packed
@@ -260,20 +261,14 @@ def _int8_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Ten
 
 
 def _static_scale(weight: QuantizedWeight) -> torch.Tensor | None:
-    """The checkpoint's per-tensor input scale (fp32 [1]) of a static-activation scheme."""
-    if weight.spec.activation != "static-tensor":
-        return None
-    s = weight.tensors.get("input_scale")
-    if s is None:
-        raise CheckpointError(f"{weight.name}: static activation quantization but no input_scale stored")
-    if s.numel() != 1:
-        raise UnsupportedFormatError(f"{weight.name}: input_scale has {s.numel()} values; only per-tensor "
-                                     "static activation scales are supported")
+    """The checkpoint's per-tensor input scale (fp32 [1]) of a static-activation scheme
+    (w8_methods' rule), refusing an asymmetric one (its zero point)."""
+    s = w8_static_scale(weight)
     izp = weight.tensors.get("input_zero_point")
-    if izp is not None and bool(izp.ne(0).any()):
+    if s is not None and izp is not None and bool(izp.ne(0).any()):
         raise UnsupportedFormatError(f"{weight.name}: asymmetric static activation quantization "
                                      "(input_zero_point) is not supported; use symmetric W8A8")
-    return s.float().reshape(1).contiguous()
+    return s
 
 
 def _fp8_block(spec: WeightSpec, k: int) -> tuple[int, int]:
