@@ -45,7 +45,17 @@ QUESTIONS = ["Who speaks first in this scene, and why?", "Summarise the passage 
              "What happens to the ship?", "Is anyone lost at sea?"]
 
 
-def workload(tok, system_tokens: int, n: int, wave: int) -> list[list[int]]:
+def workload(tok, system_tokens: int, n: int, wave: int, random_ids: bool = False) -> list[list[int]]:
+    """n prompts: one shared system prompt (The Tempest) + a question of its own each. With
+    random_ids (a random-weight checkpoint whose tokenizer knows no English), random token ids
+    of the same lengths: one shared prefix of system_tokens, then 24 ids per request."""
+    if random_ids:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        system = torch.randint(3, len(tok), (system_tokens,), generator=g).tolist()
+        g.manual_seed(1000 * (wave + 1))
+        return [system + torch.randint(3, len(tok), (24,), generator=g).tolist() for _ in range(n)]
     system = tok.encode(load_eval_text(6 * system_tokens), verbose=False)[:system_tokens]
     if len(system) < system_tokens:
         raise ValueError(f"the text gave {len(system)} tokens, fewer than --system-tokens {system_tokens}")
@@ -121,6 +131,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--random-ids", action="store_true",
+                    help="random token ids instead of text (checkpoints with random weights, e.g. bench/engine.py's)")
     ap.add_argument("--out")
     ap.add_argument("--smoke", action="store_true", help="tiny test model, 3 requests, 100-token system prompt")
     ap.add_argument("--tokens-only", action="store_true",
@@ -146,7 +158,7 @@ def main() -> None:
 
         plan, _ = load_plan(EngineConfig(model_path=a.model_path, mixed_precision_config=a.config))
         tok = AutoTokenizer.from_pretrained(str(plan.base.path))
-        waves = [workload(tok, a.system_tokens, a.requests, i) for i in range(2)]
+        waves = [workload(tok, a.system_tokens, a.requests, i, a.random_ids) for i in range(2)]
         r = tokens_only(waves, 16, a.chunked_prefill_size, a.new_tokens)
         print(f"{a.requests} requests, {a.system_tokens}-token shared system prompt, page 16 (scheduler only)")
         for name, ws in r.items():
@@ -171,7 +183,7 @@ def main() -> None:
             results["model"] = a.model_path or a.config
         # first-call costs off the clock, on a prompt that shares no block with the workload
         run_wave(llm, [tok.encode("warm up " * 40)] * 2, 2, "warmup")
-        waves = {w: run_wave(llm, workload(tok, a.system_tokens, a.requests, i), a.new_tokens, w)
+        waves = {w: run_wave(llm, workload(tok, a.system_tokens, a.requests, i, a.random_ids), a.new_tokens, w)
                  for i, w in enumerate(("cold", "warm"))}
         results["engines"][name] = waves
         llm.close()

@@ -14,6 +14,7 @@ from mixq.formats import CheckpointCatalog
 from mixq.formats.spec import QuantizedWeight
 from mixq.kernels import wna16
 from mixq.kernels.methods import GGMLMethod
+from tests.devices import DEVICE
 
 gguf = pytest.importorskip("gguf")
 FIX = Path(__file__).parent / "fixtures" / "gguf"
@@ -40,9 +41,10 @@ def test_llama_cpp_k_quants_dequantize_bit_exact(name):
 
 @pytest.mark.skipif(wna16.triton is None, reason="triton not installed")
 def test_ggml_kernel_on_llama_cpp_blocks(monkeypatch):
-    """The ggml kernel (interpreter on CPU) on tensors llama.cpp quantized, against a float64
-    product with gguf's dequantization."""
-    monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
+    """The ggml kernel (interpreter on CPU, compiled under MIXQ_TEST_DEVICE=cuda) on tensors
+    llama.cpp quantized, against a float64 product with gguf's dequantization."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
     done = set()
     for name in FILES:
         cat = CheckpointCatalog(FIX / name)
@@ -52,10 +54,11 @@ def test_ggml_kernel_on_llama_cpp_blocks(monkeypatch):
             done.add(e.spec.qtype)
             qw = cat.read(hf)
             m = GGMLMethod()
-            prep = m.prepare(QuantizedWeight(hf, qw.spec, qw.shape, qw.tensors), torch.float16)
+            tensors = {k: v.to(DEVICE) for k, v in qw.tensors.items()}
+            prep = m.prepare(QuantizedWeight(hf, qw.spec, qw.shape, tensors), torch.float16)
             x = torch.randn(3, qw.shape[1], generator=torch.Generator().manual_seed(0)).half()
             ref = x.double() @ qw.dequantize(torch.float64).t()
-            err = (m.apply(prep, x, None).double() - ref).norm() / ref.norm()
+            err = (m.apply(prep, x.to(DEVICE), None).double().cpu() - ref).norm() / ref.norm()
             assert err < 5e-3, (hf, e.spec.qtype, float(err))  # fp16 weight rounding, fp32 sums
     assert done == {"q4_k", "q5_k", "q6_k"}
 

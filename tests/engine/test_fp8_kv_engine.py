@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from mixq.engine.engine import LLM
+from mixq.engine.engine_config import EngineConfig, kv_cache_blocks
 from mixq.engine.sampling_params import SamplingParams
 from mixq.errors import CheckpointError
 from tests.devices import DEVICE
@@ -136,14 +137,28 @@ def test_scales_are_ignored_by_a_full_precision_cache(hf, scaled):
     check_against_hf(hf, outs, torch.float32, [(1.0, 1.0)] * 2)  # a float32 "fp8" round trip is exact
 
 
-def test_fp8_halves_the_kv_bytes_and_doubles_the_blocks():
+def test_fp8_halves_the_kv_bytes_and_doubles_the_blocks(monkeypatch):
     kw = dict(model_path=str(FIX / "bf16"), device=DEVICE, dtype="float32", max_running_requests=4)
+    if DEVICE != "cpu":  # the GPU budget is checked below, on a fixed memory size; a real one
+        kw["max_total_tokens"] = 1024  # would depend on what earlier tests' engines still hold
     full, half, fp8 = (LLM(kv_cache_dtype=k, **kw).engine for k in ("float32", "bfloat16", "fp8_e5m2"))
     # 2 layers x (K, V) x 2 KV heads x 32 dims x page 16 tokens x bytes per value
     per = 2 * 2 * 2 * 32 * 16
     assert [e.runner.kv_bytes_per_block(e.model, 16, e.kv_dtype) for e in (full, half, fp8)] == [4 * per, 2 * per, per]
     # the CPU sizes its cache for every running request at full context: the same blocks
     assert full.scheduler.blocks.num_blocks == fp8.scheduler.blocks.num_blocks
+    # a GPU sizes it to the memory left under --mem-fraction-static: 8 GiB total, 2 GiB in use,
+    # 0.85 of it for the process -> 8 * 0.85 - 2 = 4.8 GiB of KV; fp8 holds 4x float32's blocks
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * 2**30, 8 * 2**30))
+    cfg = EngineConfig(model_path=str(FIX / "bf16"), mem_fraction_static=0.85)
+    budget = 8 * 2**30 * 0.85 - 2 * 2**30
+    got = [kv_cache_blocks(full.model, cfg, torch.device("cuda"), d, 512)
+           for d in (torch.float32, torch.bfloat16, torch.float8_e5m2)]
+    assert got == [int(budget // (4 * per)), int(budget // (2 * per)), int(budget // per)]
+    # one 512-token sequence no longer fits: refused, naming the flag
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * 2**30, 8 * 2**30))
+    with pytest.raises(RuntimeError, match="--mem-fraction-static 0.85"):
+        kv_cache_blocks(full.model, cfg, torch.device("cuda"), torch.float32, 512)
 
 
 @needs_triton
