@@ -185,6 +185,18 @@ def timed_generate(generate, prompts, new: int, dev: torch.device, repeats: int)
     return prefill, max(min(fulls) - prefill, 1e-9), toks
 
 
+def profile(generate, prompts, new: int) -> None:
+    """Where a generate call's host time goes: torch.profiler's top ops by self CPU time
+    (--profile; for the host share of a decode step)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with prof(activities=acts) as p:
+        generate(prompts, new)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def hf_engine(path: Path, dev: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -303,6 +315,8 @@ def run_shape(shape: str, a, dev: torch.device) -> dict:
                 row["decode_tok_s"] = float("nan")
             print(f"  batch {b}: {row['decode_tok_s']:.0f} decode tok/s"
                   + (f", step {step * 1e3:.2f} ms vs graph replay {r * 1e3:.2f} ms" if r else ""), flush=True)
+            if a.profile and kind != "hf" and b == max(batches):
+                profile(generate, prompts[b], a.new_tokens)
         if llm is not None:
             llm.close()
         del generate, weights, llm
@@ -349,6 +363,8 @@ def main():
     ap.add_argument("--hot-experts", type=int, default=16, help="experts per layer in FP8 in the MoE mix")
     ap.add_argument("--workdir", help="keep checkpoints here and reuse them (else a temporary directory)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's top ops of one generate at the largest batch, per mixq engine")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes of both families on the CPU, seconds")
     ap.add_argument("--out")
     a = ap.parse_args()

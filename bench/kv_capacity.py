@@ -17,6 +17,7 @@ Default model: the embedded SmolLM2-135M (BF16 checkpoint).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # bench/kernels.py would shadow the `kernels` package transformers probes for: run from the root
 sys.path[0] = str(ROOT)
+
+import torch  # noqa: E402
 
 from mixq.engine.block_manager import BlockManager  # noqa: E402
 from mixq.engine.engine import LLM  # noqa: E402
@@ -87,6 +90,9 @@ def main() -> None:
                              "requests_at_context": blocks // -(-a.context // a.page_size),
                              "admitted_together": fits_together(blocks, a.page_size, a.context)}
         del eng
+        gc.collect()
+        if torch.cuda.is_available():  # the next engine sizes its cache from what the GPU reports free
+            torch.cuda.empty_cache()
     print(f"{results['model']} on {results['device']}, context {a.context} tokens, page {a.page_size}"
           + ("" if a.gpu_memory else f", KV budget {a.budget_gib:g} GiB"))
     print("| KV cache | bytes/token | cache GiB | tokens | requests at full context | admitted together |")

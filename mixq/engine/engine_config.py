@@ -163,6 +163,7 @@ def kv_cache_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch
     per = ModelRunner.kv_bytes_per_block(model, bs, dtype)
     one_seq = -(-max_model_len // bs)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks this process freed (an earlier engine's) count as free
         free, total = torch.cuda.mem_get_info(device)
         budget = total * cfg.mem_fraction_static - (total - free)
         if budget < per * one_seq:
