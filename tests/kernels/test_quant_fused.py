@@ -1,6 +1,7 @@
 """Producers with the FP8 per-token quantization fused in: bit for bit what the unfused
-producer followed by `quant_fp8` gives (interpreter on the CPU, real on CUDA), and close
-to a float64 reference of the producer."""
+producer followed by `quant_fp8` gives under the interpreter (CPU); compiled on CUDA the two
+kernels sum a row's squares in different orders, so there a scale may move by a bf16 ulp
+and a code by an e4m3 step. Both close to a float64 reference of the producer."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def _same(a, b):
                        b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
 
 
+def _same_quant(q, s, q2, s2):
+    """(codes, scales) equal; on CUDA equal up to the producers' own rounding: scales within
+    a bf16 ulp of the row's amax (2**-7), each value within one e4m3 step (2**-3 of its size,
+    or the subnormal step 2**-9 of the scale), and few codes moved."""
+    if not CUDA:
+        _same(q, q2)
+        _same(s, s2)
+        return
+    assert q.dtype == q2.dtype and q.shape == q2.shape and s.shape == s2.shape
+    assert float((s.float() / s2.float() - 1).abs().max()) <= 2**-7
+    a, b = q.float() * s.float(), q2.float() * s2.float()
+    assert bool(((a - b).abs() <= 2**-3 * torch.maximum(a.abs(), b.abs()) + 2**-9 * s2.float()).all())
+    assert float((q.view(torch.uint8) != q2.view(torch.uint8)).float().mean()) < 0.25
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,res", [(1, 64, True), (5, 200, True), (3, 96, False)])
 def test_add_rms_norm_fp8_equals_norm_then_quant(dtype, rows, n, res):
@@ -34,8 +50,7 @@ def test_add_rms_norm_fp8_equals_norm_then_quant(dtype, rows, n, res):
     q, s, rout = add_rms_norm_fp8(x, r, w, 1e-6)
     normed, rout2 = ew.add_rms_norm(x, r, w, 1e-6)
     q2, s2 = quant_fp8(normed)
-    _same(q, q2)
-    _same(s, s2)
+    _same_quant(q, s, q2, s2)
     _same(rout, rout2)
     # and against float64: the fp8 codes times the scale within e4m3's half-ulp (2**-4
     # relative) plus the bf16/fp16 rounding of the normed value
@@ -45,8 +60,7 @@ def test_add_rms_norm_fp8_equals_norm_then_quant(dtype, rows, n, res):
     assert float(((got - want).abs() / want.abs().amax(-1, keepdim=True)).max()) < 2 ** -4 + 2 ** -7
     # and the torch twin of the quantization on the producer's output
     qr, sr = fp8_act_reference(normed)
-    _same(s, sr.to(DEV))
-    _same(q, qr.to(DEV))
+    _same_quant(q, s, qr.to(DEV), sr.to(DEV))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -57,8 +71,7 @@ def test_silu_and_mul_fp8_equals_silu_then_quant(dtype, rows, n):
     gate, up = gu[:, :n], gu[:, n:]  # strided rows, as a merged gate/up GEMM hands them over
     q, s = silu_and_mul_fp8(gate, up)
     q2, s2 = quant_fp8(ew.silu_and_mul(gate, up))
-    _same(q, q2)
-    _same(s, s2)
+    _same_quant(q, s, q2, s2)
     want = torch.nn.functional.silu(gate.double()) * up.double()
     got = q.double() * s.double()
     assert float(((got - want).abs() / want.abs().amax(-1, keepdim=True)).max()) < 2 ** -4 + 2 ** -6
