@@ -78,6 +78,15 @@ def test_generate_prints_completion_speed_memory_and_a_progress_bar(capfd):
     # those roundings allow
     dt, tps = float(speed.group(2)), float(speed.group(3))
     assert n_tok / (dt + 0.005) - 0.05 <= tps <= n_tok / max(dt - 0.005, 1e-9) + 0.05
+    # then the first-token time and the decode rate after it (every prompt's first token is one
+    # of the n_tok, and 7 tokens each leave 6 decoded ones each)
+    first = re.search(r"^first token after ([\d.]+) s \((\d+) prompt tokens\), then (\d+) tokens at ([\d.]+) "
+                      r"tokens/s$", out, re.M)
+    assert first, out
+    assert int(first.group(2)) == sum(len(o.prompt_token_ids) for o in want)
+    assert int(first.group(3)) == n_tok - len(prompts) == 12 and float(first.group(1)) <= dt + 0.01
+    # decoding 12 tokens in at most the whole run's time: at least that rate
+    assert float(first.group(4)) >= 12 / (dt + 0.005) - 0.05
     line, by = _expected_memory_line(llm.engine.weights)
     assert line in lines, (line, [x for x in lines if x.startswith("weights")])
     assert by.keys() == {"fp32", "fp8", "int4", "int8"}
