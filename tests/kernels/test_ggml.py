@@ -70,8 +70,13 @@ CASES += [("q4_1", torch.float16), ("q6_k", torch.float16)]
 
 
 @pytest.mark.parametrize("qtype,dtype", CASES)
-def test_gemm_matches_gguf_dequantization(qtype, dtype, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_gemm_matches_gguf_dequantization(qtype, dtype, chunk, monkeypatch):
+    """Each type in its kernel; chunk=40: the dequantize + cuBLAS path of prefill-sized M
+    (wna16's for q4_0/q4_1/q8_0, ggml's for the rest) in 40-column chunks."""
     monkeypatch.setenv("MIXQ_TRITON_INTERPRET_METHODS", "1")
+    monkeypatch.setattr(ggml, "CHUNK_OVERRIDE", chunk)
+    monkeypatch.setattr(wna16, "CHUNK_OVERRIDE", chunk)
     n, k = (72, 512)
     blocks = gguf_blocks(qtype, n, k, seed=sum(map(ord, qtype)))
     qw = QuantizedWeight("w", gguf_spec(qtype), (n, k), {"blocks": torch.from_numpy(blocks).to(DEV)})
