@@ -36,7 +36,9 @@ import torch
 
 log = logging.getLogger("mixq.kernels")
 
-_SOURCE = r"""
+# What every CPU kernel source here starts with (cpu_gguf.py's too): headers, the 16-lane fp32
+# vector type, and exact bf16 <-> fp32 conversion (round to nearest even).
+C_PRELUDE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +47,23 @@ _SOURCE = r"""
 #endif
 
 typedef float v16f __attribute__((vector_size(64)));
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+"""
+
+_SOURCE = C_PRELUDE + r"""
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
@@ -87,19 +106,6 @@ static inline float hsum(v16f v) {
     float s = 0.0f;
     for (int i = 0; i < 16; i++) s += v[i];
     return s;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
 /* R rows of fp32 x (R <= 4, a constant at every call) against row n of w: acc[r] = sum over

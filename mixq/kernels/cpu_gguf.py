@@ -24,19 +24,11 @@ import logging
 import torch
 
 from mixq.formats.gguf_quants import dequantize_blocks
-from mixq.kernels.cpu_fp8 import build_library
+from mixq.kernels.cpu_fp8 import C_PRELUDE, build_library
 
 log = logging.getLogger("mixq.kernels")
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-typedef float v16f __attribute__((vector_size(64)));
+_SOURCE = C_PRELUDE + r"""
 typedef int8_t v16c __attribute__((vector_size(16)));
 
 static inline float f16_to_f32(const uint8_t *p) {  /* IEEE half, little endian; exact */
@@ -50,19 +42,6 @@ static inline float f16_to_f32(const uint8_t *p) {  /* IEEE half, little endian;
     const uint32_t bits = sign | (e == 31 ? (0xffu << 23) : ((e + 112u) << 23)) | (man << 13);
     memcpy(&f, &bits, 4);
     return f;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
 static inline v16f i8x16(const uint8_t *p) {  /* 16 int8 -> 16 fp32 (exact) */
