@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from mixq.layers.forward_batch import ForwardBatch
@@ -88,6 +89,12 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
+        # host copies of the inputs a step writes: meta rows and block tables (numpy: item
+        # writes cost a fraction of a torch op's); each row remembers the table list it holds
+        self._host_meta = np.zeros((4, b), dtype=np.int64)
+        self._host_tables = np.zeros((b, max_blocks), dtype=np.int32)
+        self._row_table: list[list[int] | None] = [None] * b
+        self._row_len = [0] * b
 
     def _batch(self, bs: int) -> tuple[torch.Tensor, ForwardBatch]:
         m = self.meta
@@ -144,24 +151,30 @@ class DecodeGraphs:
         The tensor is a view of the graph's output: valid until the next replay. Token ids
         -(k+1) stand for prev_tokens[k] (ModelRunner.forward)."""
         n, page = len(chunks), self.runner.block_size
-        ids, pos, slots, ctx = [], [], [], []
-        width = max(len(c.block_table) for c in chunks)
-        if width > self.max_blocks:
-            raise ValueError(f"a block table of {width} blocks exceeds the captured width {self.max_blocks}")
-        table = []
-        for c in chunks:
-            p = c.start_pos
-            if len(c.block_table) * page <= p:
-                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {p + 1} tokens")
-            ids.append(c.token_ids[0])
-            pos.append(p)
-            slots.append(c.block_table[p // page] * page + p % page)
-            ctx.append(p + 1)
-            table.append(c.block_table + [0] * (width - len(c.block_table)))
-        # columns past `width` keep older ids: never read, the kernel stops at the context
-        self.meta[:, :n].copy_(torch.tensor([ids, pos, slots, ctx], dtype=torch.int64), non_blocking=True)
-        self.tables[:n, :width].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
-        if prev_tokens is not None and any(i < 0 for i in ids):
+        meta = self._host_meta
+        ids, pos, slots, ctx = meta[0], meta[1], meta[2], meta[3]
+        width, rows, lens, tables = 0, self._row_table, self._row_len, self._host_tables
+        for k, c in enumerate(chunks):
+            p, tab = c.start_pos, c.block_table
+            m = len(tab)
+            if m * page <= p:
+                raise ValueError(f"block table of {m} blocks cannot hold {p + 1} tokens")
+            if m > width:
+                width = m
+                if m > self.max_blocks:
+                    raise ValueError(f"a block table of {m} blocks exceeds the captured width {self.max_blocks}")
+            ids[k], pos[k], slots[k], ctx[k] = c.token_ids[0], p, tab[p // page] * page + p % page, p + 1
+            # a block table only grows while its sequence holds it (a freed table is a new
+            # list): a row that holds the same list writes only the blocks added since
+            if rows[k] is not tab:
+                rows[k], lens[k] = tab, 0
+            if lens[k] != m:
+                tables[k, lens[k] : m] = tab[lens[k] :]
+                lens[k] = m
+        # columns past a row's table hold older ids: never read, the kernel stops at the context
+        self.meta[:, :n].copy_(torch.from_numpy(meta[:, :n]), non_blocking=True)
+        self.tables[:n, :width].copy_(torch.from_numpy(tables[:n, :width]), non_blocking=True)
+        if prev_tokens is not None and (meta[0, :n] < 0).any():
             self.meta[0, :n] = resolve_placeholders(self.meta[0, :n], prev_tokens)
         self._fill_padding(n, bs)
         if self.capture:

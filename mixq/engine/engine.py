@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,35 +26,15 @@ from mixq.engine.engine_config import (  # also the engine's public names (mixq.
 )
 from mixq.engine.grammar import Grammar, GrammarBackend, TokenMask, TokenMasks, advance_matchers
 from mixq.engine.model_runner import ModelRunner
+from mixq.engine.outputs import CompletionOutput, RequestOutput  # also the engine's public names
 from mixq.engine.overlap import LaunchedStep, pending_ids, step_chunks
 from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
-from mixq.engine.sequence import Sequence
+from mixq.engine.sequence import SeqStatus, Sequence
 from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    delta_text: str = ""  # new since the previous RequestOutput of this request
-    delta_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +56,7 @@ class _SeqState:
     tokens_sent: int = 0
     generator: torch.Generator | None = None
     matcher: object = None  # xgrammar.GrammarMatcher of a structured output (mixq.engine.grammar)
+    row: SampleRow | None = None  # its row of the sampler's input (the lists are the sequence's own)
     dead_end: bool = False  # its grammar allowed no token: ended with the EOS it was given instead
 
 
@@ -242,8 +223,10 @@ class LLMEngine:
             gen = None
             if params.seed is not None:  # sequence i draws from seed + i (mod 2**64, manual_seed's range)
                 gen = torch.Generator(device=self.device).manual_seed((params.seed + s.index) % 2**64)
-            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen,
-                                       matcher=self.grammar.matcher(grammar) if grammar else None)
+            matcher = self.grammar.matcher(grammar) if grammar else None
+            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen, matcher=matcher,
+                                       row=SampleRow(params, s.prompt_token_ids, s.output_token_ids, gen,
+                                                     constrained=matcher is not None))
         for s in seqs:  # nothing above queued anything; from here nothing can fail
             self.scheduler.add(s)
         self.requests[request_id] = _Request(request_id, ids, params, seqs, [s.engine_state.out for s in seqs],
@@ -270,16 +253,17 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an update for every request that progressed.
-        With the overlap schedule the update is one step behind: the batch is queued on
-        the device, then the step before it is recorded while it runs."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled batch; return an update for every request that progressed
+        (finished_only: for every request that finished, whose deltas then hold all it did
+        not return before). With the overlap schedule the update is one step behind: the
+        batch is queued on the device, then the step before it is recorded while it runs."""
         prev, self._in_flight = self._in_flight, None
         early: list[RequestOutput] = []
         if prev is not None and prev.mask is not None:
             # a grammar's next mask needs the token in flight: record that step first (a step
             # with structured outputs runs without the overlap)
-            early, prev = self._record(prev), None
+            early, prev = self._record(prev, finished_only), None
         batch = self.scheduler.schedule()
         if not batch and prev is None and not early and self.scheduler.has_unfinished():  # would spin forever
             raise RuntimeError(f"the scheduler found nothing to run: running {self.scheduler.running}, "
@@ -287,7 +271,7 @@ class LLMEngine:
         launched = self._launch(batch, prev) if batch else None
         if self.overlap:
             self._in_flight, launched = launched, prev
-        return early + (self._record(launched) if launched is not None else [])
+        return early + (self._record(launched, finished_only) if launched is not None else [])
 
     def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
         """Queue a committed batch on the device: forward, then sampling (no host sync)."""
@@ -301,42 +285,60 @@ class LLMEngine:
             matchers = [s.engine_state.matcher for s in sampling]
             # filled on the host while the forward runs; a constrained row's previous token is
             # always recorded by now (step() records such a step before scheduling the next)
-            step.mask = self._token_masks().fill(matchers) if any(m is not None for m in matchers) else None
-            # num_pending > 1: the token this sequence sampled last is still in flight
-            rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.engine_state.generator,
-                              constrained=m is not None, pending=s.num_pending > 1) for s, m in zip(sampling, matchers)]
-            res = self.sampler.sample(logits, rows, pending_ids(sampling, prev, logits.device), step.mask)
+            constrained = matchers.count(None) != len(matchers)
+            step.mask = self._token_masks().fill(matchers) if constrained else None
+            rows = []
+            for s in sampling:  # each sequence's row lives as long as it does
+                row = s.engine_state.row
+                row.pending = s.num_pending > 1  # the token it sampled last is still in flight
+                rows.append(row)
+            # the ids of those tokens, for the penalties (a tensor op and a copy saved without them)
+            pend = pending_ids(sampling, prev, logits.device) if any(r.penalized for r in rows) else None
+            res = self.sampler.sample(logits, rows, pend, step.mask)
             step.tokens, step.result = res.token_ids, res.to_host()
             step.rows = {s.seq_id: k for k, s in enumerate(sampling)}
         return step
 
-    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
+    def _record(self, step: LaunchedStep, finished_only: bool = False) -> list[RequestOutput]:
         """A step's results into the sequences and requests (stop checks, detokenization);
-        a sequence that ended while the step ran (stop, abort) drops its token."""
+        a sequence that ended while the step ran (stop, abort) drops its token.
+        finished_only: return outputs of the requests that finished only (`LLM.generate`)."""
         out = step.result.output() if step.result is not None else None
         tokens = out.token_ids if out else []
-        live = [not s.is_finished for s in step.sampling]
+        sampling = step.sampling
+        live = [not s.is_finished for s in sampling]
         self.scheduler.postprocess(step.batch, tokens)
         if step.mask is not None:
-            self._advance_grammars(step.sampling, tokens, step.mask, live)
-        self.stats["generation_tokens_total"] += sum(live)
+            self._advance_grammars(sampling, tokens, step.mask, live)
         touched: dict[str, _Request] = {}
+        recorded: list[Sequence] = []
+        done = SeqStatus.FINISHED
         now = time.monotonic()
-        for k, seq in enumerate(step.sampling):
-            req = self.requests.get(seq.request_id)
-            if req is None or not live[k]:
+        requests = self.requests
+        lps = out.logprobs if out is not None else None
+        tops = out.top_logprobs if out is not None else None
+        for k, seq in enumerate(sampling):
+            if not live[k]:
+                continue
+            req = requests.get(seq.request_id)
+            if req is None:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
-            st: _SeqState = seq.engine_state
-            st.out.token_ids.append(tokens[k])
-            if seq.params.logprobs is not None:  # (the batch has them when any row asked)
-                st.out.logprobs.append(out.logprobs[k])
-                if out.top_logprobs is not None:
-                    st.out.top_logprobs.append(out.top_logprobs[k])
-            self._update_text(seq, st)
+            o = seq.engine_state.out
+            o._ids.append(tokens[k])
+            if lps is not None and seq.params.logprobs is not None:  # (the batch has them when any row asked)
+                o._lps.append(lps[k])
+                if tops is not None:
+                    o._tops.append(tops[k])
+            recorded.append(seq)
             touched[req.request_id] = req
-        return [self._emit(req) for req in touched.values()]
+        self.stats["generation_tokens_total"] += sum(live)
+        self._update_texts(recorded)
+        if finished_only:  # a request finishes with the step that finishes one of its sequences
+            ended = dict.fromkeys(s.request_id for s in recorded if s.status is done)
+            return [self._emit(touched[r]) for r in ended if all(s.status is done for s in touched[r].seqs)]
+        return [self._emit(r) for r in touched.values()]
 
     def _token_masks(self) -> TokenMasks:
         if self._masks is None:
@@ -362,42 +364,61 @@ class LLMEngine:
         else:
             self.scheduler.finish(seq, reason)
 
-    def _update_text(self, seq: Sequence, st: _SeqState) -> None:
-        p = seq.params
-        ids = seq.output_token_ids
-        if st.dead_end:
-            ids = ids[:-1]  # the EOS it was given is no output
-        if ids and not (seq.finish_reason == "stop" and ids[-1] in (*self.eos_token_ids, *p.stop_token_ids)):
-            start = len(st.out.text)
-            st.out.text += self.detok.step(st.detok, ids, p.skip_special_tokens)
-            if p.stop and (hit := find_stop(st.out.text, start, p.stop)) is not None:
-                st.out.text = st.out.text[: hit[0]]
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "stop")
-                else:
-                    seq.finish_reason = "stop"
-        if seq.is_finished:
-            st.out.finish_reason = seq.finish_reason
+    def _update_texts(self, seqs: list[Sequence]) -> None:
+        """Detokenize the sequences that recorded a token this step, together (one batch
+        decode per skip_special_tokens setting), then check their stop strings."""
+        groups: dict[bool, list[Sequence]] = {}
+        eos = self.eos_token_ids
+        for seq in seqs:
+            st: _SeqState = seq.engine_state
+            ids = seq.output_token_ids
+            if st.dead_end:
+                ids = ids[:-1]  # the EOS it was given is no output
+            if ids and not (seq.finish_reason == "stop" and (ids[-1] in eos or ids[-1] in seq.params.stop_token_ids)):
+                groups.setdefault(seq.params.skip_special_tokens, []).append(seq)
+            elif seq.status is SeqStatus.FINISHED:
+                st.out.finish_reason = seq.finish_reason
+        for skip, group in groups.items():
+            items = [(s.engine_state.detok, s.output_token_ids[:-1] if s.engine_state.dead_end else s.output_token_ids)
+                     for s in group]
+            for seq, new in zip(group, self.detok.step_many(items, skip)):
+                o = seq.engine_state.out
+                start = len(o.text)
+                if new:
+                    o.text += new
+                stop = seq.params.stop
+                if stop and (hit := find_stop(o.text, start, stop)) is not None:
+                    o.text = o.text[: hit[0]]
+                    if seq.status is not SeqStatus.FINISHED:
+                        self.scheduler.finish(seq, "stop")
+                    else:
+                        seq.finish_reason = "stop"
+                if seq.status is SeqStatus.FINISHED:
+                    o.finish_reason = seq.finish_reason
 
     def _emit(self, req: _Request) -> RequestOutput:
-        finished = all(s.is_finished for s in req.seqs)
+        finished = True
+        outs = []
         for s in req.seqs:
             st: _SeqState = s.engine_state
+            text = st.out.text
             # while running, hold back a tail that may become a stop string
-            end = len(st.out.text) if s.is_finished else len(st.out.text) - held_back(st.out.text, s.params.stop)
-            end = max(end, st.emitted)
-            st.out.delta_text = st.out.text[st.emitted : end]
+            if s.status is SeqStatus.FINISHED:
+                end = len(text)
+            else:
+                finished = False
+                end = len(text) - held_back(text, s.params.stop) if s.params.stop else len(text)
+            if end < st.emitted:
+                end = st.emitted
+            outs.append(CompletionOutput._snapshot(st.out, st.tokens_sent, text[st.emitted : end]))
             st.emitted = end
-            st.out.delta_token_ids = st.out.token_ids[st.tokens_sent :]
-            st.tokens_sent = len(st.out.token_ids)
+            st.tokens_sent = len(st.out._ids)
         metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time,
                    "cached_tokens": req.seqs[0].num_cached_tokens}
         if finished:
             self.requests.pop(req.request_id, None)
             for f in self.finish_hooks:
                 f(req.request_id, len(req.prompt_ids), sum(len(s.output_token_ids) for s in req.seqs))
-        outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, list(o.logprobs),
-                                 list(o.top_logprobs), o.delta_text, list(o.delta_token_ids)) for o in req.outputs]
         return RequestOutput(req.request_id, req.prompt_ids, outs, finished, metrics)
 
     def kv_cache_stats(self) -> dict:
@@ -452,9 +473,8 @@ class LLM:
             ids.append(rid)
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
-            for o in self.engine.step():
-                if o.finished:
-                    final[o.request_id] = o
+            for o in self.engine.step(finished_only=True):  # nobody reads the updates before the end
+                final[o.request_id] = o
         return [final[r] for r in ids]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:

@@ -37,7 +37,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return name
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqChunk:
     """New tokens of one sequence for this step.
 

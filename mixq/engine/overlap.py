@@ -47,19 +47,23 @@ def step_chunks(batch: ScheduledBatch, prev: LaunchedStep | None) -> tuple[list[
     """The model runner's chunks for a committed batch, and whether any carries a
     placeholder for a token of `prev` (the step still in flight)."""
     chunks, placeholders = [], False
+    rows = prev.rows if prev is not None else {}
     for item in batch.items:
         seq = item.seq
-        end = item.start + item.num_new_tokens
-        known = seq.num_tokens
-        ids = _slice(seq, item.start, min(end, known))
+        start, end = item.start, item.start + item.num_new_tokens
+        p, out = len(seq.prompt_token_ids), seq.output_token_ids
+        known = p + len(out)
         if end > known:  # the last one is the token `prev` sampled for it
-            row = prev.rows.get(seq.seq_id) if prev is not None else None
+            row = rows.get(seq.seq_id)
             if end - known != 1 or row is None:
                 raise RuntimeError(f"{seq!r}: scheduled {end - known} tokens past the known ones, "
                                    f"{'with' if row is not None else 'without'} a step in flight that sampled it")
-            ids.append(-(row + 1))
+            # (a decode of the token in flight: no known token to slice)
+            ids = [-(row + 1)] if start == known else _slice(seq, start, known) + [-(row + 1)]
             placeholders = True
-        chunks.append(SeqChunk(ids, item.start, seq.block_table, item.samples))
+        else:
+            ids = _slice(seq, start, end)
+        chunks.append(SeqChunk(ids, start, seq.block_table, item.samples))
     return chunks, placeholders
 
 

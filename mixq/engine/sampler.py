@@ -17,7 +17,7 @@ choice is made among the tokens the grammar allows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,12 @@ class SampleRow:
     # the output token sampled last is still on the device (overlap schedule): its id is the
     # row's entry in `pending_ids`, and it counts for penalties and min_new_tokens
     pending: bool = False
+    # whether a penalty reads the row's tokens (and so its `pending_ids` entry); set from params
+    penalized: bool = field(init=False)
+
+    def __post_init__(self):
+        p = self.params
+        self.penalized = p.repetition_penalty != 1 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class SchedulerConfig:
         return self.max_model_len if self.chunked_prefill_size == -1 else self.chunked_prefill_size
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, starting at seq.num_computed
@@ -134,22 +134,30 @@ class Scheduler:
         budget = self.config.token_budget
         items: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        bs, running = self.config.block_size, SeqStatus.RUNNING
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:
+            if seq.status is not running or budget == 0:
                 continue  # preempted while making room for an earlier one
             if seq.num_pending and self._ends_by_length(seq):
                 continue  # its pending token ends it: nothing more to compute
-            want = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
-            while not self.blocks.can_reserve(seq, seq.num_computed + want):
-                victim = self.running[-1]  # newest arrival
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status != SeqStatus.RUNNING:
-                continue
-            self.blocks.reserve(seq, seq.num_computed + want)
-            items.append(self._commit(seq, want))
+            start = seq.num_computed
+            known = len(seq.prompt_token_ids) + len(seq.output_token_ids) + seq.num_pending
+            want = min(known - start, budget)
+            if start + want > len(seq.block_table) * bs:  # (a decode mostly fits the blocks it holds)
+                while not self.blocks.can_reserve(seq, start + want):
+                    victim = self.running[-1]  # newest arrival
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not running:
+                    continue
+                self.blocks.reserve(seq, start + want)
+            # commit (see _commit), inlined: this runs for every running sequence every step
+            samples = start + want == known
+            seq.num_computed = start + want
+            seq.num_pending += samples
+            items.append(ScheduledSeq(seq, want, start, samples))
             budget -= want
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]  # holds no blocks, nothing computed
@@ -197,23 +205,34 @@ class Scheduler:
         finished now (their blocks are freed)."""
         finished = []
         tokens = iter(sampled)
+        cfg, blocks = self.config, self.blocks
+        caching, bs, eos = blocks.enable_caching, cfg.block_size, cfg.eos_token_ids
+        done, running = SeqStatus.FINISHED, SeqStatus.RUNNING
         for item in batch.items:
             seq = item.seq
             tok = next(tokens) if item.samples else None
-            if seq.status == SeqStatus.FINISHED:
+            if seq.status is done:
                 continue
+            # its K/V are written (or queued before any reader): full blocks can be shared now
+            # (cache_computed's own test, first: most steps complete no block)
             if tok is not None:
                 seq.num_pending -= 1
                 seq.output_token_ids.append(tok)
-            # its K/V are written (or queued before any reader): full blocks can be shared now
-            if seq.status == SeqStatus.RUNNING:
-                self.blocks.cache_computed(seq)
+            if caching and seq.status is running and seq.num_computed // bs > seq.num_cached_blocks:
+                blocks.cache_computed(seq)
             if tok is None:
                 continue
-            reason = self._finish_reason(seq, tok)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+            # _finish_reason, inlined
+            p, out = seq.params, seq.output_token_ids
+            n_out = len(out)
+            if n_out >= p.min_new_tokens and ((not p.ignore_eos and tok in eos) or tok in p.stop_token_ids):
+                reason = "stop"
+            elif n_out >= p.max_new_tokens or len(seq.prompt_token_ids) + n_out >= cfg.max_model_len:
+                reason = "length"
+            else:
+                continue
+            self.finish(seq, reason)
+            finished.append(seq)
         return finished
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
