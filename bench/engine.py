@@ -165,24 +165,25 @@ def configs(root: Path, paths: dict[str, Path], hot: dict[int, list[int]] | None
 
 
 def timed_generate(generate, prompts, new: int, dev: torch.device, repeats: int) -> tuple[float, float, list]:
-    """(prefill s, decode s, every sequence's tokens): a 1-token run times the prefill, a
-    `new`-token run minus it the decode; the fastest of `repeats` of each. Warmed up on the
-    timed shapes first (Triton compiles one kernel per launch configuration)."""
+    """(prefill s, decode s, every sequence's tokens), the fastest of `repeats` each. A 1-token
+    run times the prefill. The decode is timed inside the `new`-token run where the engine
+    reports it (mixq: from the last first token to the end, so prefill noise stays out),
+    else (HF) as the `new`-token run minus the 1-token run. Warmed up on the timed shapes
+    first (Triton compiles one kernel per launch configuration)."""
     generate(prompts, 3)
     generate(prompts, 1)
-    ones, fulls = [], []
+    ones, decodes = [], []
     for _ in range(repeats):
         sync(dev)
         t0 = time.perf_counter()
         generate(prompts, 1)
         sync(dev)
         t1 = time.perf_counter()
-        toks = generate(prompts, new)
+        toks, inner = generate(prompts, new, timed=True)
         sync(dev)
         ones.append(t1 - t0)
-        fulls.append(time.perf_counter() - t1)
-    prefill = min(ones)
-    return prefill, max(min(fulls) - prefill, 1e-9), toks
+        decodes.append(inner if inner is not None else time.perf_counter() - t1 - ones[-1])
+    return min(ones), max(min(decodes), 1e-9), toks
 
 
 def profile(generate, prompts, new: int) -> None:
@@ -203,11 +204,12 @@ def hf_engine(path: Path, dev: torch.device):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
 
     @torch.no_grad()
-    def generate(prompts, n):
+    def generate(prompts, n, timed=False):
         ids = torch.tensor(prompts, device=dev)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
-        return out[:, ids.shape[1]:].tolist()
+        toks = out[:, ids.shape[1]:].tolist()
+        return (toks, None) if timed else toks
 
     return generate, dict(model.named_parameters()), None
 
@@ -227,9 +229,14 @@ def mixq_engine(kind: str, paths: dict, cfgs: dict, max_batch: int, max_tokens: 
     print(f"  engine up in {time.perf_counter() - t:.1f}s (CUDA graphs: {llm.engine.runner.graphs is not None}, "
           f"overlap schedule: {llm.engine.overlap})", flush=True)
 
-    def generate(prompts, n):
+    def generate(prompts, n, timed=False):
         outs = llm.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
-        return [o.outputs[0].token_ids for o in outs]
+        end = time.monotonic()  # the engine stamps first tokens with time.monotonic
+        toks = [o.outputs[0].token_ids for o in outs]
+        if not timed:
+            return toks
+        # decode: from the step that gave the last prompt its first token to the end
+        return toks, end - max(o.metrics["first_token_time"] for o in outs)
 
     return generate, dict(llm.engine.weights), llm
 
@@ -311,7 +318,7 @@ def run_shape(shape: str, a, dev: torch.device) -> dict:
             if r is not None:
                 row["replay_ms"], row["host_share"] = r * 1e3, step / r - 1
             rows.append(row)
-            if d <= 1e-9:  # the 1-token run took as long as the full one: timer noise (CPU smoke)
+            if d <= 1e-9:  # HF: the 1-token run took as long as the full one (timer noise, CPU smoke)
                 row["decode_tok_s"] = float("nan")
             print(f"  batch {b}: {row['decode_tok_s']:.0f} decode tok/s"
                   + (f", step {step * 1e3:.2f} ms vs graph replay {r * 1e3:.2f} ms" if r else ""), flush=True)
