@@ -49,14 +49,16 @@ def _sync(llm, reqs) -> dict[str, list]:
 
 
 def _requests(llm, rng):
-    """Plain, n=2 with logprobs, skip_special_tokens off, and stop strings taken from a free
-    run's text so that they straddle tokens (one word's end and the next one's start)."""
-    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(3, 12))] for _ in range(5)]
+    """Plain, n=2 with logprobs, skip_special_tokens off, stop strings taken from a free
+    run's text so that they straddle tokens (one word's end and the next one's start), and a
+    stop token id (the token that ends it has no text) from a free run too."""
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(3, 12))] for _ in range(6)]
     free = llm.generate(prompts[3:], SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))
+    stop_id = free[2].outputs[0].token_ids[5]
     stops = []
-    for o in free:
+    for o in free[:2]:
         t = o.outputs[0].text
-        assert len(t) >= 8, t
+        assert len(t) >= 4, t
         a = len(t) // 3
         stops.append(t[a : a + 3])  # three characters from inside the text: a partial match is held back first
     return [("plain", prompts[0], SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True)),
@@ -64,7 +66,9 @@ def _requests(llm, rng):
             ("special", prompts[2], SamplingParams(max_new_tokens=9, temperature=0, skip_special_tokens=False)),
             ("stop", prompts[3], SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, stop=stops[:1])),
             ("stop2", prompts[4], SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, n=2,
-                                                 stop=[stops[1], "\u0100\u0101"]))]
+                                                 stop=[stops[1], "\u0100\u0101"])),
+            ("stoptok", prompts[5], SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True,
+                                                   skip_special_tokens=False, stop_token_ids=[stop_id]))]
 
 
 async def _collect(aengine, reqs, abort_after=None) -> dict[str, list]:
@@ -92,7 +96,7 @@ async def _collect(aengine, reqs, abort_after=None) -> dict[str, list]:
 def test_detokenizer_thread_gives_the_synchronous_outputs(llm):
     reqs = _requests(llm, random.Random(7))
     want = _sync(llm, reqs)
-    assert [o.outputs[0].finish_reason for o in (want["stop"][-1], want["stop2"][-1])] == ["stop", "stop"]
+    assert [want[r][-1].outputs[0].finish_reason for r in ("stop", "stop2", "stoptok")] == ["stop"] * 3
     aengine = AsyncEngine(llm.engine)
     try:
         assert llm.engine.defer_text
@@ -140,7 +144,7 @@ def test_generate_decodes_once_at_the_end_what_the_steps_would_have(llm):
     """`LLM.generate` defers text (no detokenization per step) and decodes each sequence once
     when it ends; a stream of the same requests detokenizes every step. Same outputs."""
     rng = random.Random(3)
-    reqs = [(f"r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(2, 10))],
+    reqs = _requests(llm, rng) + [(f"r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(2, 10))],
              SamplingParams(max_new_tokens=rng.randint(1, 20), temperature=1.0, seed=i, n=1 + i % 2,
                             skip_special_tokens=bool(i % 3))) for i in range(8)]
     want = _sync(llm, reqs)
