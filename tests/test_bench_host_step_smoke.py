@@ -40,3 +40,12 @@ def test_the_free_model_decodes_its_table_chain():
         t = int(torch.argmax(table(torch.tensor([t]))[0]))
         want.append(t)
     assert got.outputs[0].token_ids == want
+
+
+def test_detok_split_bench_smoke():
+    """bench/detok_split.py --smoke: inline, thread and process costs per step for each batch."""
+    r = subprocess.run([sys.executable, "bench/detok_split.py", "--smoke"], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "batch" not in line]
+    assert [row[0].strip() for row in rows] == ["1", "3"] and all(float(row[1]) > 0 for row in rows)

@@ -176,6 +176,11 @@ class RemoteEngine:
     def has_unfinished(self) -> bool:
         return self._unfinished
 
+    def set_defer_text(self, on: bool) -> None:
+        """The replica's engine returns token ids without text (requests without stop
+        strings): the owner's detokenizer thread makes it, off the replica's loop too."""
+        self._call("set_defer_text", on)
+
     def step(self) -> list[RequestOutput]:
         outs = self._call("step")
         for o in outs:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.engine.detokenizer import DetokState, IncrementalDetokenizer, find_stop, held_back
+from mixq.engine.detokenizer import (
+    DetokState,
+    IncrementalDetokenizer,
+    fill_final_texts,
+    find_stop,
+    held_back,
+)
 from mixq.engine.engine_config import (  # also the engine's public names (mixq.engine.engine.EngineConfig, ...)
     EngineConfig,
     kv_cache_blocks,
@@ -52,7 +58,10 @@ class _Request:
 class _SeqState:
     detok: DetokState
     out: CompletionOutput
-    emitted: int = 0  # characters of out.text already sent as deltas
+    inline: bool = True  # detokenized here; else out.text_ids says how far a text stage should go
+    unsent: str = ""  # the end of out.text not sent as a delta yet (held back: it may begin a stop string)
+    tail: str = ""  # the last (longest stop string - 1) characters of out.text: where a stop can begin
+    tail_len: int = 0
     tokens_sent: int = 0
     generator: torch.Generator | None = None
     matcher: object = None  # xgrammar.GrammarMatcher of a structured output (mixq.engine.grammar)
@@ -148,6 +157,9 @@ class LLMEngine:
             log.info("overlap schedule off: %s", "--disable-overlap-schedule" if cfg.disable_overlap_schedule
                      else "tensor parallelism")
         self._in_flight: LaunchedStep | None = None  # the step queued and not recorded yet
+        # requests added while set, without stop strings, get token ids and no text from
+        # step(): their consumer detokenizes off this loop (mixq.engine.detokenizer.TextStage)
+        self.defer_text = False
         self.requests: dict[str, _Request] = {}
         self.stats = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.step_hooks: list = []  # called with the ScheduledBatch before each forward (tracking)
@@ -184,6 +196,10 @@ class LLMEngine:
 
     def _num_blocks(self) -> int:
         return kv_cache_blocks(self.model, self.cfg, self.device, self.kv_dtype, self.max_model_len)
+
+    def set_defer_text(self, on: bool) -> None:
+        """Set `defer_text` (a call, so a DP replica's owner can make it across the pipe)."""
+        self.defer_text = bool(on)
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel group (idempotent; no-op otherwise)."""
@@ -224,7 +240,10 @@ class LLMEngine:
             if params.seed is not None:  # sequence i draws from seed + i (mod 2**64, manual_seed's range)
                 gen = torch.Generator(device=self.device).manual_seed((params.seed + s.index) % 2**64)
             matcher = self.grammar.matcher(grammar) if grammar else None
-            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index), generator=gen, matcher=matcher,
+            inline = not self.defer_text or bool(params.stop)  # whether a stop string ends it needs its text
+            s.engine_state = _SeqState(DetokState(), CompletionOutput(s.index, text_ids=None if inline else 0),
+                                       inline=inline, tail_len=max(map(len, params.stop), default=1) - 1,
+                                       generator=gen, matcher=matcher,
                                        row=SampleRow(params, s.prompt_token_ids, s.output_token_ids, gen,
                                                      constrained=matcher is not None))
         for s in seqs:  # nothing above queued anything; from here nothing can fail
@@ -366,33 +385,45 @@ class LLMEngine:
 
     def _update_texts(self, seqs: list[Sequence]) -> None:
         """Detokenize the sequences that recorded a token this step, together (one batch
-        decode per skip_special_tokens setting), then check their stop strings."""
+        decode per skip_special_tokens setting), then check their stop strings. A sequence
+        whose text is deferred only says how many of its ids the text covers."""
         groups: dict[bool, list[Sequence]] = {}
         eos = self.eos_token_ids
         for seq in seqs:
             st: _SeqState = seq.engine_state
             ids = seq.output_token_ids
-            if st.dead_end:
-                ids = ids[:-1]  # the EOS it was given is no output
-            if ids and not (seq.finish_reason == "stop" and (ids[-1] in eos or ids[-1] in seq.params.stop_token_ids)):
+            n = len(ids) - st.dead_end  # the EOS a grammar's dead end was given is no output
+            if n and seq.finish_reason == "stop" and (ids[n - 1] in eos or ids[n - 1] in seq.params.stop_token_ids):
+                n -= 1  # the EOS or stop token that ended it has no text
+            elif n and st.inline:
                 groups.setdefault(seq.params.skip_special_tokens, []).append(seq)
-            elif seq.status is SeqStatus.FINISHED:
+                continue
+            if not st.inline:
+                st.out.text_ids = n
+            if seq.status is SeqStatus.FINISHED:
                 st.out.finish_reason = seq.finish_reason
         for skip, group in groups.items():
-            items = [(s.engine_state.detok, s.output_token_ids[:-1] if s.engine_state.dead_end else s.output_token_ids)
-                     for s in group]
-            for seq, new in zip(group, self.detok.step_many(items, skip)):
-                o = seq.engine_state.out
-                start = len(o.text)
+            items = [(s.engine_state.detok, s.output_token_ids) for s in group]
+            ends = [len(s.output_token_ids) - s.engine_state.dead_end for s in group]
+            for seq, new in zip(group, self.detok.step_many(items, skip, ends)):
+                st = seq.engine_state
+                o = st.out
                 if new:
-                    o.text += new
-                stop = seq.params.stop
-                if stop and (hit := find_stop(o.text, start, stop)) is not None:
-                    o.text = o.text[: hit[0]]
-                    if seq.status is not SeqStatus.FINISHED:
-                        self.scheduler.finish(seq, "stop")
+                    o._append_text(new)
+                    st.unsent += new
+                if stop := seq.params.stop:
+                    window = st.tail + new  # a stop string ending in the new text begins in here
+                    if (hit := find_stop(window, len(st.tail), stop)) is not None:
+                        cut = len(window) - hit[0]  # characters to drop from the end
+                        text = o.text
+                        o.text = text[: len(text) - cut]
+                        st.unsent = st.unsent[: max(0, len(st.unsent) - cut)]
+                        if seq.status is not SeqStatus.FINISHED:
+                            self.scheduler.finish(seq, "stop")
+                        else:
+                            seq.finish_reason = "stop"
                     else:
-                        seq.finish_reason = "stop"
+                        st.tail = window[len(window) - st.tail_len :] if st.tail_len else ""
                 if seq.status is SeqStatus.FINISHED:
                     o.finish_reason = seq.finish_reason
 
@@ -401,17 +432,14 @@ class LLMEngine:
         outs = []
         for s in req.seqs:
             st: _SeqState = s.engine_state
-            text = st.out.text
-            # while running, hold back a tail that may become a stop string
-            if s.status is SeqStatus.FINISHED:
-                end = len(text)
-            else:
+            delta, st.unsent = st.unsent, ""
+            if s.status is not SeqStatus.FINISHED:
                 finished = False
-                end = len(text) - held_back(text, s.params.stop) if s.params.stop else len(text)
-            if end < st.emitted:
-                end = st.emitted
-            outs.append(CompletionOutput._snapshot(st.out, st.tokens_sent, text[st.emitted : end]))
-            st.emitted = end
+                if delta and s.params.stop:  # while running, hold back a tail that may become a stop string
+                    keep = min(held_back(st.tail, s.params.stop), len(delta))
+                    if keep:
+                        delta, st.unsent = delta[: len(delta) - keep], delta[len(delta) - keep :]
+            outs.append(CompletionOutput._snapshot(st.out, st.tokens_sent, delta))
             st.tokens_sent = len(st.out._ids)
         metrics = {"arrival": req.arrival, "first_token_time": req.first_token_time,
                    "cached_tokens": req.seqs[0].num_cached_tokens}
@@ -466,16 +494,23 @@ class LLM:
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         ids = []
-        for p, sp in zip(prompts, params):
-            rid = f"gen-{self._n}"
-            self._n += 1
-            self.engine.add_request(rid, p, sp)
-            ids.append(rid)
+        eng, defer = self.engine, self.engine.defer_text
+        eng.defer_text = True  # no text per step: one decode per sequence at the end (below)
+        try:
+            for p, sp in zip(prompts, params):
+                rid = f"gen-{self._n}"
+                self._n += 1
+                eng.add_request(rid, p, sp)
+                ids.append(rid)
+        finally:
+            eng.defer_text = defer
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for o in self.engine.step(finished_only=True):  # nobody reads the updates before the end
+        while eng.has_unfinished():
+            for o in eng.step(finished_only=True):  # nobody reads the updates before the end
                 final[o.request_id] = o
-        return [final[r] for r in ids]
+        outs = [final[r] for r in ids]
+        fill_final_texts(eng.detok, outs, [sp.skip_special_tokens for sp in params])
+        return outs
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one request (n = 1) as they are generated."""
