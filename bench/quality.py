@@ -217,8 +217,8 @@ def main() -> int:
                        r["weight_bytes"] <= d["weight_bytes"] and r["kld_mean"] <= d["kld_mean"] / 2))
     corr = doc["rank_correlation"]
     first = next(iter(rows.values()))
-    md = [f"Command: `python bench/quality.py --max-tokens {args.max_tokens} --cal-tokens {args.cal_tokens}`"
-          f"{' --only-planned' if args.only_planned else ''}{' --smoke' if args.smoke else ''} ({platform.machine()} CPU, {os.cpu_count()} cores, {DTYPE} "
+    md = [f"Command: `python bench/quality.py --max-tokens {args.max_tokens} --cal-tokens {args.cal_tokens}"
+          f"{' --only-planned' if args.only_planned else ''}{' --smoke' if args.smoke else ''}` ({platform.machine()} CPU, {os.cpu_count()} cores, {DTYPE} "
           f"activations, torch "
           f"{__import__('torch').__version__}, {datetime.date.today()}). Evaluation: {first['tokens']} tokens of "
           f"{EVAL_TEXT_NAME}, windows of {args.window}; calibration: {doc['calibration']['tokens']} tokens of "
