@@ -3,25 +3,30 @@ uniform format, the round-1 default mix and a fixed llama.cpp-style rule, scored
 KL divergence from BF16 and perplexity on text the planner never saw.
 
     python bench/quality.py [--out-dir DIR] [--max-tokens 4096] [--cal-tokens 256]
-                            [--write-default-mix] [--smoke]
+                            [--write-default-mix] [--only-planned] [--smoke]
 
 Steps (every number comes from this run; rerun it after the engine changes):
 1. `mixq measure` on the prepared BF16/FP8/INT8/GPTQ-INT4/AWQ-INT4 checkpoints, calibrated on
    Julius Caesar (reused from DIR/measure.json when it matches the checkpoints and settings);
 2. `mixq plan --measure` (exact estimates) at budgets from the INT4 size to the FP8 size,
-   plus one at the round-1 default mix's size (the candidate new default);
+   plus one at the round-1 default mix's size (the candidate new default); each plan is
+   verified (the plan, every uniform format that fits, two runners-up, scored on Julius
+   Caesar tokens after the measured ones) and the best written;
 3. `mixq eval` of everything in one run (the BF16 logits computed once) on The Tempest;
 4. the targets checked, a markdown table (DIR/results.md, for bench/RESULTS.md), the plot
    (DIR/frontier.png), the rows (DIR/results.json).
 --write-default-mix writes the plan at the round-1 default's size to
-mixq/assets/data/default_mix.yaml (the embedded default mix's mapping). --smoke runs the
-same steps on the tiny Llama fixture with a few tokens (checks the script only).
+mixq/assets/data/default_mix.yaml (the embedded default mix's mapping). --only-planned
+re-plans and scores the planned rows alone (no fixed rows, no target checks). --smoke runs
+the same steps on the tiny Llama fixture with a few tokens (checks the script only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -105,6 +110,18 @@ def measured(out: Path, paths: dict, cal_tokens: int, window: int) -> dict:
     return json.loads(mfile.read_text())
 
 
+def plan(argv: list[str]) -> dict:
+    """`mixq plan ... --json`: its summary (which contender the verification wrote)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert mixq([*argv, "--json"]) == 0
+    r = json.loads(buf.getvalue())
+    v = r["verification"]
+    print(f"wrote {r['config_path']}: {r['written']}" + (" (" + ", ".join(
+        f"{n} {c['kld_mean']:.5f}" for n, c in v["contenders"].items()) + " calibration KLD)" if v else ""), flush=True)
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="bench-quality")
@@ -112,6 +129,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--cal-tokens", type=int, default=256, help="calibration tokens of Julius Caesar")
     ap.add_argument("--write-default-mix", action="store_true")
+    ap.add_argument("--only-planned", action="store_true", help="score the planned rows only")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -145,34 +163,38 @@ def main() -> int:
     for b in budgets:
         name = f"planned {8 * b / doc['model']['parameters']:.2f} bpw"
         yml = out / f"plan-{b}.yaml"
-        assert mixq(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
-                     "-o", str(yml)]) == 0
-        planned[name] = (b, str(yml))
+        r = plan(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
+                  "-o", str(yml)])
+        planned[name] = (b, str(yml), r)
     if "default (round 1)" in size:
         b = size["default (round 1)"]
-        assert mixq(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
-                     "-o", str(out / "plan-default.yaml")]) == 0
-        planned["planned at the default size"] = (b, str(out / "plan-default.yaml"))
+        r = plan(["plan", "--measure", str(out / "measure.json"), *from_base, "--budget-gb", repr(b / 2**30),
+                  "-o", str(out / "plan-default.yaml")])
+        planned["planned at the default size"] = (b, str(out / "plan-default.yaml"), r)
         if "gguf_path" in paths:
-            assert mixq(["plan", "--measure", str(out / "measure.json"), "--budget-gb", repr(b / 2**30), "-o",
-                         str(out / "plan-default-gguf.yaml")]) == 0
-            planned[DEFAULT_GGUF] = (b, str(out / "plan-default-gguf.yaml"))
-    targets = [EvalTarget(n, c) for n, c in cfgs.items()] + [EvalTarget(n, c) for n, (_, c) in planned.items()]
+            r = plan(["plan", "--measure", str(out / "measure.json"), "--budget-gb", repr(b / 2**30), "-o",
+                      str(out / "plan-default-gguf.yaml")])
+            planned[DEFAULT_GGUF] = (b, str(out / "plan-default-gguf.yaml"), r)
+    targets = [EvalTarget(n, c) for n, (_, c, _) in planned.items()]
+    if not args.only_planned:
+        targets = [EvalTarget(n, c) for n, c in cfgs.items()] + targets
     from mixq.assets.text import EVAL_TEXT_NAME, load_eval_text
 
     rows = evaluate(targets, load_eval_text(), args.window, args.max_tokens, device="cpu", dtype=DTYPE,
                     text_name=EVAL_TEXT_NAME)
-    for n, (b, _) in planned.items():
+    for n, (b, _, r) in planned.items():
         rows[n]["budget_bytes"] = b
+        rows[n]["verification"] = r["verification"]
+        rows[n]["written"] = r["written"]
     (out / "results.json").write_text(json.dumps({"rows": rows, "rank_correlation": doc["rank_correlation"],
                                                   "measure_seconds": doc["seconds"]}, indent=1))
     plot_frontier(list(rows.values()), str(out / "frontier.png"), {n: "planned (exact estimates)" for n in planned},
                   title="SmolLM2-135M: mean KLD vs bits per weight" if not args.smoke else "smoke")
 
-    # the targets
+    # the targets (not with --only-planned: no fixed rows to compare with)
     fixed = [n for n in rows if n not in planned and n != "bf16" and not n.startswith("gguf")]  # GGUF: own rows
     checks = []
-    for n, (b, _) in planned.items():
+    for n, (b, _, _) in planned.items() if not args.only_planned else ():
         if n == DEFAULT_GGUF:
             continue  # compared below, against the round-1 default; the frontier is the base-derived plans
         beaten = [f for f in fixed if rows[f]["weight_bytes"] <= b]
@@ -182,31 +204,41 @@ def main() -> int:
         ok = all(rows[n]["kld_mean"] < rows[f]["kld_mean"] for f in beaten if f not in same)
         checks.append((f"{n}: lower KLD than every fixed config of no more bytes ({', '.join(beaten) or 'none'})"
                        + (f"; identical to {', '.join(same)}" if same else ""), ok))
-    p115 = next(n for n, (b, _) in planned.items() if b == budgets[1])
-    checks.append((f"{p115} (INT4 size + 15%): KLD {rows[p115]['kld_mean']:.4f} <= half of GPTQ-INT4's "
-                   f"{rows['gptq-int4']['kld_mean']:.4f}", rows[p115]["kld_mean"] <= rows["gptq-int4"]["kld_mean"] / 2))
+    p115 = next(n for n, (b, _, _) in planned.items() if b == budgets[1])
+    if not args.only_planned:
+        checks.append((f"{p115} (INT4 size + 15%): KLD {rows[p115]['kld_mean']:.4f} <= half of GPTQ-INT4's "
+                       f"{rows['gptq-int4']['kld_mean']:.4f}",
+                       rows[p115]["kld_mean"] <= rows["gptq-int4"]["kld_mean"] / 2))
     new_default = DEFAULT_GGUF if DEFAULT_GGUF in rows else "planned at the default size"
-    if new_default in rows:
+    if new_default in rows and not args.only_planned:
         r, d = rows[new_default], rows["default (round 1)"]
         checks.append((f"new default ({new_default}): {r['weight_bytes']} <= {d['weight_bytes']} bytes and KLD "
                        f"{r['kld_mean']:.5f} <= half of the round-1 default's {d['kld_mean']:.4f}",
                        r["weight_bytes"] <= d["weight_bytes"] and r["kld_mean"] <= d["kld_mean"] / 2))
     corr = doc["rank_correlation"]
     first = next(iter(rows.values()))
-    md = [f"Command: `python bench/quality.py --max-tokens {args.max_tokens} --cal-tokens {args.cal_tokens}`"
-          f"{' --smoke' if args.smoke else ''} ({platform.machine()} CPU, {os.cpu_count()} cores, {DTYPE} "
+    md = [f"Command: `python bench/quality.py --max-tokens {args.max_tokens} --cal-tokens {args.cal_tokens}"
+          f"{' --only-planned' if args.only_planned else ''}{' --smoke' if args.smoke else ''}` ({platform.machine()} CPU, {os.cpu_count()} cores, {DTYPE} "
           f"activations, torch "
           f"{__import__('torch').__version__}, {datetime.date.today()}). Evaluation: {first['tokens']} tokens of "
           f"{EVAL_TEXT_NAME}, windows of {args.window}; calibration: {doc['calibration']['tokens']} tokens of "
           f"{doc['calibration']['text']}; measure took {doc['seconds']:.0f} s.", "",
           "| config | weights MiB | bits/w | PPL | ΔPPL % | mean KLD | KLD p99.9 | same top % |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows.values(), key=lambda r: r["weight_bytes"]):
-        md.append(f"| {r['name']} | {r['weight_bytes'] / 2**20:.2f} | {r['bits_per_weight']:.3f} | "
+        won = f" (verified: {r['written']})" if r.get("verification") else ""
+        md.append(f"| {r['name']}{won} | {r['weight_bytes'] / 2**20:.2f} | {r['bits_per_weight']:.3f} | "
                   f"{r['perplexity']:.3f} | {r['delta_ppl_pct']:+.2f} | {r['kld_mean']:.5f} | {r['kld_p999']:.4f} | "
                   f"{r['same_top_pct']:.2f} |")
     md += ["", f"Rank correlation (Spearman) of the proxy with the exact estimate over {corr['entries']} "
            f"(unit, format) pairs: {corr['spearman']:.3f}; per format: "
            + ", ".join(f"{f} {v:.3f}" for f, v in corr["by_precision"].items()) + ".", ""]
+    for n, (_, _, r) in planned.items():
+        v = r["verification"]
+        if v:
+            md.append(f"- verification of {n}, calibration KLD on tokens {v['first_token']}..{v['last_token']} of "
+                      f"{v['text']}: " + ", ".join(f"{c} {x['kld_mean']:.5f}" for c, x in v["contenders"].items())
+                      + f"; wrote {r['written']}")
+    md.append("")
     md += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -153,7 +153,10 @@ def int4_linear(x: torch.Tensor, t: dict[str, torch.Tensor], n: int, bias: torch
     if "src" in t:  # act-order / padded groups: columns in the packed order, K -> zero
         x2 = torch.nn.functional.pad(x2, (0, 1)).index_select(1, t["src"])
     group = packed.shape[1] * 2 // sz.shape[0]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
+    if x2.shape[0] >= TILE_MIN_ROWS and _int4_layout_known():
+        y = _int4_tiles(x2, packed, group, sz)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
     if y.shape[1] != n:
         y = y[:, :n]
     if y.dtype != x.dtype:
@@ -161,6 +164,57 @@ def int4_linear(x: torch.Tensor, t: dict[str, torch.Tensor], n: int, bias: torch
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], n)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [rows, Kp] (uint8 0..15) of rows of torch's CPU int4 packing, which starts
+    at a 64-row block boundary. A whole block of 64 rows is [Kp, 32] bytes, row j in the low
+    nibble and row j + 32 in the high one; a last, shorter block of r rows is [Kp, r/2] bytes,
+    rows 2j and 2j + 1 (torch 2.13's layout; `_int4_layout_known` checks it once)."""
+    rows, kp = packed.shape[0], packed.shape[1] * 2
+    full = rows // INT4_PACK_BLOCK_N * INT4_PACK_BLOCK_N
+    out = torch.empty(rows, kp, dtype=torch.uint8)
+    if full:
+        b = packed[:full].reshape(-1, kp, INT4_PACK_BLOCK_N // 2).transpose(1, 2)  # [blocks, 32, Kp]
+        out[:full] = torch.cat([b & 15, b >> 4], 1).reshape(full, kp)
+    if rows > full:
+        r = rows - full
+        b = packed[full:].reshape(kp, r // 2).t()
+        out[full:] = torch.stack([b & 15, b >> 4], 1).reshape(r, kp)
+    return out
+
+
+_INT4_LAYOUT: bool | None = None
+
+
+def _int4_layout_known() -> bool:
+    """Whether this torch packs int4 as `_unpack_int4` reads it (whole and short blocks):
+    checked once on random codes; otherwise every call runs torch's kernel."""
+    global _INT4_LAYOUT
+    if _INT4_LAYOUT is None:
+        q = torch.randint(0, 16, (INT4_PACK_BLOCK_N * 2 + 16, 96), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        _INT4_LAYOUT = packed.dtype == torch.uint8 and torch.equal(_unpack_int4(packed).to(torch.int32), q)
+    return _INT4_LAYOUT
+
+
+def _int4_tiles(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+    """x [M, Kp] @ W^T for many rows (prefill): ~4 MiB tiles of whole 64-row blocks of the
+    weight dequantized ((q - 8) * scale + zero, as the kernel defines it) for torch's GEMM,
+    never a dense copy of the whole weight. torch 2.13's int4 kernel runs float32 at ~0.5
+    GFLOP/s, so a 256-token prefill of a 135M model took minutes."""
+    np_, kp = packed.shape[0], packed.shape[1] * 2
+    dtype = sz.dtype
+    out = torch.empty(x.shape[0], np_, dtype=dtype)
+    rows = max(1, TILE_BYTES // (kp * torch.finfo(dtype).bits // 8) // INT4_PACK_BLOCK_N) * INT4_PACK_BLOCK_N
+    for n0 in range(0, np_, rows):
+        n1 = min(np_, n0 + rows)
+        q = _unpack_int4(packed[n0:n1]).to(dtype).sub_(8).view(n1 - n0, kp // group, group)
+        s = sz[:, n0:n1].transpose(0, 1)  # [rows, Kp/G, 2]
+        w = q.mul_(s[..., :1]).add_(s[..., 1:]).view(n1 - n0, kp)
+        out[:, n0:n1] = x @ w.t()
+    return out
 
 
 class CPUInt8Method:

@@ -32,6 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--bits-per-weight", type=float, help="budget as bits per parameter over every weight "
                         "(8 x bytes / parameters)")
     p.add_argument("-o", "--output", required=True, help="the YAML config to write")
+    p.add_argument("--disable-verify", action="store_true", help="with --measure: write the knapsack's plan "
+                   "without scoring it (by default the plan, every single format that fits the budget and a few "
+                   "runners-up are scored by KL divergence from the base on calibration tokens measure did not use, "
+                   "never the evaluation text, and the best is written)")
+    p.add_argument("--verify-tokens", type=int, default=1024, help="calibration tokens after the measured ones to "
+                   "verify on (default 1024)")
+    p.add_argument("--verify-neighbors", type=int, default=2, help="runners-up of the knapsack to verify too "
+                   "(default 2)")
+    p.add_argument("--device", help="where to verify (default: the device measure ran on)")
     add_source_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -78,8 +87,15 @@ def run(args: argparse.Namespace) -> int:
         stats_freq = _stats_frequency(merge_stats(*docs) if len(docs) > 1 else docs[0], space,
                                       _top_k(space))
     params = sum(t.numel for t in space.base_plan.tensors.values())
+    verify = None
+    if not args.disable_verify:
+        from mixq.quality.verify import VerifySettings
+
+        if args.verify_neighbors < 0:
+            raise MixqError(f"--verify-neighbors must be >= 0, got {args.verify_neighbors}")
+        verify = VerifySettings(args.verify_tokens, args.verify_neighbors, args.device)
     result = planner.plan_from_measure(doc, space, _budget(args, params), args.output, args.estimator, stats_freq,
-                                       sections, measure_path=args.measure)
+                                       sections, measure_path=args.measure, verify=verify)
     print(json.dumps(asdict(result), indent=2) if args.json else planner.render(result))
     return 0
 

@@ -65,12 +65,12 @@ def _is_base(plan, base_path: Path) -> bool:
 
 def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens: int = 4096,
              base: str | None = None, device: str = "auto", dtype: str = "auto", progress: bool | None = None,
-             text_name: str = "the text", kv_cache_dtype: str = "auto") -> dict[str, dict]:
+             text_name: str = "the text", kv_cache_dtype: str = "auto", skip: int = 0) -> dict[str, dict]:
     """name -> row for every target (see the module docstring), in order. `base`: the
     reference checkpoint (default: the first target's base checkpoint); a quantized base
     (a single quantized checkpoint evaluated alone) gets perplexity only. `kv_cache_dtype`:
     the configs' KV cache ("auto": the model dtype, the base's too); any other value runs
-    the base with a bfloat16 KV cache."""
+    the base with a bfloat16 KV cache. `skip`: tokens of the text left out before the first window."""
     from tqdm import tqdm
 
     if not targets:
@@ -93,7 +93,7 @@ def evaluate(targets: list[EvalTarget], text: str, window: int = 512, max_tokens
         # every config computes in the base's dtype (a YAML's inference.dtype does not apply)
         dtype = str(sess.engine.dtype).removeprefix("torch.")
         base_is_dense = not any(t.spec.is_quantized for t in sess.engine.plan.tensors.values())
-        windows = text_windows(sess.tokenizer, text, window, max_tokens, text_name)
+        windows = text_windows(sess.tokenizer, text, window, max_tokens, text_name, skip)
         n_pred = sum(len(w) - 1 for w in windows)
         store = None
         score = TextScore()

@@ -16,7 +16,7 @@ Two solvers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class Solution:
     bytes: int
     loss: float
     method: str  # "exact" | "greedy"
+    # the next-best choices that fit (exact solver: the final Pareto front's states by
+    # loss, i.e. the best mix at each smaller byte count), for the planner's verification
+    alternatives: list[list[int]] = field(default_factory=list)
 
 
 class BudgetTooSmall(ValueError):
@@ -60,8 +63,10 @@ def _total(groups, choice) -> tuple[int, float]:
     return b, float(sum(groups[i][c].loss for i, c in enumerate(choice)))
 
 
-def solve_exact(groups: list[list[Option]], budget: int, max_states: int | None = None) -> Solution | None:
-    """Optimal choice, or None when the Pareto front grows past max_states."""
+def solve_exact(groups: list[list[Option]], budget: int, max_states: int | None = None,
+                alternatives: int = 0) -> Solution | None:
+    """Optimal choice, or None when the Pareto front grows past max_states; with
+    `alternatives`, that many runners-up of the final front too."""
     _check(groups, budget)
     mins = np.array([min(o.bytes for o in g) for g in groups], dtype=np.int64)
     rest = np.concatenate([np.cumsum(mins[::-1])[::-1][1:], [0]])  # cheapest bytes of the groups after g
@@ -83,14 +88,18 @@ def solve_exact(groups: list[list[Option]], budget: int, max_states: int | None 
         n = len(opts)
         sb, sl = cb[keep], cl[keep]
         back.append((keep // n, keep % n))  # (parent state, option) of each kept state
-    best = int(np.argmin(sl))
-    choice = [0] * len(groups)
-    for g in range(len(groups) - 1, -1, -1):
-        parent, opt = back[g]
-        choice[g] = int(opt[best])
-        best = int(parent[best])
+    def trace(state: int) -> list[int]:
+        choice = [0] * len(groups)
+        for g in range(len(groups) - 1, -1, -1):
+            parent, opt = back[g]
+            choice[g] = int(opt[state])
+            state = int(parent[state])
+        return choice
+
+    ranked = np.argsort(sl, kind="stable")[: 1 + alternatives]
+    choice = trace(int(ranked[0]))
     b, loss = _total(groups, choice)
-    return Solution(choice, b, loss, "exact")
+    return Solution(choice, b, loss, "exact", [trace(int(i)) for i in ranked[1:]])
 
 
 def lower_hull(opts: list[Option]) -> list[int]:
@@ -159,7 +168,7 @@ def solve_greedy(groups: list[list[Option]], budget: int) -> Solution:
     return Solution(choice, b, loss, "greedy")
 
 
-def solve(groups: list[list[Option]], budget: int, max_states: int = 200_000) -> Solution:
-    """Exact where the Pareto front stays under max_states, else greedy."""
-    sol = solve_exact(groups, budget, max_states)
+def solve(groups: list[list[Option]], budget: int, max_states: int = 200_000, alternatives: int = 0) -> Solution:
+    """Exact where the Pareto front stays under max_states, else greedy (no alternatives)."""
+    sol = solve_exact(groups, budget, max_states, alternatives)
     return sol if sol is not None else solve_greedy(groups, budget)

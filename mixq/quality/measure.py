@@ -329,7 +329,7 @@ def measure(space: UnitSpace, text: str, out_path: str | os.PathLike, text_name:
                     for f in [space.base_precision, *space.candidates]},
         "base_precision": space.base_precision,
         "calibration": {"text": text_name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": n_tokens,
-                        "window": window, "dtype": dtype_name, "device": sess.engine.device.type},
+                        "text_tokens": n_rows, "window": window, "dtype": dtype_name, "device": sess.engine.device.type},
         "estimators": list(estimators),
         "stats": stats is not None,
         "units": doc_units,

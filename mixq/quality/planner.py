@@ -26,6 +26,9 @@ from mixq.errors import ConfigError, MixqError
 from mixq.formats.plan import build_plan
 from mixq.quality.knapsack import BudgetTooSmall, Option, solve
 from mixq.quality.units import Unit, UnitSpace
+from mixq.quality.verify import Contender, VerifySettings
+from mixq.quality.verify import best as verify_best
+from mixq.quality.verify import score as verify_score
 from mixq.tracking.memory import MemoryStats
 
 
@@ -44,6 +47,8 @@ class MeasuredPlan:
     by_format: dict  # family -> MemoryStats bucket dict
     units: dict[str, dict[str, int]]  # kind -> {precision: count}
     assignment: dict[str, str] = field(default_factory=dict)  # unit id -> precision
+    written: str = "plan"  # the contender written: "plan", "uniform <format>" or "runner-up <i>"
+    verification: dict | None = None  # mixq.quality.verify.score's record (None: not verified)
 
 
 def read_measure(path: str | os.PathLike) -> dict:
@@ -215,10 +220,41 @@ def compact_mapping(space: UnitSpace, assign: dict[str, str]) -> dict[str, str]:
     return mapping
 
 
+def uniform_contenders(space: UnitSpace, options: list[list[Option]], fixed: int, budget: int) -> list[Contender]:
+    """Every single format for every unit (a unit not offered it stays in the base) whose
+    bytes fit the budget: what a user gets from one checkpoint alone."""
+    base = space.base_precision
+    out = []
+    for f in [*space.candidates, base]:
+        total, loss, assign = fixed, 0.0, {}
+        for g in options:
+            want = {uid: (f if f in space.bytes[uid] else base) for uid in g[0].label}
+            opt = next((o for o in g if o.label == want), None)
+            if opt is None:  # e.g. a smoothed pair that this format would split
+                break
+            total, loss = total + opt.bytes, loss + opt.loss
+            assign.update(want)
+        else:
+            if total <= budget:
+                out.append(Contender(f"uniform {f}", assign, total, loss))
+    return out
+
+
+def config_doc(space: UnitSpace, assign: dict[str, str], sections: dict | None = None) -> dict:
+    """The config document of an assignment: the checkpoints it reads and a compact mapping."""
+    mapping = compact_mapping(space, assign)
+    used = {"fp16_path"} | {space.mp.path_key_for(f) for f in set(assign.values())}
+    return {"mixed_precision": {**{k: v for k, v in space.mp.paths().items() if k in used},
+                                "weight_mapping": mapping}, **(sections or {})}
+
+
 def plan_from_measure(doc: dict, space: UnitSpace, budget_bytes: int, out_path: str | os.PathLike,
                       estimator: str | None = None, stats_freq: dict | None = None, sections: dict | None = None,
-                      measure_path: str = "measure.json") -> MeasuredPlan:
-    """Solve the knapsack and write the YAML (only once it checks out)."""
+                      measure_path: str = "measure.json", verify: VerifySettings | None = None,
+                      progress: bool | None = None) -> MeasuredPlan:
+    """Solve the knapsack; with `verify`, score the plan, the uniform candidates that fit and
+    a few runners-up on held-out calibration tokens (mixq.quality.verify) and keep the best;
+    write its YAML (only once it checks out)."""
     estimator = estimator or ("exact" if "exact" in doc["estimators"] else "proxy")
     losses = _losses(doc, estimator, stats_freq)
     groups = list(space.groups().values())
@@ -227,29 +263,44 @@ def plan_from_measure(doc: dict, space: UnitSpace, budget_bytes: int, out_path: 
     lo = fixed + sum(min(o.bytes for o in g) for g in options)
     hi = fixed + sum(max(o.bytes for o in g) for g in options)
     try:
-        sol = solve(options, budget_bytes - fixed)
+        sol = solve(options, budget_bytes - fixed, alternatives=verify.neighbors if verify else 0)
     except BudgetTooSmall:
         raise MixqError(f"the budget ({budget_bytes} bytes, {budget_bytes / 2**30:.6g} GiB) is below the smallest "
                         f"mix these checkpoints allow: {lo} bytes ({lo / 2**30:.6g} GiB) with every unit in its "
                         "cheapest format") from None
-    assign: dict[str, str] = {}
-    for g, choice in zip(options, sol.choice):
-        assign.update(g[choice].label)
-    predicted = fixed + sol.bytes
+
+    def contender(name: str, choice: list[int]) -> Contender:
+        assign: dict[str, str] = {}
+        for g, c in zip(options, choice):
+            assign.update(g[c].label)
+        return Contender(name, assign, fixed + sum(g[c].bytes for g, c in zip(options, choice)),
+                         float(sum(g[c].loss for g, c in zip(options, choice))))
+
+    plan = contender("plan", sol.choice)
+    chosen, record = plan, None
+    if verify is not None:
+        contenders: list[Contender] = [plan]
+        extra = [contender(f"runner-up {i + 1}", c) for i, c in enumerate(sol.alternatives)]
+        for c in [*uniform_contenders(space, options, fixed, budget_bytes), *extra]:
+            if all(c.assignment != d.assignment for d in contenders):
+                contenders.append(c)
+        record = verify_score(contenders, {c.name: config_doc(space, c.assignment) for c in contenders},
+                              space.paths["fp16_path"], doc, f"--measure {measure_path}", verify, progress)
+        chosen = verify_best(contenders, record)
+        record["written"] = chosen.name
+    assign, predicted = chosen.assignment, chosen.bytes
     params = sum(t.numel for t in space.base_plan.tensors.values())
-    mapping = compact_mapping(space, assign)
-    used = {"fp16_path"} | {space.mp.path_key_for(f) for f in set(assign.values())}
-    doc_out = {"mixed_precision": {**{k: v for k, v in space.mp.paths().items() if k in used},
-                                   "weight_mapping": mapping}, **(sections or {})}
+    doc_out = config_doc(space, assign, sections)
     cal = doc["calibration"]
     header = (f"# written by `mixq plan --measure {measure_path}` ({estimator} estimates, {sol.method} knapsack)\n"
               f"# budget: {budget_bytes} bytes ({budget_bytes / 2**30:.4f} GiB, {8 * budget_bytes / params:.3f} "
               f"bits/weight)\n"
               f"# predicted weights: {predicted} bytes ({predicted / 2**30:.4f} GiB, {8 * predicted / params:.3f} "
               f"bits/weight), as mixq inspect counts them\n"
-              f"# predicted loss: {sol.loss:.6g} (sum of per-unit {estimator} estimates"
+              f"# predicted loss: {chosen.estimated_loss:.6g} (sum of per-unit {estimator} estimates"
               + (", mean KLD in nats/token" if estimator == "exact" else ", relative output error x frequency")
-              + f"; calibrated on {cal['tokens']} tokens of {cal['text']})\n")
+              + f"; calibrated on {cal['tokens']} tokens of {cal['text']})\n"
+              + _verify_header(record))
     out_path = Path(out_path)
     fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".yaml", dir=out_path.parent if out_path.parent.is_dir()
                                else None)
@@ -271,8 +322,27 @@ def plan_from_measure(doc: dict, space: UnitSpace, budget_bytes: int, out_path: 
     for u in space.units:
         kinds.setdefault(u.kind, {}).setdefault(assign[u.id], 0)
         kinds[u.kind][assign[u.id]] += 1
-    return MeasuredPlan(str(out_path), budget_bytes, predicted, got.total.bytes, sol.loss, 8 * predicted / params,
-                        estimator, sol.method, lo, hi, got.as_dict()["by_format"], kinds, assign)
+    return MeasuredPlan(str(out_path), budget_bytes, predicted, got.total.bytes, chosen.estimated_loss,
+                        8 * predicted / params, estimator, sol.method, lo, hi, got.as_dict()["by_format"], kinds,
+                        assign, chosen.name, record)
+
+
+def _verify_lines(record: dict | None) -> list[str]:
+    """What the verification scored and chose, for the YAML header and the summary."""
+    if record is None:
+        return ["not verified (--disable-verify)"]
+    lines = [f"verified on calibration tokens {record['first_token']}..{record['last_token']} of {record['text']} (after the "
+             f"measured ones; {record['tokens']} scored, windows of {record['window']}, {record['dtype']}): "
+             f"mean KLD vs the base of each contender; wrote {record['written']}"]
+    for name, c in record["contenders"].items():
+        mark = "  <- written" if name == record["written"] else ""
+        lines.append(f"  {name:<18} {c['kld_mean']:.6f}  ({c['bytes']} bytes, estimated {c['estimated_loss']:.6g})"
+                     + mark)
+    return lines
+
+
+def _verify_header(record: dict | None) -> str:
+    return "".join(f"# {line}\n" for line in _verify_lines(record))
 
 
 def render(r: MeasuredPlan) -> str:
@@ -285,6 +355,7 @@ def render(r: MeasuredPlan) -> str:
              f"  predicted bytes {r.predicted_bytes} == mixq inspect {r.inspect_bytes} ({size(r.predicted_bytes)}, "
              f"{r.bits_per_weight:.3f} bits/weight)",
              f"  predicted loss {r.predicted_loss:.6g} ({r.estimator} estimates, {r.solver} knapsack)",
+             *("  " + line for line in _verify_lines(r.verification)),
              "  by format: " + ", ".join(f"{fam} {size(b['memory_mb'] * 2**20)} ({b['tensors']} tensors)"
                                          for fam, b in r.by_format.items())]
     for kind, counts in r.units.items():

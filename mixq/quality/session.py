@@ -12,17 +12,19 @@ from mixq.engine.model_runner import SeqChunk
 from mixq.errors import MixqError
 
 
-def text_windows(tokenizer, text: str, window: int, max_tokens: int, what: str = "the text") -> list[list[int]]:
-    """The first max_tokens tokens of `text` in non-overlapping windows of `window` tokens
-    (the last may be shorter; each window's first token is context only). A text shorter
-    than one window is refused: its numbers would not be comparable."""
+def text_windows(tokenizer, text: str, window: int, max_tokens: int, what: str = "the text",
+                 skip: int = 0) -> list[list[int]]:
+    """max_tokens tokens of `text`, after its first `skip`, in non-overlapping windows of
+    `window` tokens (the last may be shorter; each window's first token is context only). A
+    text shorter than one window is refused: its numbers would not be comparable."""
     if window < 2:
         raise MixqError(f"--window must be >= 2, got {window}")
     if max_tokens < 2:
         raise MixqError(f"--max-tokens must be >= 2, got {max_tokens}")
-    ids = tokenizer.encode(text, verbose=False)[:max_tokens]  # no "longer than the model" warning
+    ids = tokenizer.encode(text, verbose=False)[skip : skip + max_tokens]  # no "longer than the model" warning
     if len(ids) < window:
-        raise MixqError(f"{what} has {len(ids)} tokens (at most --max-tokens {max_tokens}), fewer than one "
+        after = f" after its first {skip}" if skip else ""
+        raise MixqError(f"{what} has {len(ids)} tokens{after} (at most --max-tokens {max_tokens}), fewer than one "
                         f"--window of {window}; give a longer text or a smaller --window")
     return [ids[s : s + window] for s in range(0, len(ids), window) if len(ids[s : s + window]) >= 2]
 

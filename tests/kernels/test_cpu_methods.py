@@ -313,3 +313,17 @@ def test_tied_q8_0_embedding_and_head_share_the_blocks():
     y = emb16.as_lm_head(hb)
     ref = hb.double() @ w.t()
     assert y.dtype == torch.float32 and float((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_int4_prefill_tiles_read_this_torchs_packing():
+    """M >= TILE_MIN_ROWS runs dequantized tiles (the M=70 cases above check their numbers):
+    that needs `_unpack_int4` to read torch's packing, whole 64-row blocks and a short last
+    one (N = 16..48 mod 64), else every call would silently take the (slow) kernel."""
+    from mixq.kernels import cpu_methods
+
+    assert cpu_methods._int4_layout_known()
+    gen = torch.Generator().manual_seed(5)
+    for n in (16, 48, 64, 144, 208):
+        q = torch.randint(0, 16, (n, 160), dtype=torch.int32, generator=gen)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        assert torch.equal(cpu_methods._unpack_int4(packed).to(torch.int32), q), n

@@ -22,8 +22,10 @@ def test_quality_bench_smoke(tmp_path):
     rows = doc["rows"]
     planned = [x for x in rows.values() if x["name"].startswith("planned")]
     assert len(planned) >= 5 and {"bf16", "fp8", "int8", "gptq-int4", "awq-int4", "llama.cpp-style rule"} <= set(rows)
-    for x in planned:
+    for x in planned:  # verified: the written contender is the one of least calibration KLD
         assert x["weight_bytes"] <= x["budget_bytes"]
+        v = x["verification"]["contenders"]
+        assert x["written"] == min(v, key=lambda c: v[c]["kld_mean"]) and x["weight_bytes"] == v[x["written"]]["bytes"]
     assert rows["bf16"]["kld_mean"] == 0 and rows["gptq-int4"]["kld_mean"] > 0
     # the most generous plan (the FP8 size) has no more KLD than the cheapest
     by_size = sorted(planned, key=lambda x: x["weight_bytes"])

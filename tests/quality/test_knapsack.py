@@ -99,3 +99,32 @@ def test_budget_below_the_smallest_mix():
     groups = [[Option(5, 1.0), Option(9, 0.0)], [Option(3, 0.5)]]
     with pytest.raises(BudgetTooSmall, match=r"budget \(7 bytes\) is below the smallest possible mix \(8 bytes\)"):
         solve(groups, 7)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_runners_up_are_the_best_mixes_at_fewer_bytes(seed):
+    """The exact solver's runners-up (for the planner's verification): distinct choices that
+    fit, by rising loss after the optimum, each the brute-force best of every mix of no more
+    bytes than it has (a point of the Pareto front)."""
+    rng = random.Random(1000 + seed)
+    groups = random_groups(rng, rng.randint(2, 4), 4)
+    lo, hi = sum(min(o.bytes for o in g) for g in groups), sum(max(o.bytes for o in g) for g in groups)
+    budget = rng.randint(lo, hi)
+    sol = solve_exact(groups, budget, alternatives=3)
+    combos = [(sum(g[c].bytes for g, c in zip(groups, ch)), sum(g[c].loss for g, c in zip(groups, ch)))
+              for ch in itertools.product(*(range(len(g)) for g in groups))]
+    seen = [sol.choice]
+    prev = sol.loss
+    for ch in sol.alternatives:
+        b = sum(g[c].bytes for g, c in zip(groups, ch))
+        loss = sum(g[c].loss for g, c in zip(groups, ch))
+        assert b <= budget and ch not in seen and loss >= prev - 1e-12
+        assert loss == pytest.approx(min(x for bb, x in combos if bb <= b), abs=1e-9)
+        seen.append(ch)
+        prev = loss
+    # as many as the front has, up to 3: every strictly better-per-byte level below the optimum
+    front = {}
+    for b, loss in sorted(combos):
+        if b <= budget and (not front or loss < min(front.values()) - 1e-12):
+            front[b] = loss
+    assert len(sol.alternatives) == min(3, len(front) - 1)
