@@ -61,6 +61,26 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even */
     return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
+/* Where the CPU has no AVX512-BF16 dot, n bf16 activations widened to fp32 once: *x points
+   at the copy and *x_bf16 becomes 0; returns the copy for the caller to free (else NULL). */
+static inline float *widen_bf16_x(const void **x, int *x_bf16, int64_t n) {
+#if !defined(__AVX512BF16__)
+    if (*x_bf16) {
+        float *xf = (float *)malloc((size_t)n * sizeof(float));
+        for (int64_t i = 0; i < n; i++) xf[i] = bf16_to_f32(((const uint16_t *)*x)[i]);
+        *x = xf;
+        *x_bf16 = 0;
+        return xf;
+    }
+#endif
+    return NULL;
+}
+
+/* fn(R, ...) with R (1..4 rows) a constant in each case, so each case is specialised */
+#define ROWS_BY_R(R, fn, ...) switch (R) { \
+    case 1: fn(1, __VA_ARGS__); break; case 2: fn(2, __VA_ARGS__); break; \
+    case 3: fn(3, __VA_ARGS__); break; default: fn(4, __VA_ARGS__); break; }
+
 """
 
 _SOURCE = C_PRELUDE + r"""
@@ -199,15 +219,7 @@ int fp8_has_bf16_dot(void) {
    widened to fp32 first); xscale: fp32 [M] or NULL; out: fp32, or bf16 when out_bf16 */
 void fp8_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
               int64_t bn, int64_t bk, int64_t sk, const float *xscale, void *out, int out_bf16, int nthreads) {
-    float *xf = NULL;
-#if !defined(__AVX512BF16__)
-    if (x_bf16) {
-        xf = (float *)malloc((size_t)(M * K) * sizeof(float));
-        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        x = xf;
-        x_bf16 = 0;
-    }
-#endif
+    float *xf = widen_bf16_x(&x, &x_bf16, M * K);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K;
@@ -217,22 +229,12 @@ void fp8_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w,
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             if (!x_bf16) {
                 const float *xm = (const float *)x + m0 * K;
-                switch (R) {  /* constant R: each case is specialised */
-                    case 1: rows_f32(1, xm, K, wr, sr, bk, acc); break;
-                    case 2: rows_f32(2, xm, K, wr, sr, bk, acc); break;
-                    case 3: rows_f32(3, xm, K, wr, sr, bk, acc); break;
-                    default: rows_f32(4, xm, K, wr, sr, bk, acc); break;
-                }
+                ROWS_BY_R(R, rows_f32, xm, K, wr, sr, bk, acc)
             }
 #if defined(__AVX512BF16__)
             else {
                 const uint16_t *xm = (const uint16_t *)x + m0 * K;
-                switch (R) {
-                    case 1: rows_bf16(1, xm, K, wr, sr, bk, acc); break;
-                    case 2: rows_bf16(2, xm, K, wr, sr, bk, acc); break;
-                    case 3: rows_bf16(3, xm, K, wr, sr, bk, acc); break;
-                    default: rows_bf16(4, xm, K, wr, sr, bk, acc); break;
-                }
+                ROWS_BY_R(R, rows_bf16, xm, K, wr, sr, bk, acc)
             }
 #endif
             for (int r = 0; r < R; r++) {

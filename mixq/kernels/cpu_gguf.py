@@ -108,15 +108,7 @@ static inline __attribute__((always_inline)) void rows_bf16(const int R, const u
    blocks: uint8 [N, K/32, 34]; out: fp32, or bf16 when out_bf16. K % 32 == 0. */
 void q8_0_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *blocks, int64_t N, void *out,
                int out_bf16, int nthreads) {
-    float *xf = NULL;
-#if !defined(__AVX512BF16__)
-    if (x_bf16) {
-        xf = (float *)malloc((size_t)(M * K) * sizeof(float));
-        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        x = xf;
-        x_bf16 = 0;
-    }
-#endif
+    float *xf = widen_bf16_x(&x, &x_bf16, M * K);
     const int64_t row_bytes = (K / 32) * 34;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -126,22 +118,12 @@ void q8_0_gemm(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *b
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             if (!x_bf16) {
                 const float *xm = (const float *)x + m0 * K;
-                switch (R) {  /* constant R: each case is specialised */
-                    case 1: rows_f32(1, xm, K, wr, acc); break;
-                    case 2: rows_f32(2, xm, K, wr, acc); break;
-                    case 3: rows_f32(3, xm, K, wr, acc); break;
-                    default: rows_f32(4, xm, K, wr, acc); break;
-                }
+                ROWS_BY_R(R, rows_f32, xm, K, wr, acc)
             }
 #if defined(__AVX512BF16__)
             else {
                 const uint16_t *xm = (const uint16_t *)x + m0 * K;
-                switch (R) {
-                    case 1: rows_bf16(1, xm, K, wr, acc); break;
-                    case 2: rows_bf16(2, xm, K, wr, acc); break;
-                    case 3: rows_bf16(3, xm, K, wr, acc); break;
-                    default: rows_bf16(4, xm, K, wr, acc); break;
-                }
+                ROWS_BY_R(R, rows_bf16, xm, K, wr, acc)
             }
 #endif
             for (int r = 0; r < R; r++) {
