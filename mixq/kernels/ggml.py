@@ -250,7 +250,7 @@ def _ggml_op(x: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor | None, d: torc
         from mixq.kernels.wna16_dequant import dequant_chunk
 
         chunk = 0 if interpreting() else dequant_chunk(rows, n, k, x.element_size())
-    if chunk and rows:
+    if chunk:
         return _dequant_gemm(x, ql, qh, d, m, sc, mn, bias, qtype, n, chunk)
     kind, bm, bn, split, warps, stages = _config(rows, n, k, sg, x.device)
     so = SplitOutput(rows, n, split, bm, bn, x.dtype, x.device)
@@ -273,24 +273,22 @@ def _ggml_op(x: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor | None, d: torc
 
 def _dequant_gemm(x, ql, qh, d, m, sc, mn, bias, qtype: str, n: int, chunk: int) -> torch.Tensor:
     """x @ W^T through a [K, chunk] buffer of the dequantized weight and torch.mm per chunk."""
-    rows, k = x.shape
+    from mixq.kernels.wna16_dequant import chunked_mm
+
+    k = x.shape[1]
     hb, sb, sg, zero = GGML_KERNEL_TYPES[qtype]
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    buf = torch.empty((k, min(chunk, n)), device=x.device, dtype=x.dtype)
     bn = 64 if interpreting() else 128
     dummy = ql
     ptrs = (ql, qh if qh is not None else dummy, d, m if m is not None else d, sc if sc is not None else dummy,
             mn if mn is not None else dummy)
     strides = (ql.stride(0), qh.stride(0) if qh is not None else 0, d.stride(0), sc.stride(0) if sc is not None else 0)
-    for c0 in range(0, n, chunk):
-        cn = min(chunk, n - c0)
+
+    def fill(buf: torch.Tensor, c0: int, cn: int) -> None:
         _ggml_dequant_kernel[(k // sg, triton.cdiv(cn, bn))](
             *ptrs, buf, n, c0, cn, *strides, buf.stride(0), HB=hb, SB=sb, ZERO=zero, HAS_M=m is not None,
             HAS_SC=sc is not None, HAS_MN=mn is not None, BN=bn, BK=sg, num_warps=4)
-        torch.mm(x, buf[:, :cn], out=out if cn == n else out[:, c0:c0 + cn])
-    if bias is not None:
-        out += bias
-    return out
+
+    return chunked_mm(x, n, chunk, bias, fill)
 
 
 @_ggml_op.register_fake

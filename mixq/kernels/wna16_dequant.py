@@ -92,28 +92,40 @@ def wna16_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        gidx: torch.Tensor | None, offsets: torch.Tensor | None, chunk: int) -> torch.Tensor:
     """x [M, K] -> x @ dequant(W)^T [M, N] in x's dtype, through a [K, chunk] dequantized
     buffer and torch.mm per chunk (the wna16 layout of mixq.kernels.wna16)."""
-    m, k = x.shape
+    k = x.shape[1]
     if perm is not None:
         x = x.index_select(1, perm)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out
     bk = (64 if k % 64 == 0 else 16) if gidx is not None else max(16, min(64, group_size & -group_size))
     if k % bk:
         raise ValueError(f"wna16 dequant: K={k} is not a multiple of {bk}")
     bn = 64 if interpreting() else 128
-    buf = torch.empty((k, chunk), device=x.device, dtype=x.dtype)
     upcast = interpreting() or x.dtype == torch.float32
     dq = 0 if upcast else (2 if bits == 4 or x.dtype == torch.float16 else 1)
     dummy = qweight
     extra = {} if offsets is None else dict(off_ptr=offsets, stride_og=offsets.stride(0), HAS_OFF=True)
-    for c0 in range(0, n, chunk):
-        cn = min(chunk, n - c0)
+
+    def fill(buf: torch.Tensor, c0: int, cn: int) -> None:
         _wna16_dequant_kernel[(k // bk, triton.cdiv(cn, bn))](
             qweight, scales, zeros if zeros is not None else dummy, gidx if gidx is not None else dummy, buf, n, c0,
             cn, qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, buf.stride(0),
             BITS=bits, GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=gidx is not None, BN=bn, BK=bk, DQ=dq,
             num_warps=4, **extra)
+
+    return chunked_mm(x, n, chunk, bias, fill)
+
+
+def chunked_mm(x: torch.Tensor, n: int, chunk: int, bias: torch.Tensor | None, fill) -> torch.Tensor:
+    """x [M, K] @ W^T [M, N] through a transient [K, chunk] buffer: `fill(buf, c0, cn)` writes
+    W^T's columns [c0, c0 + cn) into buf[:, :cn] (a dequantize kernel), then one torch.mm per
+    chunk writes its output columns in place. Shared by wna16 and ggml's large-M paths."""
+    m, k = x.shape
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    buf = torch.empty((k, min(chunk, n)), device=x.device, dtype=x.dtype)
+    for c0 in range(0, n, chunk):
+        cn = min(chunk, n - c0)
+        fill(buf, c0, cn)
         torch.mm(x, buf[:, :cn], out=out if cn == n else out[:, c0:c0 + cn])  # in place, ldc = N
     if bias is not None:
         out += bias
