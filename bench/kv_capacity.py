@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # bench/kernels.py would shadow the `kernels` package transformers probes for: run from the root
 sys.path[0] = str(ROOT)
 
-import torch  # noqa: E402
-
 from mixq.engine.block_manager import BlockManager  # noqa: E402
 from mixq.engine.engine import LLM  # noqa: E402
 from mixq.engine.sampling_params import SamplingParams  # noqa: E402
@@ -90,9 +88,7 @@ def main() -> None:
                              "requests_at_context": blocks // -(-a.context // a.page_size),
                              "admitted_together": fits_together(blocks, a.page_size, a.context)}
         del eng
-        gc.collect()
-        if torch.cuda.is_available():  # the next engine sizes its cache from what the GPU reports free
-            torch.cuda.empty_cache()
+        gc.collect()  # the next engine sizes its cache from the GPU's free memory (it empties torch's cache first)
     print(f"{results['model']} on {results['device']}, context {a.context} tokens, page {a.page_size}"
           + ("" if a.gpu_memory else f", KV budget {a.budget_gib:g} GiB"))
     print("| KV cache | bytes/token | cache GiB | tokens | requests at full context | admitted together |")
