@@ -57,7 +57,8 @@ def _weights(k, n, gen):
 
 
 def sweep(shapes, ms, t_us, out_rows, deadline):
-    """Every launch shape x min_iters (and dequant chunks from M = 128) per shape and M."""
+    """Every launch shape x min_iters (the GEMV's variants x K splits up to 16 rows, dequant
+    chunks from M = 128) per shape and M."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(1)
     for name, (k, n) in shapes.items():
@@ -70,6 +71,14 @@ def sweep(shapes, ms, t_us, out_rows, deadline):
                 return
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             cands = []
+            if m <= w4a16_mma.GEMV_MAX_M:
+                slices = k // 16
+                for v, (warps, _) in w4a16_mma.GEMV_VARIANTS.items():
+                    for kc in range(1, slices + 1):
+                        if w4a16_mma.gemv_split(m, n, k, sms, warps, kcs=kc) is None or n // 64 * kc > 16 * sms:
+                            continue
+                        cands.append((f"g{v}/kc{kc}", lambda m_, n_, k_, g_, v=v, kc=kc: choose_launch(
+                            m_, n_, k_, g_, sms, lambda mb, sp: 1, gemv=True, gemv_variant=v, kcs=kc)))
             if m < 1024:
                 for shape in w4a16_mma.SHAPES:
                     for mi in (2, 8):
@@ -93,7 +102,9 @@ def sweep(shapes, ms, t_us, out_rows, deadline):
                 if best is None or t < best[1]:
                     best = (label, t)
             heur = t_us(lambda w_, x=x: w4a16_gemm(x, w_), [(w_,) for w_ in ws])
-            print(f"sweep {name} M={m}: best {best[0]} {best[1]:.1f} us, heuristic {heur:.1f} us", flush=True)
+            top = sorted((r["us"], r["cfg"]) for r in out_rows if r.get("sweep") == name and r["M"] == m)[:4]
+            print(f"sweep {name} M={m}: heuristic {heur:.1f} us; best " + ", ".join(f"{c} {u:.1f}" for u, c in top),
+                  flush=True)
 
 
 def w4a16_mma_copies(w):
@@ -203,6 +214,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts to time")
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting new shapes after this long")
     ap.add_argument("--sweep-s", type=float, default=120, help="the sweep's time after the table's budget")
+    ap.add_argument("--sweep-ms", default="1,16,64,128,256,512", help="row counts the sweep times")
     a = ap.parse_args()
     if a.smoke or not torch.cuda.is_available():
         smoke()
@@ -222,7 +234,7 @@ def main() -> None:
         bench(shapes, [int(v) for v in a.ms.split(",")], time_us, out["rows"], deadline)
         table(out["rows"], bw)
         if a.sweep:
-            sweep(shapes, (1, 16, 64, 128, 256, 512), time_us, out["sweep"], deadline + a.sweep_s)
+            sweep(shapes, [int(v) for v in a.sweep_ms.split(",")], time_us, out["sweep"], deadline + a.sweep_s)
     finally:
         if a.out:
             with open(a.out, "w") as f:

@@ -82,9 +82,11 @@ class MMAW4A16Method:
 
     def can_implement(self, spec: WeightSpec, device: torch.device) -> tuple[bool, str]:
         if os.environ.get("MIXQ_W4A16_MMA") != "1":
-            # measured on H100 (bench/RESULTS.md, issue 18): faster than triton-wna16 at 16
-            # rows, slower at 1 and 64, so not the default until it wins everywhere
-            return False, "opt-in (MIXQ_W4A16_MMA=1): slower than triton-wna16 at M=1 and M=64 on H100"
+            # measured on H100 (bench/RESULTS.md, issue 18): as fast as or faster than
+            # triton-wna16 at 1-64 rows on the Llama-3-8B / Qwen3-30B-A3B shapes, except
+            # Qwen3's o_proj at 64 rows; at 128-511 rows the rewritten kernel is untimed and
+            # the old one lost 2.2x on the widest weights, so not the default yet
+            return False, "opt-in (MIXQ_W4A16_MMA=1): untimed at 128-511 rows after its rewrite (issue 18)"
         if spec.layout not in ("gptq", "awq", "ct-packed"):
             return False, f"layout {spec.layout} is not a packed int layout"
         if spec.bits != 4:

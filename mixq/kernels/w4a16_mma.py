@@ -34,6 +34,14 @@ LIB = "w4a16_mma"
 # warp and stage, pipeline stages); a tile is 64 * WN columns by 16 * WK * KS of K
 SHAPES = {0: (2, 4, 1, 4), 1: (4, 2, 2, 4), 2: (1, 4, 1, 4), 3: (2, 2, 2, 4), 4: (4, 1, 4, 4), 5: (2, 4, 2, 3)}
 DEQUANT_MIN_M = 512  # from here: dequantize + cuBLAS (bench/w4a16-notes.md)
+# the few-row GEMV (the .cu's w4a16_gemv_kernel): variant id -> (warps per CTA, slices of
+# weight loads each warp keeps in flight); up to GEMV_MAX_M rows
+GEMV_VARIANTS = {0: (4, 8), 1: (4, 4), 2: (8, 4)}
+GEMV_MAX_M = 16
+GEMV_X_BYTES = 48 * 1024  # a CTA's activations [M, its K range] in shared memory, at most
+# the GEMV takes weights up to this many packed bytes (H100: it wins on 4-8 MB weights,
+# stream-K shape 1/5 from 12 MB: bench/w4a16-notes.md)
+GEMV_MAX_BYTES = 10 * 2**20
 DEQUANT_CHUNK_BYTES = 32 * 2**20  # dequantized column chunk: fits in L2 with the activations
 
 
@@ -143,10 +151,11 @@ def w4a16_reference(x: torch.Tensor, w: W4A16MMAWeight, bias: torch.Tensor | Non
 
 @dataclass(frozen=True)
 class MMALaunch:
-    """One GEMM's launch. kind "mma": the tensor-core kernel with `mb` 16-row blocks per
-    tile, `mchunks` row chunks, launch `shape`, a stream-K grid of `grid` CTAs over
-    mchunks * ntiles tiles of kiters stages. kind "dequant": `chunk` columns at a time
-    dequantized then multiplied by cuBLAS."""
+    """One GEMM's launch. kind "gemv" (M <= 16): the register-streaming split-K kernel,
+    N/64 x kcs CTAs of GEMV_VARIANTS[variant]. kind "mma": the tensor-core kernel with `mb`
+    16-row blocks per tile, `mchunks` row chunks, launch `shape`, a stream-K grid of `grid`
+    CTAs over mchunks * ntiles tiles of kiters stages. kind "dequant": `chunk` columns at a
+    time dequantized then multiplied by cuBLAS."""
 
     kind: str
     mb: int = 1
@@ -156,20 +165,39 @@ class MMALaunch:
     ntiles: int = 1
     kiters: int = 1
     chunk: int = 0
+    variant: int = 0  # gemv: GEMV_VARIANTS id, K split into kcs CTA ranges of spc k16 slices
+    kcs: int = 1
+    spc: int = 0
 
 
 def default_shape(m: int, n: int) -> int:
-    """The launch shape (H100 sweep of issue 18, bench/w4a16-notes.md): 256 columns per
-    128-thread CTA with no K-split inside (shape 4) at one row on wide weights and at up to
-    16 rows on the widest; else 128 columns, 8 warps, 128-deep stages (shape 5); 4 row
-    blocks on the widest weights: shape 3."""
+    """The stream-K launch shape (H100 sweeps of issue 18, bench/w4a16-notes.md): at one row
+    256 columns per 256-thread CTA, 2 K-warps (shape 1); up to 16 rows 128 columns, 8 warps,
+    128-deep stages (shape 5); above, shape 3 (4 row blocks) on the widest weights, else 5."""
     if n % 128:
         return 2
-    if n % 256 == 0 and ((m == 1 and n >= 5120) or (m <= 16 and n >= 16384)):
-        return 4
+    if m == 1 and n % 256 == 0:
+        return 1
     if m > 16 and n >= 16384:
         return 3
     return 5
+
+
+def gemv_split(m: int, n: int, k: int, sms: int, warps: int, ctas_per_sm: int = 4,
+               kcs: int | None = None) -> tuple[int, int] | None:
+    """(kcs, spc) of the few-row GEMV, or None if no split fits: K's k16 slices cut into kcs
+    equal CTA ranges of spc slices (a multiple of 4 for the activation swizzle and of the
+    warps, whose runs are equal), the activations [m, spc * 16] within GEMV_X_BYTES; the
+    split whose CTA count is nearest `ctas_per_sm` per SM (fewer splits on a tie), or `kcs`."""
+    slices, nblocks = k // 16, n // 64
+    fits = [c for c in range(1, slices + 1) if slices % c == 0 and (slices // c) % 4 == 0
+            and (slices // c) % warps == 0 and m * (slices // c) * 32 <= GEMV_X_BYTES]
+    if kcs is not None:
+        return (kcs, slices // kcs) if kcs in fits else None
+    if not fits:
+        return None
+    kc = min(fits, key=lambda c: (abs(nblocks * c - sms * ctas_per_sm), c))
+    return kc, slices // kc
 
 
 def stream_k_grid(total_iters: int, sms: int, blocks_per_sm: int, min_iters: int) -> int:
@@ -181,11 +209,21 @@ def stream_k_grid(total_iters: int, sms: int, blocks_per_sm: int, min_iters: int
 
 def choose_launch(m: int, n: int, k: int, group: int, sms: int, blocks_per_sm: Callable[[int, int], int],
                   shape: int | None = None, min_iters: int | None = None, dequant_min_m: int = DEQUANT_MIN_M,
-                  itemsize: int = 2) -> MMALaunch:
-    """The launch heuristic (plain function; `blocks_per_sm(mb, shape)` is the occupancy)."""
+                  itemsize: int = 2, gemv: bool | None = None, gemv_variant: int = 1,
+                  kcs: int | None = None) -> MMALaunch:
+    """The launch heuristic (plain function; `blocks_per_sm(mb, shape)` is the occupancy):
+    up to GEMV_MAX_M rows the GEMV on weights of at most GEMV_MAX_BYTES (`gemv` True/False
+    forces it on/off; a stream-K `shape` turns it off), else the stream-K kernel, up to the
+    dequantize rule, then dequantize + cuBLAS."""
     chunk = dequant_chunk(m, n, k, itemsize)
     if m >= dequant_min_m or chunk:
         return MMALaunch("dequant", chunk=chunk or max(64, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)) // 64 * 64))
+    if gemv is None:
+        gemv = shape is None and n * k // 2 <= GEMV_MAX_BYTES
+    if m <= GEMV_MAX_M and gemv:
+        split = gemv_split(m, n, k, sms, GEMV_VARIANTS[gemv_variant][0], kcs=kcs)
+        if split is not None:
+            return MMALaunch("gemv", variant=gemv_variant, kcs=split[0], spc=split[1])
     mb = min(4, -(-m // 16))
     mchunks = -(-m // (16 * mb))
     if shape is None:
@@ -216,6 +254,7 @@ def _lib(device: torch.device) -> ctypes.CDLL:
         lib.mixq_w4a16_occupancy.argtypes = [i, i, i, i]
         lib.mixq_w4a16_gemm.argtypes = [i, i, i, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, p]
         lib.mixq_w4a16_dequant.argtypes = [i, p, p, p, p, i, i, i, i, i, i, p]
+        lib.mixq_w4a16_gemv.argtypes = [i, i, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, p]
         lib._mixq_typed = True
     return lib
 
@@ -283,6 +322,15 @@ def _w4a16_op(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros: to
                 torch.mm(x, buf[:, :cn], out=out if cn == n else out[:, c0:c0 + cn])
             if bias is not None:
                 out += bias
+            return out
+        if launch.kind == "gemv":
+            nblocks = n // 64
+            ws = torch.empty((nblocks * launch.kcs * m * 64 if launch.kcs > 1 else 1,), device=dev, dtype=torch.float32)
+            counters = split_counters(dev, nblocks)
+            _check(lib.mixq_w4a16_gemv(int(bf16), launch.variant, x.data_ptr(), qw.data_ptr(), scales.data_ptr(), zptr,
+                                       bias.data_ptr() if bias is not None else None, out.data_ptr(), ws.data_ptr(),
+                                       counters.data_ptr(), m, n, k, group_size, launch.kcs, launch.spc, 0, stream),
+                   "gemv")
             return out
         bn = tile_dims(launch.shape)[0]
         tiles = launch.mchunks * launch.ntiles

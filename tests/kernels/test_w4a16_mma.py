@@ -92,16 +92,25 @@ def test_bad_layouts_are_refused():
 
 def test_launch_heuristic():
     occ = lambda mb, shape: 2  # noqa: E731
+    # up to 16 rows on weights up to 10 MB: the GEMV, the K split nearest 4 CTAs per SM
+    g1 = choose_launch(1, 4096, 4096, 128, 132, occ)
+    assert (g1.kind, g1.variant, g1.kcs, g1.spc) == ("gemv", 1, 8, 32)  # 64 column blocks x 8 = 512
+    g16 = choose_launch(16, 2048, 4096, 128, 132, occ)
+    assert (g16.kcs, g16.spc) == (16, 16)  # 32 blocks x 16; 16 rows x 96+ slices would not fit anyway
+    assert choose_launch(1, 28672, 4096, 128, 132, occ, gemv=True).kcs == 1  # 448 blocks
+    assert choose_launch(17, 4096, 4096, 128, 132, occ).kind == "mma"
+    # bigger weights: stream-K, 256 columns and 2 K-warps at one row, shape 5 up to 16 rows
     one = choose_launch(1, 28672, 4096, 128, 132, occ)
-    assert (one.kind, one.mb, one.mchunks, one.shape) == ("mma", 1, 1, 4)
+    assert (one.kind, one.mb, one.mchunks, one.shape) == ("mma", 1, 1, 1)
     assert (one.ntiles, one.kiters, one.grid) == (112, 64, 264)  # every resident slot
-    assert choose_launch(1, 2048, 4096, 128, 132, occ).shape == 5
+    assert choose_launch(16, 28672, 4096, 128, 132, occ).shape == 5
+    assert choose_launch(1, 2048, 4096, 128, 132, occ, gemv=False).shape == 1
     assert choose_launch(17, 4096, 4096, 128, 132, occ).mb == 2
     big = choose_launch(100, 4096, 14336, 128, 132, occ)
     assert (big.mb, big.mchunks, big.shape) == (4, 2, 5)
     assert choose_launch(64, 28672, 4096, 128, 132, occ).shape == 3
     assert choose_launch(128, 2048, 2048, 128, 132, occ).kind == "dequant"  # fits in L2
-    assert choose_launch(1, 4032, 4096, 128, 132, occ).shape == 2  # N not a multiple of 128: 64-wide tiles
+    assert choose_launch(1, 4032, 4096, 128, 132, occ, gemv=False).shape == 2  # N % 128: 64-wide tiles
     d = choose_launch(2048, 28672, 4096, 128, 132, occ)
     assert d.kind == "dequant" and d.chunk % 64 == 0 and d.chunk * 4096 * 2 <= w4a16_mma.DEQUANT_CHUNK_BYTES
     assert choose_launch(2048, 64, 64, 64, 132, occ).chunk == 64
@@ -110,6 +119,21 @@ def test_launch_heuristic():
     assert small.grid == max(1, small.mchunks * small.ntiles * small.kiters // 8)
     with pytest.raises(ValueError, match="does not tile"):
         choose_launch(1, 192, 256, 128, 132, occ, shape=1)
+
+
+@pytest.mark.parametrize("m,n,k,warps", [(1, 64, 64, 4), (16, 4096, 14336, 4), (7, 192, 4096, 8), (16, 64, 256, 8)])
+def test_gemv_split_bounds(m, n, k, warps):
+    """Every split the GEMV may get: equal CTA ranges, whole warp runs, swizzle-sized rows,
+    activations within the shared-memory budget; a forced split that breaks one is refused."""
+    split = w4a16_mma.gemv_split(m, n, k, 132, warps)
+    slices = k // 16
+    if split is None:  # nothing fits: a single range would still have to
+        assert slices % warps or slices % 4 or m * slices * 32 > w4a16_mma.GEMV_X_BYTES
+        return
+    kcs, spc = split
+    assert kcs * spc == slices and spc % 4 == 0 and spc % warps == 0
+    assert m * spc * 32 <= w4a16_mma.GEMV_X_BYTES
+    assert w4a16_mma.gemv_split(m, n, k, 132, warps, kcs=slices + 1) is None
 
 
 @pytest.mark.parametrize("total,sms,occ,min_iters", [(1, 132, 2, 2), (100, 132, 2, 2), (14336, 132, 3, 2),
@@ -202,6 +226,43 @@ def test_every_launch_shape_and_stream_k_split(shape, m, monkeypatch):
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
     assert torch.equal(_run(x, w, bias), y)
     assert not tiles.split_counters(x.device, 1).any()
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", sorted(w4a16_mma.GEMV_VARIANTS))
+@pytest.mark.parametrize("k,group,zeros,perm,dtype", [
+    (1024, 128, False, False, torch.bfloat16), (1024, 32, True, False, torch.bfloat16),
+    (1024, 64, True, True, torch.float16), (1024, 16, False, False, torch.bfloat16),
+    (1344, -1, False, False, torch.float16)])  # per channel: a group of 1344, not a power of 2
+def test_gemv_matches_float64_reference(variant, k, group, zeros, perm, dtype, monkeypatch):
+    """The few-row GEMV at 1-16 rows: whole-K CTAs (no partials) and K split over 2-8 CTAs
+    (partials summed by the last arrival), a bias, act-order; bit-identical twice and the
+    arrival counters left at zero."""
+    gen = torch.Generator().manual_seed(variant * 97 + group + 3 * zeros)
+    n = 320
+    g = k if group == -1 else group
+    *_, w = make(n, k, g, zeros, perm, gen, dtype, "cuda")
+    bias = torch.randn(n, generator=gen).to(dtype).cuda()
+    warps = w4a16_mma.GEMV_VARIANTS[variant][0]
+    for m in (1, 3, 8, 16):
+        x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+        splits = [c for c in (1, 2, 3, 8) if w4a16_mma.gemv_split(m, n, k, 132, warps, kcs=c) is not None]
+        if not splits:  # 84 k16 slices do not split over 8 warps: the stream-K kernel takes it
+            assert (k, warps) == (1344, 8)
+            assert choose_launch(m, n, k, g, 132, lambda mb, s: 1, gemv=True, gemv_variant=variant).kind == "mma"
+            continue
+        assert len(splits) >= 2, splits
+        for kcs in splits:
+            launch = choose_launch(m, n, k, g, 132, lambda mb, s: 1, gemv=True, gemv_variant=variant, kcs=kcs)
+            assert launch.kind == "gemv" and launch.kcs == kcs
+            monkeypatch.setattr(w4a16_mma, "CONFIG_OVERRIDE", lambda *a, launch=launch: launch)
+            b = bias if m % 2 else None
+            y = _run(x, w, b)
+            ref = w4a16_reference(x, w, b)
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < (2e-3 if dtype == torch.float16 else 1e-2), (m, kcs, err)
+            assert torch.equal(_run(x, w, b), y)
+            assert not tiles.split_counters(x.device, 1).any()
 
 
 @cuda_only

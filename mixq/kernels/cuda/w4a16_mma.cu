@@ -23,7 +23,12 @@
 // over a persistent grid; a CTA whose range covers a tile's whole K writes the output
 // directly, else it writes an fp32 partial to the workspace (slot tile + cta, unique) and
 // the tile's last CTA to arrive (an arrival counter per tile) sums the partials in CTA
-// order (deterministic) and re-arms the counter to zero (CUDA-graph safe).
+// order (deterministic) and re-arms the counter to zero (CUDA-graph safe). The loop keeps
+// (tile, k-block) cursors instead of dividing per stage, reads a stage's fragments before
+// its math, and builds the doubled scales once per group, not per slice.
+//
+// Few rows on small weights: w4a16_gemv_kernel (below) streams the same layout straight
+// into registers, with no shared-memory stage and no barrier in its loop.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -152,10 +157,12 @@ struct Cfg {
   static constexpr int S_BYTES = SR * BN * 2;
   static constexpr int Z_BYTES = HAS_ZP ? SR * BN : 0;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES + Z_BYTES;
-  static constexpr int RED_BYTES = MR * RED_LD * 4;
+  // the K-warps' accumulators are summed in shared memory; one K-warp needs no such tile
+  static constexpr int RED_BYTES = WK > 1 ? MR * RED_LD * 4 : 0;
   static constexpr int SMEM = STAGES * STAGE_BYTES + RED_BYTES + 16;
   static_assert(BK >= 64, "the A swizzle needs 8 chunks of 16 bytes per row");
   static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0 && S_BYTES % 16 == 0 && Z_BYTES % 16 == 0, "alignment");
+  static_assert(THREADS % (WN * 32) == 0, "the weight copy maps each thread to one column block");
 };
 
 template <typename T, int MB, int WN, int WK, int KS, int STAGES, bool HAS_ZP>
@@ -175,7 +182,9 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
   const int g = lane >> 2;
   const int t = lane & 3;
   const int nblocks = p.N / 64;
-  const int group_rows = p.group >= C::BK ? 1 : C::BK / p.group;  // scale rows per stage
+  const bool small_group = p.group < C::BK;             // several groups per stage (16/32/64: powers of 2)
+  const int group_rows = small_group ? C::BK / p.group : 1;  // scale rows per stage
+  const int gshift = small_group ? __ffs(p.group) - 5 : 0;   // k16 slice -> scale row: kk >> gshift
 
   const long long i0 = static_cast<long long>(blockIdx.x) * p.total_iters / p.grid;
   const long long i1 = static_cast<long long>(blockIdx.x + 1) * p.total_iters / p.grid;
@@ -187,48 +196,70 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
   const T* x = static_cast<const T*>(p.x);
   const T* scales = static_cast<const T*>(p.scales);
 
-  auto load_stage = [&](long long i, int slot) {
-    const int tile = static_cast<int>(i / p.kiters);
-    const int kb = static_cast<int>(i % p.kiters);
-    const int mc = tile % p.mchunks;
-    const int nt = tile / p.mchunks;
-    const int row0 = mc * C::MR;
-    const int rows = min(C::MR, p.M - row0);
-    const int k0 = kb * C::BK;
-    const int nb0 = nt * WN;
+  // A (tile, k-block) cursor, advanced one stage at a time: no divisions in the loop.
+  struct Cursor {
+    int tile, kb, row0, rows, nb0;
+  };
+  auto set_tile = [&](Cursor& c) {
+    const int mc = c.tile % p.mchunks;
+    c.row0 = mc * C::MR;
+    c.rows = min(C::MR, p.M - c.row0);
+    c.nb0 = (c.tile / p.mchunks) * WN;
+  };
+  auto advance = [&](Cursor& c) {
+    if (++c.kb == p.kiters) {
+      c.kb = 0;
+      ++c.tile;
+      if (c.tile < p.tiles) set_tile(c);
+    }
+  };
+  Cursor lc;  // next stage to load
+  lc.tile = static_cast<int>(i0 / p.kiters);
+  lc.kb = static_cast<int>(i0 % p.kiters);
+  set_tile(lc);
+  Cursor cc = lc;  // next stage to compute
+
+  // this thread's share of a stage's weight copy: column block tid % (WN*32) / 32 of rows
+  // tid / (WN*32) + j * WK (every thread copies KS 16-byte chunks)
+  const long long b_row_stride = static_cast<long long>(nblocks) * 32;  // int4s per k16 row
+  const int b_thread = (tid / (WN * 32)) * static_cast<int>(b_row_stride) + (tid % (WN * 32));
+
+  auto load_stage = [&](const Cursor& c, int slot) {
+    const int k0 = c.kb * C::BK;
     uint8_t* st = s_stage + slot * C::STAGE_BYTES;
     // activations: only the rows that exist (the MMA rows of missing ones are never stored)
     T* sa = reinterpret_cast<T*>(st);
     constexpr int CPR = C::BK / 8;  // 16-byte chunks per row
-    for (int c = tid; c < rows * CPR; c += C::THREADS) {
-      const int r = c / CPR, ch = c % CPR;
-      cp_async16(sa + r * C::BK + ((ch ^ (r & 7)) * 8), x + static_cast<long long>(row0 + r) * p.K + k0 + ch * 8);
+    const T* xs = x + static_cast<long long>(c.row0) * p.K + k0;
+    for (int q = tid; q < c.rows * CPR; q += C::THREADS) {
+      const int r = q / CPR, ch = q % CPR;
+      cp_async16(sa + r * C::BK + ((ch ^ (r & 7)) * 8), xs + static_cast<long long>(r) * p.K + ch * 8);
     }
     // weights: BK/16 rows of WN contiguous 512-byte blocks
-    int4* sb = reinterpret_cast<int4*>(st + C::A_BYTES);
-    constexpr int BCH = (C::BK / 16) * WN * 32;
-    for (int c = tid; c < BCH; c += C::THREADS) {
-      const int kk = c / (WN * 32), rem = c % (WN * 32);
-      const int4* src = p.qw + (static_cast<long long>(kb * (C::BK / 16) + kk) * nblocks + nb0) * 32 + rem;
+    int4* sb = reinterpret_cast<int4*>(st + C::A_BYTES) + tid;
+    const int4* src = p.qw + (static_cast<long long>(c.kb) * (C::BK / 16)) * b_row_stride + c.nb0 * 32 + b_thread;
+    constexpr int PER = (C::BK / 16) * WN * 32 / C::THREADS;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
       if (p.evict_first)
-        cp_async16_hint(sb + c, src, policy);
+        cp_async16_hint(sb + j * C::THREADS, src + j * WK * b_row_stride, policy);
       else
-        cp_async16(sb + c, src);
+        cp_async16(sb + j * C::THREADS, src + j * WK * b_row_stride);
     }
     // scales (and zeros) of the groups this stage touches
     const int gi0 = k0 / p.group;
     T* ss = reinterpret_cast<T*>(st + C::A_BYTES + C::B_BYTES);
     constexpr int SCH = C::BN / 8;
-    for (int c = tid; c < group_rows * SCH; c += C::THREADS) {
-      const int r = c / SCH, ch = c % SCH;
-      cp_async16(ss + r * C::BN + ch * 8, scales + (static_cast<long long>(gi0 + r) * nblocks + nb0) * 64 + ch * 8);
+    for (int q = tid; q < group_rows * SCH; q += C::THREADS) {
+      const int r = q / SCH, ch = q % SCH;
+      cp_async16(ss + r * C::BN + ch * 8, scales + (static_cast<long long>(gi0 + r) * nblocks + c.nb0) * 64 + ch * 8);
     }
     if constexpr (HAS_ZP) {
       uint8_t* sz = st + C::A_BYTES + C::B_BYTES + C::S_BYTES;
       constexpr int ZCH = C::BN / 16;
-      for (int c = tid; c < group_rows * ZCH; c += C::THREADS) {
-        const int r = c / ZCH, ch = c % ZCH;
-        cp_async16(sz + r * C::BN + ch * 16, p.zeros + (static_cast<long long>(gi0 + r) * nblocks + nb0) * 64 + ch * 16);
+      for (int q = tid; q < group_rows * ZCH; q += C::THREADS) {
+        const int r = q / ZCH, ch = q % ZCH;
+        cp_async16(sz + r * C::BN + ch * 16, p.zeros + (static_cast<long long>(gi0 + r) * nblocks + c.nb0) * 64 + ch * 16);
       }
     }
   };
@@ -246,82 +277,225 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
     const uint32_t sa = smem_u32(st);
     const int4* sb = reinterpret_cast<const int4*>(st + C::A_BYTES);
     const uint8_t* ss = st + C::A_BYTES + C::B_BYTES;
+    // every shared-memory read of the stage first (their latencies overlap), then the math
+    uint32_t a[KS][MB][4];
+    int4 bq[KS];
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       const int kk = wk * KS + ks;  // k16 slice of this stage
-      uint32_t a[MB][4];
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
         const int r = mb * 16 + (lane & 15);
         const int ch = kk * 2 + (lane >> 4);
-        ldmatrix_x4(a[mb], sa + r * (C::BK * 2) + ((ch ^ (r & 7)) * 16));
+        ldmatrix_x4(a[ks][mb], sa + r * (C::BK * 2) + ((ch ^ (r & 7)) * 16));
       }
-      const int4 bq = sb[(kk * WN + wn) * 32 + lane];
-      const int srow = p.group >= C::BK ? 0 : (kk * 16) / p.group;
-      const uint4 sv = *reinterpret_cast<const uint4*>(ss + (srow * C::BN + wn * 64 + g * 8) * 2);
-      uint2 zv = make_uint2(0x08080808u, 0x08080808u);
-      if constexpr (HAS_ZP) zv = *reinterpret_cast<const uint2*>(ss + C::S_BYTES + srow * C::BN + wn * 64 + g * 8);
-      const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
-                              static_cast<uint32_t>(bq.w)};
-      const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+      bq[ks] = sb[(kk * WN + wn) * 32 + lane];
+    }
+    {
+      uint32_t s2[8], zb[8];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
+      for (int ks = 0; ks < KS; ++ks) {
+        if (ks == 0 || small_group) {  // this slice's group: its 8 column scales (and zeros), each doubled
+          const int srow = small_group ? (wk * KS + ks) >> gshift : 0;
+          const uint4 sv = *reinterpret_cast<const uint4*>(ss + (srow * C::BN + wn * 64 + g * 8) * 2);
+          const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int jt = 2 * w + j;
-          // this column's scale twice (prmt picks the low or high half of its word)
-          const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
-          const uint32_t zbyte = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) & 0xffu;
-          const uint32_t zb = (zbyte * 0x00010001u) | Tr::MAGIC;
-          const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
-          const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
-          const uint32_t b0 = Tr::sub_mul(lo, zb, s2);
-          const uint32_t b1 = Tr::sub_mul(hi, zb, s2);
+          for (int jt = 0; jt < 8; ++jt) s2[jt] = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
+          if constexpr (HAS_ZP) {
+            const uint2 zv = *reinterpret_cast<const uint2*>(ss + C::S_BYTES + srow * C::BN + wn * 64 + g * 8);
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[mb], b0, b1);
+            for (int jt = 0; jt < 8; ++jt)
+              zb[jt] = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Tr::MAGIC;
+          } else {
+#pragma unroll
+            for (int jt = 0; jt < 8; ++jt) zb[jt] = 0x00080008u | Tr::MAGIC;
+          }
+        }
+        const uint32_t qs[4] = {static_cast<uint32_t>(bq[ks].x), static_cast<uint32_t>(bq[ks].y),
+                                static_cast<uint32_t>(bq[ks].z), static_cast<uint32_t>(bq[ks].w)};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int jt = 2 * w + j;
+            const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
+            const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
+            const uint32_t b0 = Tr::sub_mul(lo, zb[jt], s2[jt]);
+            const uint32_t b1 = Tr::sub_mul(hi, zb[jt], s2[jt]);
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[ks][mb], b0, b1);
+          }
         }
       }
     }
   };
 
-  // the end of a tile segment: sum the K-warps' accumulators in shared memory, then write
-  // the output (whole K) or a partial (+ the last arrival sums the partials)
-  auto finish = [&](long long i) {
-    const int tile = static_cast<int>(i / p.kiters);
-    const int mc = tile % p.mchunks;
-    const int nt = tile / p.mchunks;
-    const int row0 = mc * C::MR;
-    const int rows = min(C::MR, p.M - row0);
-    const int n0 = nt * C::BN;
-    const long long tile_first = static_cast<long long>(tile) * p.kiters;
-    const long long seg_first = i0 > tile_first ? i0 : tile_first;
-    const bool whole = seg_first == tile_first && i == tile_first + p.kiters - 1;
+  const T* bias = static_cast<const T*>(p.bias);
+  uint16_t* out = static_cast<uint16_t*>(p.out);
+  const long long slot_stride = static_cast<long long>(p.ws_rows) * C::BN;
+
+  // the end of a tile segment [seg_kb, kb]: write the output (whole K) or an fp32 partial,
+  // and the tile's last CTA to arrive sums the partials in CTA order
+  auto finish = [&](const Cursor& c, int seg_kb) {
+    const int n0 = c.nb0 * 64;
+    const bool whole = seg_kb == 0 && c.kb == p.kiters - 1;
+    const long long tile_first = static_cast<long long>(c.tile) * p.kiters;
+    if constexpr (WK == 1) {
+      // one K-warp: each lane writes (and sums) its own accumulator fragments, no shared memory
+      float* mine = p.ws + (c.tile + static_cast<long long>(blockIdx.x)) * slot_stride;
+      auto store2 = [&](int row, int col, float v0, float v1) {
+        if (bias != nullptr) {
+          v0 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[n0 + col]);
+          v1 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[n0 + col + 1]);
+        }
+        const uint32_t o = static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
+        *reinterpret_cast<uint32_t*>(out + static_cast<long long>(c.row0 + row) * p.N + n0 + col) = o;
+      };
+      if (whole) {
 #pragma unroll
-    for (int r = 0; r < WK; ++r) {
-      if (wk == r) {
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-          for (int jt = 0; jt < 8; ++jt) {
-            const int col = wn * 64 + jt * 8 + 2 * t;
+          for (int jt = 0; jt < 8; ++jt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int row = mb * 16 + g + 8 * h;
-              if (row < rows) {
-                float2* dst = reinterpret_cast<float2*>(s_red + row * C::RED_LD + col);
-                float2 v = make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
-                if (r > 0) {
-                  const float2 o = *dst;
-                  v.x += o.x;
-                  v.y += o.y;
+              if (row < c.rows) store2(row, wn * 64 + jt * 8 + 2 * t, acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
+            }
+      } else {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int jt = 0; jt < 8; ++jt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = mb * 16 + g + 8 * h;
+              if (row < c.rows)
+                __stcg(reinterpret_cast<float2*>(mine + row * C::BN + wn * 64 + jt * 8 + 2 * t),
+                       make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]));
+            }
+        __threadfence();
+        __syncthreads();
+        const int c_first = owner(tile_first, p.total_iters, p.grid);
+        const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
+        if (tid == 0) {
+          const int prev = atomicAdd(p.counters + c.tile, 1);
+          *s_flag = prev == c_last - c_first;
+        }
+        __syncthreads();
+        if (*s_flag) {
+          __threadfence();
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int jt = 0; jt < 8; ++jt)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int row = mb * 16 + g + 8 * h;
+                if (row < c.rows) {
+                  const int off = row * C::BN + wn * 64 + jt * 8 + 2 * t;
+                  float2 v = make_float2(0.f, 0.f);
+                  for (int q = c_first; q <= c_last; ++q) {  // CTA order: deterministic
+                    const float2 u = __ldcg(reinterpret_cast<const float2*>(
+                        p.ws + (c.tile + static_cast<long long>(q)) * slot_stride + off));
+                    v.x += u.x;
+                    v.y += u.y;
+                  }
+                  store2(row, wn * 64 + jt * 8 + 2 * t, v.x, v.y);
                 }
-                *dst = v;
+              }
+          if (tid == 0) p.counters[c.tile] = 0;  // re-armed for the next launch
+        }
+        __syncthreads();  // s_flag is reused by the next segment
+      }
+    } else {
+      // sum the K-warps' accumulators in shared memory
+#pragma unroll
+      for (int r = 0; r < WK; ++r) {
+        if (wk == r) {
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+            for (int jt = 0; jt < 8; ++jt) {
+              const int col = wn * 64 + jt * 8 + 2 * t;
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int row = mb * 16 + g + 8 * h;
+                if (row < c.rows) {
+                  float2* dst = reinterpret_cast<float2*>(s_red + row * C::RED_LD + col);
+                  float2 v = make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
+                  if (r > 0) {
+                    const float2 o = *dst;
+                    v.x += o.x;
+                    v.y += o.y;
+                  }
+                  *dst = v;
+                }
               }
             }
           }
         }
+        __syncthreads();
       }
-      __syncthreads();
+      constexpr int UPR = C::BN / 8;  // 8-column units per row
+      auto store_out = [&](int row, int c8, float (&v)[8]) {
+        if (bias != nullptr) {
+          const uint4 b = *reinterpret_cast<const uint4*>(bias + n0 + c8);
+          const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[e] += Tr::to_float(static_cast<uint16_t>(bw[e / 2] >> (16 * (e & 1))));
+        }
+        uint32_t o[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          o[e] = static_cast<uint32_t>(Tr::from_float(v[2 * e])) |
+                 (static_cast<uint32_t>(Tr::from_float(v[2 * e + 1])) << 16);
+        *reinterpret_cast<uint4*>(out + static_cast<long long>(c.row0 + row) * p.N + n0 + c8) =
+            make_uint4(o[0], o[1], o[2], o[3]);
+      };
+      if (whole) {
+        for (int u = tid; u < c.rows * UPR; u += C::THREADS) {
+          const int row = u / UPR, c8 = (u % UPR) * 8;
+          const float4 v0 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
+          const float4 v1 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8 + 4);
+          float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+          store_out(row, c8, v);
+        }
+      } else {
+        float* mine = p.ws + (c.tile + static_cast<long long>(blockIdx.x)) * slot_stride;
+        for (int u = tid; u < c.rows * UPR; u += C::THREADS) {
+          const int row = u / UPR, c8 = (u % UPR) * 8;
+          const float4* src = reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
+          float4* dst = reinterpret_cast<float4*>(mine + row * C::BN + c8);
+          __stcg(dst, src[0]);
+          __stcg(dst + 1, src[1]);
+        }
+        __threadfence();
+        __syncthreads();
+        const int c_first = owner(tile_first, p.total_iters, p.grid);
+        const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
+        if (tid == 0) {
+          const int prev = atomicAdd(p.counters + c.tile, 1);
+          *s_flag = prev == c_last - c_first;
+        }
+        __syncthreads();
+        if (*s_flag) {
+          __threadfence();
+          for (int u = tid; u < c.rows * UPR; u += C::THREADS) {
+            const int row = u / UPR, c8 = (u % UPR) * 8;
+            float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int q = c_first; q <= c_last; ++q) {  // CTA order: deterministic
+              const float4* src = reinterpret_cast<const float4*>(p.ws + (c.tile + static_cast<long long>(q)) * slot_stride +
+                                                                  row * C::BN + c8);
+              const float4 a0 = __ldcg(src), a1 = __ldcg(src + 1);
+              v[0] += a0.x; v[1] += a0.y; v[2] += a0.z; v[3] += a0.w;
+              v[4] += a1.x; v[5] += a1.y; v[6] += a1.z; v[7] += a1.w;
+            }
+            store_out(row, c8, v);
+          }
+          if (tid == 0) p.counters[c.tile] = 0;  // re-armed for the next launch
+        }
+      }
+      __syncthreads();  // s_red and s_flag are reused by the next segment
     }
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
@@ -329,85 +503,35 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
-
-    constexpr int UPR = C::BN / 8;  // 8-column units per row
-    const T* bias = static_cast<const T*>(p.bias);
-    uint16_t* out = static_cast<uint16_t*>(p.out);
-    auto store_out = [&](int row, int c8, float (&v)[8]) {
-      if (bias != nullptr) {
-        const uint4 b = *reinterpret_cast<const uint4*>(bias + n0 + c8);
-        const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += Tr::to_float(static_cast<uint16_t>(bw[e / 2] >> (16 * (e & 1))));
-      }
-      uint32_t o[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        o[e] = static_cast<uint32_t>(Tr::from_float(v[2 * e])) | (static_cast<uint32_t>(Tr::from_float(v[2 * e + 1])) << 16);
-      *reinterpret_cast<uint4*>(out + static_cast<long long>(row0 + row) * p.N + n0 + c8) = make_uint4(o[0], o[1], o[2], o[3]);
-    };
-    if (whole) {
-      for (int u = tid; u < rows * UPR; u += C::THREADS) {
-        const int row = u / UPR, c8 = (u % UPR) * 8;
-        const float4 v0 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
-        const float4 v1 = *reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8 + 4);
-        float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-        store_out(row, c8, v);
-      }
-    } else {
-      const long long slot_stride = static_cast<long long>(p.ws_rows) * C::BN;
-      float* mine = p.ws + (tile + static_cast<long long>(blockIdx.x)) * slot_stride;
-      for (int u = tid; u < rows * UPR; u += C::THREADS) {
-        const int row = u / UPR, c8 = (u % UPR) * 8;
-        const float4* src = reinterpret_cast<const float4*>(s_red + row * C::RED_LD + c8);
-        float4* dst = reinterpret_cast<float4*>(mine + row * C::BN + c8);
-        __stcg(dst, src[0]);
-        __stcg(dst + 1, src[1]);
-      }
-      __threadfence();
-      __syncthreads();
-      const int c_first = owner(tile_first, p.total_iters, p.grid);
-      const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
-      if (tid == 0) {
-        const int prev = atomicAdd(p.counters + tile, 1);
-        *s_flag = prev == c_last - c_first;
-      }
-      __syncthreads();
-      if (*s_flag) {
-        __threadfence();
-        for (int u = tid; u < rows * UPR; u += C::THREADS) {
-          const int row = u / UPR, c8 = (u % UPR) * 8;
-          float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-          for (int c = c_first; c <= c_last; ++c) {  // CTA order: deterministic
-            const float4* src = reinterpret_cast<const float4*>(p.ws + (tile + static_cast<long long>(c)) * slot_stride +
-                                                                row * C::BN + c8);
-            const float4 a0 = __ldcg(src), a1 = __ldcg(src + 1);
-            v[0] += a0.x; v[1] += a0.y; v[2] += a0.z; v[3] += a0.w;
-            v[4] += a1.x; v[5] += a1.y; v[6] += a1.z; v[7] += a1.w;
-          }
-          store_out(row, c8, v);
-        }
-        if (tid == 0) p.counters[tile] = 0;  // re-armed for the next launch
-      }
-    }
-    __syncthreads();  // s_red and s_flag are reused by the next segment
   };
 
   // prologue: STAGES-1 stages in flight
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_it) load_stage(i0 + s, s);
+    if (s < n_it) {
+      load_stage(lc, s);
+      advance(lc);
+    }
     cp_async_commit();
   }
+  int seg_kb = cc.kb;  // first k-block of the current tile segment
+  int slot = 0, lslot = STAGES - 1;
   for (int it = 0; it < n_it; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage `it` landed for every thread; slot (it-1) % STAGES is free
-    const int nxt = it + STAGES - 1;
-    if (nxt < n_it) load_stage(i0 + nxt, nxt % STAGES);
+    if (it + STAGES - 1 < n_it) {
+      load_stage(lc, lslot);
+      advance(lc);
+    }
     cp_async_commit();
-    compute_stage(it % STAGES);
-    const long long i = i0 + it;
-    if (i % p.kiters == p.kiters - 1 || it == n_it - 1) finish(i);
+    lslot = lslot == STAGES - 1 ? 0 : lslot + 1;
+    compute_stage(slot);
+    slot = slot == STAGES - 1 ? 0 : slot + 1;
+    if (cc.kb == p.kiters - 1 || it == n_it - 1) {
+      finish(cc, seg_kb);
+      seg_kb = 0;
+    }
+    advance(cc);
   }
   cp_async_wait<0>();
 }
@@ -517,6 +641,249 @@ int dispatch(int is_bf16, int mb, int shape, const Params& p, cudaStream_t s, in
   return zp ? by_mb<__half, true>(mb, shape, p, s, q) : by_mb<__half, false>(mb, shape, p, s, q);
 }
 
+// Few rows (M <= 16): split-K GEMV on tensor cores with the weight streamed straight into
+// registers. At M <= 16 each lane's 16 bytes of a 16 x 64 weight slice are read by that
+// lane only, so they skip shared memory: every warp keeps D slices of loads in flight
+// (ld.global, L1 no-allocate, L2 evict-first) and converts + multiplies one slice while
+// the next D arrive, with no barrier in the loop. The CTA's activations [M, its K range]
+// are staged once in shared memory (cp.async, swizzled) for ldmatrix. CTA (nb, kc) = one
+// 64-column block and 1/kcs of K, its WK warps each a contiguous run of the slices; the
+// warps' sums meet in shared memory, and with kcs > 1 the CTA writes an fp32 partial and
+// the block's last CTA to arrive sums the kcs partials in order (deterministic).
+struct GemvParams {
+  const void* x;
+  const int4* qw;
+  const void* scales;
+  const uint8_t* zeros;
+  const void* bias;
+  void* out;
+  float* ws;      // [nblocks][kcs][M][64] fp32 partials (kcs > 1)
+  int* counters;  // [nblocks], zero on entry, left at zero
+  int M, N, K, group, kcs, spc;  // spc: k16 slices per CTA
+};
+
+__device__ __forceinline__ int4 ldg_stream(const int4* p, uint64_t policy) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.s32 {%0,%1,%2,%3}, [%4], %5;\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+template <typename T, int WK, int D, bool HAS_ZP>
+__global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p) {
+  using Tr = Traits<T>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nblocks = p.N / 64;
+  const int nb = blockIdx.x % nblocks;
+  const int kc = blockIdx.x / nblocks;
+  const int M = p.M;
+  const int spc = p.spc, spw = spc / WK;
+  const int row_bytes = spc * 32;  // one activation row of the CTA's K range
+  uint8_t* sx = smem;
+  float* red = reinterpret_cast<float*>(smem + M * row_bytes);
+  int* s_flag = reinterpret_cast<int*>(red + WK * M * 64);
+
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+
+  // activations of the CTA's K range -> shared memory (16-byte chunk c of row r at c ^ (r & 7))
+  const T* x = static_cast<const T*>(p.x);
+  const int k0 = kc * spc * 16;
+  const int cpr = spc * 2;  // chunks per row
+  for (int c = tid; c < M * cpr; c += 32 * WK) {
+    const int r = c / cpr, ch = c % cpr;
+    cp_async16(sx + r * row_bytes + ((ch ^ (r & 7)) * 16), x + static_cast<long long>(r) * p.K + k0 + ch * 8);
+  }
+  cp_async_commit();
+
+  // this warp's slices [s0, s0 + spw) of K/16; lane's 16 bytes of each
+  const int s0 = kc * spc + warp * spw;
+  const long long bstride = static_cast<long long>(nblocks) * 32;
+  const int4* bp = p.qw + static_cast<long long>(s0) * bstride + nb * 32 + lane;
+  const T* scales = static_cast<const T*>(p.scales);
+  const bool pow2 = (p.group & (p.group - 1)) == 0;
+  const int glog = __ffs(p.group) - 1;
+  auto srow_of = [&](int s) { return pow2 ? (s * 16) >> glog : (s * 16) / p.group; };
+  auto load_s = [&](int s) {
+    return __ldg(reinterpret_cast<const uint4*>(scales + (static_cast<long long>(srow_of(s)) * nblocks + nb) * 64 + g * 8));
+  };
+  auto load_z = [&](int s) {
+    return __ldg(reinterpret_cast<const uint2*>(p.zeros + (static_cast<long long>(srow_of(s)) * nblocks + nb) * 64 + g * 8));
+  };
+  int4 bbuf[D];
+  uint4 sbuf[D];
+  uint2 zbuf[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if (d < spw) {
+      bbuf[d] = ldg_stream(bp + d * bstride, policy);
+      sbuf[d] = load_s(s0 + d);
+      if constexpr (HAS_ZP) zbuf[d] = load_z(s0 + d);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  const uint32_t sx_u32 = smem_u32(sx);
+  const int ar = min(lane & 15, M - 1);  // rows past M read row M-1 (their sums are never stored)
+  const uint32_t a_row = sx_u32 + ar * row_bytes;
+  const int a_sw = ar & 7;
+
+  for (int i = 0; i < spw; i += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (i + d < spw) {
+        const int4 bq = bbuf[d];
+        const uint4 sv = sbuf[d];
+        uint2 zv = make_uint2(0x08080808u, 0x08080808u);
+        if constexpr (HAS_ZP) zv = zbuf[d];
+        const int nxt = i + d + D;
+        if (nxt < spw) {
+          bbuf[d] = ldg_stream(bp + nxt * bstride, policy);
+          sbuf[d] = load_s(s0 + nxt);
+          if constexpr (HAS_ZP) zbuf[d] = load_z(s0 + nxt);
+        }
+        uint32_t a[4];
+        const int ls = warp * spw + i + d;  // slice within the CTA's range
+        ldmatrix_x4(a, a_row + (((ls * 2 + (lane >> 4)) ^ a_sw) * 16));
+        const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
+                                static_cast<uint32_t>(bq.w)};
+        const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int jt = 2 * w + j;
+            const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
+            uint32_t zb = 0x00080008u | Tr::MAGIC;
+            if constexpr (HAS_ZP) zb = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Tr::MAGIC;
+            const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
+            const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
+            Tr::mma(acc[jt], a, Tr::sub_mul(lo, zb, s2), Tr::sub_mul(hi, zb, s2));
+          }
+        }
+      }
+    }
+  }
+
+  // the warps' sums (rows < M) -> shared memory, then one thread per (row, 2 columns)
+#pragma unroll
+  for (int jt = 0; jt < 8; ++jt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = g + 8 * h;
+      if (row < M)
+        *reinterpret_cast<float2*>(red + (warp * M + row) * 64 + jt * 8 + 2 * t) =
+            make_float2(acc[jt][2 * h], acc[jt][2 * h + 1]);
+    }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(p.bias);
+  uint16_t* out = static_cast<uint16_t*>(p.out);
+  auto store2 = [&](int row, int col, float v0, float v1) {
+    if (bias != nullptr) {
+      v0 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[nb * 64 + col]);
+      v1 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[nb * 64 + col + 1]);
+    }
+    *reinterpret_cast<uint32_t*>(out + static_cast<long long>(row) * p.N + nb * 64 + col) =
+        static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
+  };
+  const int units = M * 32;  // (row, column pair)
+  if (p.kcs == 1) {
+    for (int u = tid; u < units; u += 32 * WK) {
+      const int row = u >> 5, col = (u & 31) * 2;
+      float2 v = make_float2(0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < WK; ++w) {
+        const float2 r = *reinterpret_cast<const float2*>(red + (w * M + row) * 64 + col);
+        v.x += r.x;
+        v.y += r.y;
+      }
+      store2(row, col, v.x, v.y);
+    }
+    return;
+  }
+  float* part = p.ws + (static_cast<long long>(nb) * p.kcs + kc) * M * 64;
+  for (int u = tid; u < units; u += 32 * WK) {
+    const int row = u >> 5, col = (u & 31) * 2;
+    float2 v = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      const float2 r = *reinterpret_cast<const float2*>(red + (w * M + row) * 64 + col);
+      v.x += r.x;
+      v.y += r.y;
+    }
+    __stcg(reinterpret_cast<float2*>(part + row * 64 + col), v);
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *s_flag = atomicAdd(p.counters + nb, 1) == p.kcs - 1;
+  __syncthreads();
+  if (!*s_flag) return;
+  __threadfence();
+  const float* all = p.ws + static_cast<long long>(nb) * p.kcs * M * 64;
+  for (int u = tid; u < units; u += 32 * WK) {
+    const int row = u >> 5, col = (u & 31) * 2;
+    float2 v = make_float2(0.f, 0.f);
+    for (int q = 0; q < p.kcs; ++q) {  // in K order: deterministic
+      const float2 r = __ldcg(reinterpret_cast<const float2*>(all + (static_cast<long long>(q) * M + row) * 64 + col));
+      v.x += r.x;
+      v.y += r.y;
+    }
+    store2(row, col, v.x, v.y);
+  }
+  if (tid == 0) p.counters[nb] = 0;  // re-armed for the next launch
+}
+
+template <typename T, int WK, int D, bool HAS_ZP>
+int launch_gemv(const GemvParams& p, cudaStream_t stream, int query_occupancy) {
+  auto kern = w4a16_gemv_kernel<T, WK, D, HAS_ZP>;
+  const int smem = p.M * p.spc * 32 + WK * p.M * 64 * 4 + 16;
+  static unsigned attr_set = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (!(attr_set & (1u << (dev & 31)))) {
+    int optin = 0;  // the device's most shared memory per block (227 KB on Hopper, 163 KB on A100)
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    if (e != cudaSuccess) return -static_cast<int>(e);
+    attr_set |= 1u << (dev & 31);
+  }
+  if (query_occupancy) {
+    int blocks = 0;
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kern, 32 * WK, smem);
+    return e == cudaSuccess ? blocks : -static_cast<int>(e);
+  }
+  kern<<<(p.N / 64) * p.kcs, 32 * WK, smem, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? 0 : -static_cast<int>(e);
+}
+
+// GEMV variants: id -> (warps, load depth); mirrored in mixq/kernels/w4a16_mma.py
+template <typename T, bool ZP>
+int gemv_by_variant(int variant, const GemvParams& p, cudaStream_t s, int q) {
+  switch (variant) {
+    case 0: return launch_gemv<T, 4, 8, ZP>(p, s, q);
+    case 1: return launch_gemv<T, 4, 4, ZP>(p, s, q);
+    case 2: return launch_gemv<T, 8, 4, ZP>(p, s, q);
+    default: return -1000;
+  }
+}
+
+int gemv_dispatch(int is_bf16, int variant, const GemvParams& p, cudaStream_t s, int q) {
+  const bool zp = p.zeros != nullptr;
+  if (is_bf16)
+    return zp ? gemv_by_variant<__nv_bfloat16, true>(variant, p, s, q) : gemv_by_variant<__nv_bfloat16, false>(variant, p, s, q);
+  return zp ? gemv_by_variant<__half, true>(variant, p, s, q) : gemv_by_variant<__half, false>(variant, p, s, q);
+}
+
 }  // namespace
 
 extern "C" {
@@ -582,6 +949,28 @@ int mixq_w4a16_dequant(int is_bf16, const void* qw, const void* scales, const vo
   }
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : -static_cast<int>(e);
+}
+
+// The few-row GEMV (M <= 16). query_occupancy: blocks per SM of the variant at (M, spc).
+int mixq_w4a16_gemv(int is_bf16, int variant, const void* x, const void* qw, const void* scales, const void* zeros,
+                    const void* bias, void* out, void* ws, void* counters, int M, int N, int K, int group, int kcs,
+                    int spc, int query_occupancy, void* stream) {
+  GemvParams p;
+  p.x = x;
+  p.qw = static_cast<const int4*>(qw);
+  p.scales = scales;
+  p.zeros = static_cast<const uint8_t*>(zeros);
+  p.bias = bias;
+  p.out = out;
+  p.ws = static_cast<float*>(ws);
+  p.counters = static_cast<int*>(counters);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.group = group;
+  p.kcs = kcs;
+  p.spc = spc;
+  return gemv_dispatch(is_bf16, variant, p, static_cast<cudaStream_t>(stream), query_occupancy);
 }
 
 }  // extern "C"
