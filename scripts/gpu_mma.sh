@@ -12,7 +12,7 @@ export PYTHONPATH=$PYTHONPATH:$PWD/bench
 export MIXQ_CUDA_CACHE=${MIXQ_CUDA_CACHE:-$PWD/.gpu-cuda-cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 t0=$(date +%s)
-python3 -c "from mixq.kernels import cuda_jit, w4a16_mma; import torch; print('cuda lib:', cuda_jit.build(w4a16_mma.LIB, torch.cuda.get_device_capability()))" > "$OUT/build.log" 2>&1 &
+python3 -c "from mixq.kernels import w4a16_mma; import torch; print('cuda lib:', w4a16_mma.build(torch.cuda.get_device_capability()))" > "$OUT/build.log" 2>&1 &
 build=$!
 if [ -z "${SKIP_E2E:-}" ]; then
   timeout -s INT ${T_E2E:-120} python3 bench/engine.py --shape llama-1b --engines bf16-no-overlap,bf16,int4 \

@@ -98,7 +98,7 @@ class MMAW4A16Method:
         cap = torch.cuda.get_device_capability(device)
         if cap < (8, 0):
             return False, f"needs compute capability 8.0+ (mma.sync bf16), got {cap}"
-        return cuda_jit.available(w4a16_mma.LIB, cap)
+        return cuda_jit.available(w4a16_mma.LIB, cap, w4a16_mma.PARTS)
 
     def can_implement_weight(self, weight: QuantizedWeight, dtype: torch.dtype) -> tuple[bool, str]:
         """The checks that need the weight itself: shape, group, act-order layout, dtype."""

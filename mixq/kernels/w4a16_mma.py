@@ -22,6 +22,7 @@ import ctypes
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from mixq.kernels.tiles import split_counters
 from mixq.kernels.wna16_dequant import dequant_chunk
 
 LIB = "w4a16_mma"
+PARTS = 4  # the .cu builds as 4 translation units in parallel, one (dtype, zero point) combo each
 # launch shapes of the .cu's by_shape: id -> (warps along N, warps along K, k16 slices per
 # warp and stage, pipeline stages); a tile is 64 * WN columns by 16 * WK * KS of K
 SHAPES = {0: (2, 4, 1, 4), 1: (4, 2, 2, 4), 2: (1, 4, 1, 4), 3: (2, 2, 2, 4), 4: (4, 1, 4, 4), 5: (2, 4, 2, 3)}
@@ -247,8 +249,13 @@ def capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def build(cap: tuple[int, int]) -> Path:
+    """Build (or find cached) the kernel library for a compute capability."""
+    return cuda_jit.build(LIB, cap, PARTS)
+
+
 def _lib(device: torch.device) -> ctypes.CDLL:
-    lib = cuda_jit.load(LIB, capability(device))
+    lib = cuda_jit.load(LIB, capability(device), PARTS)
     if not getattr(lib, "_mixq_typed", False):
         i, p = ctypes.c_int, ctypes.c_void_p
         lib.mixq_w4a16_occupancy.argtypes = [i, i, i, i]

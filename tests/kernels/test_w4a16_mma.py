@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,7 @@ def test_jit_cache_key_and_switches(monkeypatch, tmp_path):
     a = cuda_jit.library_path("w4a16_mma", (9, 0))
     assert a.parent == tmp_path and "sm90" in a.name
     assert a != cuda_jit.library_path("w4a16_mma", (8, 0))
+    assert a != cuda_jit.library_path("w4a16_mma", (9, 0), parts=4)  # a split build is another build
     assert cuda_jit.arch_flags((9, 0)) == ["-gencode=arch=compute_90a,code=sm_90a"]
     monkeypatch.setenv("MIXQ_CUDA_KERNELS", "0")
     assert cuda_jit.available("w4a16_mma", (9, 0)) == (False, "compiled CUDA kernels are off (MIXQ_CUDA_KERNELS=0)")
@@ -158,6 +160,19 @@ def test_jit_cache_key_and_switches(monkeypatch, tmp_path):
     assert not ok and "no nvcc" in why
     a.write_bytes(b"")  # a cached build is enough
     assert cuda_jit.available("w4a16_mma", (9, 0)) == (True, "")
+
+
+@pytest.mark.skipif(cuda_jit.nvcc_path() is None, reason="needs nvcc")
+def test_split_build_exports_every_entry_point(monkeypatch, tmp_path):
+    """The library built as PARTS translation units (in parallel) and linked: every
+    extern "C" entry point is there exactly once (a combo compiled in no part, or in two,
+    fails the link or this check)."""
+    monkeypatch.setenv("MIXQ_CUDA_CACHE", str(tmp_path))
+    path = cuda_jit.build("w4a16_mma", (9, 0), parts=w4a16_mma.PARTS)
+    lib = ctypes.CDLL(str(path))
+    for sym in ("mixq_w4a16_occupancy", "mixq_w4a16_gemm", "mixq_w4a16_dequant", "mixq_w4a16_gemv"):
+        assert hasattr(lib, sym), sym
+    assert cuda_jit.build("w4a16_mma", (9, 0), parts=w4a16_mma.PARTS) == path  # cached
 
 
 def test_method_refusals_name_the_reason(monkeypatch):

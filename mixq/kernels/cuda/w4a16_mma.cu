@@ -35,7 +35,16 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-namespace {
+// A build may split this file into MIXQ_PARTS translation units compiled in parallel
+// (cuda_jit.build(..., parts=P) passes -DMIXQ_PARTS=P -DMIXQ_PART=i and links the objects):
+// part i instantiates the kernels of the (dtype, zero point) combos c = 2 * is_bf16 + has_zp
+// with c % P == i, and part 0 also holds the dequantize kernel and the extern "C" entry points.
+#ifndef MIXQ_PARTS
+#define MIXQ_PARTS 1
+#define MIXQ_PART 0
+#endif
+
+namespace mixq_w4a16 {
 
 struct Params {
   const void* x;         // [M, K] T, row-major, rows contiguous
@@ -635,11 +644,6 @@ int by_mb(int mb, int shape, const Params& p, cudaStream_t s, int q) {
   }
 }
 
-int dispatch(int is_bf16, int mb, int shape, const Params& p, cudaStream_t s, int q) {
-  const bool zp = p.zeros != nullptr;
-  if (is_bf16) return zp ? by_mb<__nv_bfloat16, true>(mb, shape, p, s, q) : by_mb<__nv_bfloat16, false>(mb, shape, p, s, q);
-  return zp ? by_mb<__half, true>(mb, shape, p, s, q) : by_mb<__half, false>(mb, shape, p, s, q);
-}
 
 // Few rows (M <= 16): split-K GEMV on tensor cores with the weight streamed straight into
 // registers. At M <= 16 each lane's 16 bytes of a 16 x 64 weight slice are read by that
@@ -877,14 +881,60 @@ int gemv_by_variant(int variant, const GemvParams& p, cudaStream_t s, int q) {
   }
 }
 
-int gemv_dispatch(int is_bf16, int variant, const GemvParams& p, cudaStream_t s, int q) {
-  const bool zp = p.zeros != nullptr;
-  if (is_bf16)
-    return zp ? gemv_by_variant<__nv_bfloat16, true>(variant, p, s, q) : gemv_by_variant<__nv_bfloat16, false>(variant, p, s, q);
-  return zp ? gemv_by_variant<__half, true>(variant, p, s, q) : gemv_by_variant<__half, false>(variant, p, s, q);
+// One (dtype, zero point) combo's launchers, compiled in the part that owns the combo.
+int gemm_c0(int mb, int shape, const Params& p, cudaStream_t s, int q);
+int gemm_c1(int mb, int shape, const Params& p, cudaStream_t s, int q);
+int gemm_c2(int mb, int shape, const Params& p, cudaStream_t s, int q);
+int gemm_c3(int mb, int shape, const Params& p, cudaStream_t s, int q);
+int gemv_c0(int variant, const GemvParams& p, cudaStream_t s, int q);
+int gemv_c1(int variant, const GemvParams& p, cudaStream_t s, int q);
+int gemv_c2(int variant, const GemvParams& p, cudaStream_t s, int q);
+int gemv_c3(int variant, const GemvParams& p, cudaStream_t s, int q);
+
+#define MIXQ_COMBO(C, T, ZP)                                                                            \
+  int gemm_c##C(int mb, int shape, const Params& p, cudaStream_t s, int q) {                            \
+    return by_mb<T, ZP>(mb, shape, p, s, q);                                                            \
+  }                                                                                                     \
+  int gemv_c##C(int variant, const GemvParams& p, cudaStream_t s, int q) {                              \
+    return gemv_by_variant<T, ZP>(variant, p, s, q);                                                    \
+  }
+#if 0 % MIXQ_PARTS == MIXQ_PART
+MIXQ_COMBO(0, __half, false)
+#endif
+#if 1 % MIXQ_PARTS == MIXQ_PART
+MIXQ_COMBO(1, __half, true)
+#endif
+#if 2 % MIXQ_PARTS == MIXQ_PART
+MIXQ_COMBO(2, __nv_bfloat16, false)
+#endif
+#if 3 % MIXQ_PARTS == MIXQ_PART
+MIXQ_COMBO(3, __nv_bfloat16, true)
+#endif
+
+#if MIXQ_PART == 0
+int dispatch(int is_bf16, int mb, int shape, const Params& p, cudaStream_t s, int q) {
+  switch (2 * (is_bf16 != 0) + (p.zeros != nullptr)) {
+    case 0: return gemm_c0(mb, shape, p, s, q);
+    case 1: return gemm_c1(mb, shape, p, s, q);
+    case 2: return gemm_c2(mb, shape, p, s, q);
+    default: return gemm_c3(mb, shape, p, s, q);
+  }
 }
 
-}  // namespace
+int gemv_dispatch(int is_bf16, int variant, const GemvParams& p, cudaStream_t s, int q) {
+  switch (2 * (is_bf16 != 0) + (p.zeros != nullptr)) {
+    case 0: return gemv_c0(variant, p, s, q);
+    case 1: return gemv_c1(variant, p, s, q);
+    case 2: return gemv_c2(variant, p, s, q);
+    default: return gemv_c3(variant, p, s, q);
+  }
+}
+#endif
+
+}  // namespace mixq_w4a16
+
+#if MIXQ_PART == 0
+using namespace mixq_w4a16;
 
 extern "C" {
 
@@ -974,3 +1024,4 @@ int mixq_w4a16_gemv(int is_bf16, int variant, const void* x, const void* qw, con
 }
 
 }  // extern "C"
+#endif  // MIXQ_PART == 0
