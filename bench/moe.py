@@ -16,6 +16,10 @@ served from L2.
     python bench/moe.py [--mix mixed,int4] [--tokens 1,2,...] [--out r.json]
                         [--config JSON] [--sweep] [--breakdown] [--smoke]
 
+--cuda-int4 also times the all-INT4 layer on the compiled W4A16 GEMV grouped over experts
+(mixq/kernels/moe_w4a16.py, CUDA with nvcc only; its own random experts of the same shapes
+and bytes, checked against float64 at up to 4 tokens).
+
 --config sets mixq.kernels.fused_moe.CONFIG_OVERRIDE (keys: bm, dispatch, combine, streams,
 w13/w2/w13_int/w13_float/w2_int/w2_float: {bn, bk, split_k, warps, stages}); --sweep tunes
 that dict per shape by coordinate descent and prints the best; --smoke runs tiny shapes on
@@ -258,6 +262,53 @@ def sweep(case: Case, ok_err: float) -> tuple[dict, float]:
     return best, best_us
 
 
+def cuda_int4(tokens_list: list[int], bw: float, results: dict) -> None:
+    """The all-INT4 layer on the grouped W4A16 GEMV, in a CUDA graph, against its active bytes."""
+    from mixq.kernels.moe_w4a16 import ExpertStack, moe_layer, moe_reference, pack_experts
+
+    g = torch.Generator().manual_seed(5)
+
+    def stack(n: int, k: int) -> ExpertStack:
+        q = torch.randint(0, 16, (EXPERTS, n, k), generator=g)
+        s = (torch.rand(EXPERTS, n, k // GROUP, generator=g) * 0.1 + 0.2) / k**0.5
+        st = pack_experts(q, s, None, GROUP, torch.bfloat16)
+        return ExpertStack(st.qw.to(DEV), st.scales.to(DEV), None, GROUP, n, k)
+
+    layers = [(stack(2 * INTER, HIDDEN), stack(HIDDEN, INTER))]
+    per_expert = (layers[0][0].nbytes + layers[0][1].nbytes) / EXPERTS
+    n_copies = max(2, min(8, math.ceil(3 * l2_bytes() / (per_expert * TOP_K)) + 1))
+    for _ in range(n_copies - 1):
+        layers.append(tuple(ExpertStack(s.qw.clone(), s.scales.clone(), None, GROUP, s.n, s.k) for s in layers[0]))
+    print("\n| layer | tokens | graph µs | active MB | roofline µs | x roofline | error |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in tokens_list:
+        gen = torch.Generator(device=DEV).manual_seed(tokens)
+        x = torch.randn(tokens, HIDDEN, generator=gen, device=DEV).to(torch.bfloat16)
+        r = route(torch.randn(tokens, EXPERTS, generator=gen, device=DEV), TOP_K, True)
+        ids, w = r.topk_ids.to(torch.int32), r.topk_weights.float()
+        err = float("nan")
+        if tokens <= 4:
+            y, ref = moe_layer(x, ids, w, *layers[0]), moe_reference(x, ids, w, *layers[0])
+            err = float((y.double() - ref).norm() / ref.norm())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for la in layers:
+                moe_layer(x, ids, w, *la)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for la in layers:
+                moe_layer(x, ids, w, *la)
+        us = time_us(graph.replay) / len(layers)
+        active = per_expert * len(ids.unique())
+        roof = active / bw * 1e6
+        results.setdefault("cuda_int4", []).append({"tokens": tokens, "graph_us": us, "active_bytes": active,
+                                                   "roofline_us": roof, "error": err})
+        print(f"| cuda-w4a16 int4 | {tokens} | {us:.1f} | {active / 2**20:.1f} | {roof:.1f} | {us / roof:.2f} | "
+              f"{err:.1e} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mix", default=",".join(MIXES))
@@ -267,6 +318,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="tune the override per shape (slow: compiles)")
     ap.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    ap.add_argument("--cuda-int4", action="store_true", help="also the all-INT4 layer on the compiled grouped GEMV")
     args = ap.parse_args()
     ok_err = 2e-2  # bf16: activations, intermediate and output rounded to 2**-9; fp32 sums
     bw = copy_bandwidth()
@@ -317,6 +369,8 @@ def main() -> None:
         del moe, plans, case
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
+    if args.cuda_int4 and DEV.type == "cuda":
+        cuda_int4([int(t) for t in args.tokens.split(",")], bw, results)
     if args.breakdown:
         for row in results["rows"]:
             print(row["mix"], row["tokens"], {k: round(v, 1) for k, v in row.get("kernel_us", {}).items()})

@@ -262,6 +262,8 @@ def _lib(device: torch.device) -> ctypes.CDLL:
         lib.mixq_w4a16_gemm.argtypes = [i, i, i, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, p]
         lib.mixq_w4a16_dequant.argtypes = [i, p, p, p, p, i, i, i, i, i, i, p]
         lib.mixq_w4a16_gemv.argtypes = [i, i, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, p]
+        ll = ctypes.c_longlong
+        lib.mixq_w4a16_moe_gemv.argtypes = [i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, ll, ll, ll, p]
         lib._mixq_typed = True
     return lib
 

@@ -170,7 +170,8 @@ def test_split_build_exports_every_entry_point(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXQ_CUDA_CACHE", str(tmp_path))
     path = cuda_jit.build("w4a16_mma", (9, 0), parts=w4a16_mma.PARTS)
     lib = ctypes.CDLL(str(path))
-    for sym in ("mixq_w4a16_occupancy", "mixq_w4a16_gemm", "mixq_w4a16_dequant", "mixq_w4a16_gemv"):
+    for sym in ("mixq_w4a16_occupancy", "mixq_w4a16_gemm", "mixq_w4a16_dequant", "mixq_w4a16_gemv",
+                "mixq_w4a16_moe_gemv"):
         assert hasattr(lib, sym), sym
     assert cuda_jit.build("w4a16_mma", (9, 0), parts=w4a16_mma.PARTS) == path  # cached
 

@@ -661,9 +661,20 @@ struct GemvParams {
   const uint8_t* zeros;
   const void* bias;
   void* out;
-  float* ws;      // [nblocks][kcs][M][64] fp32 partials (kcs > 1)
-  int* counters;  // [nblocks], zero on entry, left at zero
+  float* ws;      // [row_blocks][nblocks][kcs][M][64] fp32 partials (kcs > 1)
+  int* counters;  // [row_blocks][nblocks], zero on entry, left at zero
   int M, N, K, group, kcs, spc;  // spc: k16 slices per CTA
+  // Grouped over experts (MoE; rows == nullptr: one dense GEMM, row_blocks 1). Row block
+  // b (grid y) holds up to M = 16 rows of one expert: rows[16 b + r] = the pair index of
+  // row r or -1 (padding), block_fid[b] its fused expert id (>= nfid: past the used
+  // blocks), slots[fid] that expert's index in the stacked weights or -1 (not this launch's
+  // format). Row r reads activation row pair / row_div (top-k for gate/up: the token) and
+  // writes output row pair.
+  const int* rows;
+  const int* block_fid;
+  const int* slots;
+  int nfid, row_div, row_blocks;
+  long long w_estride, s_estride, z_estride;  // one expert's qw (int4s), scales (elements), zeros (bytes)
 };
 
 __device__ __forceinline__ int4 ldg_stream(const int4* p, uint64_t policy) {
@@ -683,12 +694,24 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
   const int nblocks = p.N / 64;
   const int nb = blockIdx.x % nblocks;
   const int kc = blockIdx.x / nblocks;
+  const int rb = blockIdx.y;
+  const bool moe = p.rows != nullptr;
   const int M = p.M;
   const int spc = p.spc, spw = spc / WK;
   const int row_bytes = spc * 32;  // one activation row of the CTA's K range
   uint8_t* sx = smem;
   float* red = reinterpret_cast<float*>(smem + M * row_bytes);
   int* s_flag = reinterpret_cast<int*>(red + WK * M * 64);
+  int* s_ids = s_flag + 1;  // MoE: the block's pair indices (-1: padding)
+  long long slot = 0;
+  if (moe) {
+    const int f = p.block_fid[rb];
+    if (f >= p.nfid) return;  // past the used blocks (the grid is a static bound)
+    slot = p.slots[f];
+    if (slot < 0) return;  // an expert of another launch
+    if (tid < M) s_ids[tid] = p.rows[rb * M + tid];
+    __syncthreads();
+  }
 
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
@@ -699,15 +722,19 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
   const int cpr = spc * 2;  // chunks per row
   for (int c = tid; c < M * cpr; c += 32 * WK) {
     const int r = c / cpr, ch = c % cpr;
-    cp_async16(sx + r * row_bytes + ((ch ^ (r & 7)) * 16), x + static_cast<long long>(r) * p.K + k0 + ch * 8);
+    const int src = moe ? s_ids[r] : r;
+    if (src < 0) continue;  // a padding row: its sums are never stored
+    cp_async16(sx + r * row_bytes + ((ch ^ (r & 7)) * 16),
+               x + static_cast<long long>(moe ? src / p.row_div : src) * p.K + k0 + ch * 8);
   }
   cp_async_commit();
 
   // this warp's slices [s0, s0 + spw) of K/16; lane's 16 bytes of each
   const int s0 = kc * spc + warp * spw;
   const long long bstride = static_cast<long long>(nblocks) * 32;
-  const int4* bp = p.qw + static_cast<long long>(s0) * bstride + nb * 32 + lane;
-  const T* scales = static_cast<const T*>(p.scales);
+  const int4* bp = p.qw + slot * p.w_estride + static_cast<long long>(s0) * bstride + nb * 32 + lane;
+  const T* scales = static_cast<const T*>(p.scales) + slot * p.s_estride;
+  const uint8_t* zeros = p.zeros + slot * p.z_estride;
   const bool pow2 = (p.group & (p.group - 1)) == 0;
   const int glog = __ffs(p.group) - 1;
   auto srow_of = [&](int s) { return pow2 ? (s * 16) >> glog : (s * 16) / p.group; };
@@ -715,7 +742,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
     return __ldg(reinterpret_cast<const uint4*>(scales + (static_cast<long long>(srow_of(s)) * nblocks + nb) * 64 + g * 8));
   };
   auto load_z = [&](int s) {
-    return __ldg(reinterpret_cast<const uint2*>(p.zeros + (static_cast<long long>(srow_of(s)) * nblocks + nb) * 64 + g * 8));
+    return __ldg(reinterpret_cast<const uint2*>(zeros + (static_cast<long long>(srow_of(s)) * nblocks + nb) * 64 + g * 8));
   };
   int4 bbuf[D];
   uint4 sbuf[D];
@@ -792,11 +819,13 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
   const T* bias = static_cast<const T*>(p.bias);
   uint16_t* out = static_cast<uint16_t*>(p.out);
   auto store2 = [&](int row, int col, float v0, float v1) {
+    const int orow = moe ? s_ids[row] : row;
+    if (orow < 0) return;  // padding
     if (bias != nullptr) {
       v0 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[nb * 64 + col]);
       v1 += Tr::to_float(reinterpret_cast<const uint16_t*>(bias)[nb * 64 + col + 1]);
     }
-    *reinterpret_cast<uint32_t*>(out + static_cast<long long>(row) * p.N + nb * 64 + col) =
+    *reinterpret_cast<uint32_t*>(out + static_cast<long long>(orow) * p.N + nb * 64 + col) =
         static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
   };
   const int units = M * 32;  // (row, column pair)
@@ -814,7 +843,8 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
     }
     return;
   }
-  float* part = p.ws + (static_cast<long long>(nb) * p.kcs + kc) * M * 64;
+  const long long tile = static_cast<long long>(rb) * nblocks + nb;  // (row block, column block)
+  float* part = p.ws + (tile * p.kcs + kc) * M * 64;
   for (int u = tid; u < units; u += 32 * WK) {
     const int row = u >> 5, col = (u & 31) * 2;
     float2 v = make_float2(0.f, 0.f);
@@ -828,11 +858,11 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
   }
   __threadfence();
   __syncthreads();
-  if (tid == 0) *s_flag = atomicAdd(p.counters + nb, 1) == p.kcs - 1;
+  if (tid == 0) *s_flag = atomicAdd(p.counters + tile, 1) == p.kcs - 1;
   __syncthreads();
   if (!*s_flag) return;
   __threadfence();
-  const float* all = p.ws + static_cast<long long>(nb) * p.kcs * M * 64;
+  const float* all = p.ws + tile * p.kcs * M * 64;
   for (int u = tid; u < units; u += 32 * WK) {
     const int row = u >> 5, col = (u & 31) * 2;
     float2 v = make_float2(0.f, 0.f);
@@ -843,13 +873,13 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
     }
     store2(row, col, v.x, v.y);
   }
-  if (tid == 0) p.counters[nb] = 0;  // re-armed for the next launch
+  if (tid == 0) p.counters[tile] = 0;  // re-armed for the next launch
 }
 
 template <typename T, int WK, int D, bool HAS_ZP>
 int launch_gemv(const GemvParams& p, cudaStream_t stream, int query_occupancy) {
   auto kern = w4a16_gemv_kernel<T, WK, D, HAS_ZP>;
-  const int smem = p.M * p.spc * 32 + WK * p.M * 64 * 4 + 16;
+  const int smem = p.M * p.spc * 32 + WK * p.M * 64 * 4 + 4 + 16 * 4 + 12;  // + flag, 16 ids, pad
   static unsigned attr_set = 0;
   int dev = 0;
   cudaGetDevice(&dev);
@@ -865,7 +895,7 @@ int launch_gemv(const GemvParams& p, cudaStream_t stream, int query_occupancy) {
     cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kern, 32 * WK, smem);
     return e == cudaSuccess ? blocks : -static_cast<int>(e);
   }
-  kern<<<(p.N / 64) * p.kcs, 32 * WK, smem, stream>>>(p);
+  kern<<<dim3((p.N / 64) * p.kcs, p.row_blocks), 32 * WK, smem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : -static_cast<int>(e);
 }
@@ -1020,7 +1050,48 @@ int mixq_w4a16_gemv(int is_bf16, int variant, const void* x, const void* qw, con
   p.group = group;
   p.kcs = kcs;
   p.spc = spc;
+  p.rows = nullptr;
+  p.block_fid = nullptr;
+  p.slots = nullptr;
+  p.nfid = 0;
+  p.row_div = 1;
+  p.row_blocks = 1;
+  p.w_estride = p.s_estride = p.z_estride = 0;
   return gemv_dispatch(is_bf16, variant, p, static_cast<cudaStream_t>(stream), query_occupancy);
+}
+
+// The GEMV grouped over experts (MoE, 16-row blocks of one expert each; see GemvParams):
+// out[pair] = a[pair / row_div] @ W_e^T for every pair of the sorted list.
+int mixq_w4a16_moe_gemv(int is_bf16, int variant, const void* a, const void* qw, const void* scales,
+                        const void* zeros, void* out, void* ws, void* counters, const int* rows,
+                        const int* block_fid, const int* slots, int nfid, int row_div, int row_blocks, int N,
+                        int K, int group, int kcs, int spc, long long w_estride, long long s_estride,
+                        long long z_estride, void* stream) {
+  GemvParams p;
+  p.x = a;
+  p.qw = static_cast<const int4*>(qw);
+  p.scales = scales;
+  p.zeros = static_cast<const uint8_t*>(zeros);
+  p.bias = nullptr;
+  p.out = out;
+  p.ws = static_cast<float*>(ws);
+  p.counters = static_cast<int*>(counters);
+  p.M = 16;
+  p.N = N;
+  p.K = K;
+  p.group = group;
+  p.kcs = kcs;
+  p.spc = spc;
+  p.rows = rows;
+  p.block_fid = block_fid;
+  p.slots = slots;
+  p.nfid = nfid;
+  p.row_div = row_div;
+  p.row_blocks = row_blocks;
+  p.w_estride = w_estride;
+  p.s_estride = s_estride;
+  p.z_estride = z_estride;
+  return gemv_dispatch(is_bf16, variant, p, static_cast<cudaStream_t>(stream), 0);
 }
 
 }  // extern "C"
