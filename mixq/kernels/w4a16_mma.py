@@ -9,11 +9,13 @@ the Triton layout, scales and zeros permuted but not enlarged):
   zeros   uint8 [G, N] | None  same order; None: symmetric around 8
   perm    int32 [K] | None   act-order: kernel column j reads activation column perm[j]
 
-Launch (`choose_launch`, a plain function): the tensor-core kernel with 16-64-row tiles
-(larger M loops over 64-row chunks) on a stream-K persistent grid, until
-`wna16_dequant.dequant_chunk` (or `DEQUANT_MIN_M`) says the weight is better dequantized to
-a bf16/fp16 buffer a column chunk at a time and multiplied by cuBLAS (the mma.sync kernel
-cannot reach Hopper's wgmma rate).
+Launch (`choose_launch`, a plain function): up to 16 rows on weights up to 10 MB the
+split-K GEMV that streams the weight straight into registers (`gemv_split`); else the
+tensor-core kernel with 16-64-row tiles (larger M loops over 64-row chunks) on a stream-K
+persistent grid, until `wna16_dequant.dequant_chunk` (or `DEQUANT_MIN_M`) says the weight is
+better dequantized to a bf16/fp16 buffer a column chunk at a time and multiplied by cuBLAS
+(the mma.sync kernel cannot reach Hopper's wgmma rate). The library builds as PARTS
+translation units in parallel (`build`).
 """
 
 from __future__ import annotations
