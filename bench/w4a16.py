@@ -80,11 +80,15 @@ def sweep(shapes, ms, t_us, out_rows, deadline):
                         cands.append((f"g{v}/kc{kc}", lambda m_, n_, k_, g_, v=v, kc=kc: choose_launch(
                             m_, n_, k_, g_, sms, lambda mb, sp: 1, gemv=True, gemv_variant=v, kcs=kc)))
             if m < 1024:
-                for shape in w4a16_mma.SHAPES:
-                    for mi in (2, 8):
-                        cands.append((f"s{shape}/mi{mi}", lambda m_, n_, k_, g_, sh=shape, mi=mi: choose_launch(
-                            m_, n_, k_, g_, sms, lambda mb, sp: w4a16_mma._occupancy(0, True, mb, sp, False), shape=sh,
-                            min_iters=mi, dequant_min_m=1 << 30)))
+                # row blocks per tile: as many as M needs (up to 4), and 2 (half the registers
+                # of 4, the weight read once per 32-row chunk) from 48 rows
+                for mbs in (None, 2) if m > 32 else (None,):
+                    for shape in w4a16_mma.SHAPES:
+                        for mi in (2, 8):
+                            cands.append((f"s{shape}/mi{mi}" + (f"/mb{mbs}" if mbs else ""),
+                                          lambda m_, n_, k_, g_, sh=shape, mi=mi, mbs=mbs: choose_launch(
+                                m_, n_, k_, g_, sms, lambda mb, sp: w4a16_mma._occupancy(0, True, mb, sp, False),
+                                shape=sh, min_iters=mi, dequant_min_m=1 << 30, mb=mbs)))
             if m >= 128:
                 for chunk in (n, 4096, 2048, 1024):
                     if chunk <= n:

@@ -214,11 +214,12 @@ def stream_k_grid(total_iters: int, sms: int, blocks_per_sm: int, min_iters: int
 def choose_launch(m: int, n: int, k: int, group: int, sms: int, blocks_per_sm: Callable[[int, int], int],
                   shape: int | None = None, min_iters: int | None = None, dequant_min_m: int = DEQUANT_MIN_M,
                   itemsize: int = 2, gemv: bool | None = None, gemv_variant: int = 1,
-                  kcs: int | None = None) -> MMALaunch:
+                  kcs: int | None = None, mb: int | None = None) -> MMALaunch:
     """The launch heuristic (plain function; `blocks_per_sm(mb, shape)` is the occupancy):
     up to GEMV_MAX_M rows the GEMV on weights of at most GEMV_MAX_BYTES (`gemv` True/False
-    forces it on/off; a stream-K `shape` turns it off), else the stream-K kernel, up to the
-    dequantize rule, then dequantize + cuBLAS."""
+    forces it on/off; a stream-K `shape` turns it off), else the stream-K kernel (16-row
+    blocks per tile: `mb`, default as many as M needs up to 4), up to the dequantize rule,
+    then dequantize + cuBLAS."""
     chunk = dequant_chunk(m, n, k, itemsize)
     if m >= dequant_min_m or chunk:
         return MMALaunch("dequant", chunk=chunk or max(64, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)) // 64 * 64))
@@ -228,7 +229,10 @@ def choose_launch(m: int, n: int, k: int, group: int, sms: int, blocks_per_sm: C
         split = gemv_split(m, n, k, sms, GEMV_VARIANTS[gemv_variant][0], kcs=kcs)
         if split is not None:
             return MMALaunch("gemv", variant=gemv_variant, kcs=split[0], spc=split[1])
-    mb = min(4, -(-m // 16))
+    if mb is None:
+        mb = min(4, -(-m // 16))
+    elif not 1 <= mb <= 4:
+        raise ValueError(f"w4a16 launch: {mb} row blocks per tile (1-4)")
     mchunks = -(-m // (16 * mb))
     if shape is None:
         shape = default_shape(m, n)

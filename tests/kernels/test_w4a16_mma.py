@@ -110,6 +110,10 @@ def test_launch_heuristic():
     big = choose_launch(100, 4096, 14336, 128, 132, occ)
     assert (big.mb, big.mchunks, big.shape) == (4, 2, 5)
     assert choose_launch(64, 28672, 4096, 128, 132, occ).shape == 3
+    two = choose_launch(64, 28672, 4096, 128, 132, occ, mb=2)  # half-height tiles: two row chunks
+    assert (two.mb, two.mchunks) == (2, 2)
+    with pytest.raises(ValueError, match="row blocks"):
+        choose_launch(64, 28672, 4096, 128, 132, occ, mb=5)
     assert choose_launch(128, 2048, 2048, 128, 132, occ).kind == "dequant"  # fits in L2
     assert choose_launch(1, 4032, 4096, 128, 132, occ, gemv=False).shape == 2  # N % 128: 64-wide tiles
     d = choose_launch(2048, 28672, 4096, 128, 132, occ)
