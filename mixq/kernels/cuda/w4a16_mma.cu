@@ -1035,28 +1035,10 @@ int mixq_w4a16_dequant(int is_bf16, const void* qw, const void* scales, const vo
 int mixq_w4a16_gemv(int is_bf16, int variant, const void* x, const void* qw, const void* scales, const void* zeros,
                     const void* bias, void* out, void* ws, void* counters, int M, int N, int K, int group, int kcs,
                     int spc, int query_occupancy, void* stream) {
-  GemvParams p;
-  p.x = x;
-  p.qw = static_cast<const int4*>(qw);
-  p.scales = scales;
-  p.zeros = static_cast<const uint8_t*>(zeros);
-  p.bias = bias;
-  p.out = out;
-  p.ws = static_cast<float*>(ws);
-  p.counters = static_cast<int*>(counters);
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.group = group;
-  p.kcs = kcs;
-  p.spc = spc;
-  p.rows = nullptr;
-  p.block_fid = nullptr;
-  p.slots = nullptr;
-  p.nfid = 0;
-  p.row_div = 1;
-  p.row_blocks = 1;
-  p.w_estride = p.s_estride = p.z_estride = 0;
+  // (the fields in GemvParams order; dense: no row list, one row block, no expert strides)
+  const GemvParams p{x, static_cast<const int4*>(qw), scales, static_cast<const uint8_t*>(zeros), bias, out,
+                     static_cast<float*>(ws), static_cast<int*>(counters), M, N, K, group, kcs, spc,
+                     nullptr, nullptr, nullptr, 0, 1, 1, 0, 0, 0};
   return gemv_dispatch(is_bf16, variant, p, static_cast<cudaStream_t>(stream), query_occupancy);
 }
 
@@ -1067,30 +1049,9 @@ int mixq_w4a16_moe_gemv(int is_bf16, int variant, const void* a, const void* qw,
                         const int* block_fid, const int* slots, int nfid, int row_div, int row_blocks, int N,
                         int K, int group, int kcs, int spc, long long w_estride, long long s_estride,
                         long long z_estride, void* stream) {
-  GemvParams p;
-  p.x = a;
-  p.qw = static_cast<const int4*>(qw);
-  p.scales = scales;
-  p.zeros = static_cast<const uint8_t*>(zeros);
-  p.bias = nullptr;
-  p.out = out;
-  p.ws = static_cast<float*>(ws);
-  p.counters = static_cast<int*>(counters);
-  p.M = 16;
-  p.N = N;
-  p.K = K;
-  p.group = group;
-  p.kcs = kcs;
-  p.spc = spc;
-  p.rows = rows;
-  p.block_fid = block_fid;
-  p.slots = slots;
-  p.nfid = nfid;
-  p.row_div = row_div;
-  p.row_blocks = row_blocks;
-  p.w_estride = w_estride;
-  p.s_estride = s_estride;
-  p.z_estride = z_estride;
+  const GemvParams p{a, static_cast<const int4*>(qw), scales, static_cast<const uint8_t*>(zeros), nullptr, out,
+                     static_cast<float*>(ws), static_cast<int*>(counters), 16, N, K, group, kcs, spc,
+                     rows, block_fid, slots, nfid, row_div, row_blocks, w_estride, s_estride, z_estride};
   return gemv_dispatch(is_bf16, variant, p, static_cast<cudaStream_t>(stream), 0);
 }
 
