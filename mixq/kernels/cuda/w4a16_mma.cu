@@ -343,6 +343,18 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
   uint16_t* out = static_cast<uint16_t*>(p.out);
   const long long slot_stride = static_cast<long long>(p.ws_rows) * C::BN;
 
+  // after this CTA wrote its partial of `tile`: whether it is the last of the tile's
+  // `others` + 1 CTAs to arrive (then every partial is visible to it)
+  auto last_arrival = [&](int tile, int others) {
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *s_flag = atomicAdd(p.counters + tile, 1) == others;
+    __syncthreads();
+    const bool last = *s_flag;
+    if (last) __threadfence();
+    return last;
+  };
+
   // the end of a tile segment [seg_kb, kb]: write the output (whole K) or an fp32 partial,
   // and the tile's last CTA to arrive sums the partials in CTA order
   auto finish = [&](const Cursor& c, int seg_kb) {
@@ -382,17 +394,9 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
                 __stcg(reinterpret_cast<float2*>(mine + row * C::BN + wn * 64 + jt * 8 + 2 * t),
                        make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]));
             }
-        __threadfence();
-        __syncthreads();
         const int c_first = owner(tile_first, p.total_iters, p.grid);
         const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
-        if (tid == 0) {
-          const int prev = atomicAdd(p.counters + c.tile, 1);
-          *s_flag = prev == c_last - c_first;
-        }
-        __syncthreads();
-        if (*s_flag) {
-          __threadfence();
+        if (last_arrival(c.tile, c_last - c_first)) {
 #pragma unroll
           for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -478,17 +482,9 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
           __stcg(dst, src[0]);
           __stcg(dst + 1, src[1]);
         }
-        __threadfence();
-        __syncthreads();
         const int c_first = owner(tile_first, p.total_iters, p.grid);
         const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
-        if (tid == 0) {
-          const int prev = atomicAdd(p.counters + c.tile, 1);
-          *s_flag = prev == c_last - c_first;
-        }
-        __syncthreads();
-        if (*s_flag) {
-          __threadfence();
+        if (last_arrival(c.tile, c_last - c_first)) {
           for (int u = tid; u < c.rows * UPR; u += C::THREADS) {
             const int row = u / UPR, c8 = (u % UPR) * 8;
             float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
