@@ -147,6 +147,17 @@ struct Traits<__half> {
   }
 };
 
+// A lane's 8 column scales come as one 16-byte load (sw) and its 8 zero points as one
+// 8-byte load (zv; symmetric: 8 each): column jt's scale, and MAGIC + its zero, twice.
+__device__ __forceinline__ uint32_t scale2(const uint32_t (&sw)[4], int jt) {
+  return __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t zero2(uint2 zv, int jt) {
+  return __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Traits<T>::MAGIC;
+}
+
 // CTA that owns global iteration i when `total` iterations are split over `grid` CTAs,
 // CTA c taking [c*total/grid, (c+1)*total/grid) (grid <= total: no empty range).
 __device__ __forceinline__ int owner(long long i, long long total, int grid) {
@@ -308,16 +319,12 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
           const int srow = small_group ? (wk * KS + ks) >> gshift : 0;
           const uint4 sv = *reinterpret_cast<const uint4*>(ss + (srow * C::BN + wn * 64 + g * 8) * 2);
           const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+          uint2 zv = make_uint2(0x08080808u, 0x08080808u);
+          if constexpr (HAS_ZP) zv = *reinterpret_cast<const uint2*>(ss + C::S_BYTES + srow * C::BN + wn * 64 + g * 8);
 #pragma unroll
-          for (int jt = 0; jt < 8; ++jt) s2[jt] = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
-          if constexpr (HAS_ZP) {
-            const uint2 zv = *reinterpret_cast<const uint2*>(ss + C::S_BYTES + srow * C::BN + wn * 64 + g * 8);
-#pragma unroll
-            for (int jt = 0; jt < 8; ++jt)
-              zb[jt] = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Tr::MAGIC;
-          } else {
-#pragma unroll
-            for (int jt = 0; jt < 8; ++jt) zb[jt] = 0x00080008u | Tr::MAGIC;
+          for (int jt = 0; jt < 8; ++jt) {
+            s2[jt] = scale2(sw, jt);
+            zb[jt] = zero2<T>(zv, jt);
           }
         }
         const uint32_t qs[4] = {static_cast<uint32_t>(bq[ks].x), static_cast<uint32_t>(bq[ks].y),
@@ -569,9 +576,8 @@ __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const int4* qw, cons
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int jt = 2 * w + j;
-        const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
-        const uint32_t zbyte = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) & 0xffu;
-        const uint32_t zb = (zbyte * 0x00010001u) | Tr::MAGIC;
+        const uint32_t s2 = scale2(sw, jt);
+        const uint32_t zb = zero2<T>(zv, jt);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // h: k + 8
           const uint32_t v = Tr::sub_mul(and_or(qs[w] >> (8 * j + 4 * h), 0x000f000fu, Tr::MAGIC), zb, s2);
@@ -789,9 +795,8 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int jt = 2 * w + j;
-            const uint32_t s2 = __byte_perm(sw[jt >> 1], 0, (jt & 1) ? 0x3232 : 0x1010);
-            uint32_t zb = 0x00080008u | Tr::MAGIC;
-            if constexpr (HAS_ZP) zb = __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Tr::MAGIC;
+            const uint32_t s2 = scale2(sw, jt);
+            const uint32_t zb = zero2<T>(zv, jt);
             const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
             const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
             Tr::mma(acc[jt], a, Tr::sub_mul(lo, zb, s2), Tr::sub_mul(hi, zb, s2));
