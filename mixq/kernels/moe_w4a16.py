@@ -120,6 +120,15 @@ def grouped_gemv(a: torch.Tensor, stack: ExpertStack, sorted_ids: torch.Tensor, 
         raise ValueError(f"grouped_gemv: a must be [rows, {stack.k}], got {list(a.shape)}")
     if a.dtype != stack.scales.dtype:
         raise ValueError(f"grouped_gemv: a dtype {a.dtype} differs from the stack's prepared dtype {stack.scales.dtype}")
+    for name, t in (("a", a), ("qw", stack.qw), ("sorted_ids", sorted_ids), ("block_fid", block_fid), ("slots", slots)):
+        if t.device.type != "cuda" or t.device != a.device:
+            raise ValueError(f"grouped_gemv: {name} is on {t.device}; every operand must be on one CUDA device")
+    for name, t in (("sorted_ids", sorted_ids), ("block_fid", block_fid), ("slots", slots)):
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError(f"grouped_gemv: {name} must be contiguous int32, got {t.dtype}")
+    if sorted_ids.numel() != BM * block_fid.numel() or slots.numel() < nfid:
+        raise ValueError(f"grouped_gemv: {sorted_ids.numel()} sorted ids for {block_fid.numel()} blocks of {BM} rows "
+                         f"and {slots.numel()} slots for {nfid} experts do not fit")
     warps = w4a16_mma.GEMV_VARIANTS[variant][0]
     sms = w4a16_mma._sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
     split = (w4a16_mma.gemv_split(BM, stack.n, stack.k, sms, warps, kcs=kcs) if kcs is not None

@@ -299,6 +299,8 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16MMAWeight, bias: torch.Tensor | None = N
         raise ValueError(f"w4a16_gemm: x must be [M, {w.k}], got {list(x.shape)}")
     if x.dtype != w.scales.dtype:
         raise ValueError(f"w4a16_gemm: x dtype {x.dtype} differs from the weight's prepared dtype {w.scales.dtype}")
+    if x.device.type != "cuda" or w.qw.device != x.device:
+        raise ValueError(f"w4a16_gemm: x on {x.device} and the weight on {w.qw.device}: both must be on one CUDA device")
     if bias is not None and (bias.shape != (w.n,) or bias.dtype != x.dtype):
         bias = bias.reshape(w.n).to(x.dtype)
     x = x.contiguous()

@@ -60,6 +60,18 @@ def test_split_rule(n, k, active):
             assert abs(ctas - 528) <= abs(n // 64 * active * c - 528)
 
 
+def test_bad_operands_are_refused_before_any_launch():
+    gen = torch.Generator().manual_seed(1)
+    st = pack_experts(*experts(2, 64, 64, 64, False, gen), 64, torch.bfloat16)
+    ids, fid = torch.zeros(16, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one CUDA device"):
+        grouped_gemv(torch.zeros(1, 64, dtype=torch.bfloat16), st, ids, fid, fid, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="prepared dtype"):
+        grouped_gemv(torch.zeros(1, 64, dtype=torch.float16), st, ids, fid, fid, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"\[rows, 64\]"):
+        grouped_gemv(torch.zeros(1, 32, dtype=torch.bfloat16), st, ids, fid, fid, 1, 1, 1, 1)
+
+
 def _route(t, e, top_k, gen, skew=False):
     if skew:  # a few hot experts: several rows per block, blocks of more than one row
         ids = torch.stack([torch.randperm(min(e, 2 * top_k), generator=gen)[:top_k] for _ in range(t)])

@@ -91,6 +91,12 @@ def test_bad_layouts_are_refused():
         pack_w4a16(q, torch.ones(64, 1), None, 128, torch.float32)
 
 
+def test_gemm_refuses_tensors_off_cuda():
+    *_, w = make(64, 64, 64, False, False, torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="one CUDA device"):
+        w4a16_gemm(torch.zeros(1, 64, dtype=torch.bfloat16), w)
+
+
 def test_launch_heuristic():
     occ = lambda mb, shape: 2  # noqa: E731
     # up to 16 rows on weights up to 10 MB: the GEMV, the K split nearest 4 CTAs per SM
