@@ -148,6 +148,22 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (time_us(lambda: y.copy_(x), reps=20) * 1e-6)
 
 
+def graph_us(calls: list, reps: int = 30) -> float:
+    """Median µs per call of `calls` captured in one CUDA graph (each run once on a side
+    stream first, so every kernel is compiled before capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return time_us(graph.replay, reps=reps) / len(calls)
+
+
 def l2_bytes() -> int:
     return getattr(torch.cuda.get_device_properties(DEV), "L2_cache_size", 64 * 2**20) if DEV.type == "cuda" else 0
 
@@ -182,17 +198,7 @@ class Case:
         """Median µs per fused call replaying one graph that runs every plan once."""
         if DEV.type != "cuda":
             return time_us(self.fused_once, reps=reps)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compile every kernel before capture
-            for _ in self.plans:
-                self.fused_once()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in self.plans:
-                self.fused_once()
-        return time_us(graph.replay, reps=reps) / len(self.plans)
+        return graph_us([self.fused_once] * len(self.plans), reps)
 
     def launches(self) -> list[dict]:
         """The tiles the heuristic (or --config) picks for each launch of one call."""
@@ -290,17 +296,7 @@ def cuda_int4(tokens_list: list[int], bw: float, results: dict) -> None:
         if tokens <= 4:
             y, ref = moe_layer(x, ids, w, *layers[0]), moe_reference(x, ids, w, *layers[0])
             err = float((y.double() - ref).norm() / ref.norm())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for la in layers:
-                moe_layer(x, ids, w, *la)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for la in layers:
-                moe_layer(x, ids, w, *la)
-        us = time_us(graph.replay) / len(layers)
+        us = graph_us([lambda la=la, x=x, ids=ids, w=w: moe_layer(x, ids, w, *la) for la in layers])
         active = per_expert * len(ids.unique())
         roof = active / bw * 1e6
         results.setdefault("cuda_int4", []).append({"tokens": tokens, "graph_us": us, "active_bytes": active,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mixq.kernels import w4a16_mma
+from mixq.kernels.elementwise import silu_and_mul
 from mixq.kernels.tiles import split_counters
 from mixq.kernels.w4a16_mma import W4A16MMAWeight, pack_w4a16, w4a16_reference
 
@@ -94,14 +95,12 @@ def _moe_gemv_op(a: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros:
     with torch.cuda.device(index):
         lib = w4a16_mma._lib(dev)
         stream = ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
-        rc = lib.mixq_w4a16_moe_gemv(
+        w4a16_mma._check(lib.mixq_w4a16_moe_gemv(
             int(a.dtype == torch.bfloat16), variant, a.data_ptr(), qw.data_ptr(), scales.data_ptr(),
             zeros.data_ptr() if zeros is not None else None, out.data_ptr(), ws.data_ptr(), counters.data_ptr(),
             sorted_ids.data_ptr(), block_fid.data_ptr(), slots.data_ptr(), nfid, row_div, row_blocks, n, k,
             group_size, kcs, spc, qw[0].numel() // 4, scales[0].numel(), zeros[0].numel() if zeros is not None else 0,
-            stream)
-    if rc != 0:
-        raise RuntimeError(f"w4a16 MoE GEMV launch failed: code {rc} (negative: a CUDA error number)")
+            stream), "MoE GEMV")
     return out
 
 
@@ -157,7 +156,7 @@ def moe_layer(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     pairs = t * top_k
     active = min(pairs, e)
     h = grouped_gemv(x, w13, al.sorted_ids, al.block_fid, fid_map, e, top_k, pairs, active)
-    g = torch.nn.functional.silu(h[:, :inter].float()).mul_(h[:, inter:].float()).to(x.dtype)
+    g = silu_and_mul(h[:, :inter], h[:, inter:])
     y = grouped_gemv(g, w2, al.sorted_ids, al.block_fid, fid_map, e, 1, pairs, active)
     return (y.view(t, top_k, -1).float() * topk_weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
 
