@@ -158,6 +158,13 @@ __device__ __forceinline__ uint32_t zero2(uint2 zv, int jt) {
   return __byte_perm(jt < 4 ? zv.x : zv.y, 0, 0x4440 + (jt & 3)) * 0x00010001u | Traits<T>::MAGIC;
 }
 
+// The two weights 16 bits apart at nibble offset `shift` of a packed word, dequantized:
+// one lop3 to (MAGIC + q_lo, MAGIC + q_hi), then (. - (MAGIC + zero)) * scale (zb, s2 above).
+template <typename T>
+__device__ __forceinline__ uint32_t dequant2(uint32_t word, int shift, uint32_t zb, uint32_t s2) {
+  return Traits<T>::sub_mul(and_or(word >> shift, 0x000f000fu, Traits<T>::MAGIC), zb, s2);
+}
+
 // CTA that owns global iteration i when `total` iterations are split over `grid` CTAs,
 // CTA c taking [c*total/grid, (c+1)*total/grid) (grid <= total: no empty range).
 __device__ __forceinline__ int owner(long long i, long long total, int grid) {
@@ -334,10 +341,8 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int jt = 2 * w + j;
-            const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
-            const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
-            const uint32_t b0 = Tr::sub_mul(lo, zb[jt], s2[jt]);
-            const uint32_t b1 = Tr::sub_mul(hi, zb[jt], s2[jt]);
+            const uint32_t b0 = dequant2<T>(qs[w], 8 * j, zb[jt], s2[jt]);
+            const uint32_t b1 = dequant2<T>(qs[w], 8 * j + 4, zb[jt], s2[jt]);
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[ks][mb], b0, b1);
           }
@@ -554,7 +559,6 @@ template <typename T, bool HAS_ZP>
 __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const int4* qw, const T* scales, const uint8_t* zeros,
                                                              T* out, int N, int K, int group, int nb0, int nbs,
                                                              int ldo) {
-  using Tr = Traits<T>;
   __shared__ __align__(16) uint16_t tile[8][16][64 + 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -580,7 +584,7 @@ __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const int4* qw, cons
         const uint32_t zb = zero2<T>(zv, jt);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // h: k + 8
-          const uint32_t v = Tr::sub_mul(and_or(qs[w] >> (8 * j + 4 * h), 0x000f000fu, Tr::MAGIC), zb, s2);
+          const uint32_t v = dequant2<T>(qs[w], 8 * j + 4 * h, zb, s2);
           const int n = jt * 8 + g;
           tile[warp][2 * t + 8 * h][n] = static_cast<uint16_t>(v & 0xffffu);
           tile[warp][2 * t + 8 * h + 1][n] = static_cast<uint16_t>(v >> 16);
@@ -797,9 +801,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
             const int jt = 2 * w + j;
             const uint32_t s2 = scale2(sw, jt);
             const uint32_t zb = zero2<T>(zv, jt);
-            const uint32_t lo = and_or(qs[w] >> (8 * j), 0x000f000fu, Tr::MAGIC);
-            const uint32_t hi = and_or(qs[w] >> (8 * j + 4), 0x000f000fu, Tr::MAGIC);
-            Tr::mma(acc[jt], a, Tr::sub_mul(lo, zb, s2), Tr::sub_mul(hi, zb, s2));
+            Tr::mma(acc[jt], a, dequant2<T>(qs[w], 8 * j, zb, s2), dequant2<T>(qs[w], 8 * j + 4, zb, s2));
           }
         }
       }
