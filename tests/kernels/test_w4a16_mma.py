@@ -132,7 +132,8 @@ def test_launch_heuristic():
         choose_launch(1, 192, 256, 128, 132, occ, shape=1)
 
 
-@pytest.mark.parametrize("m,n,k,warps", [(1, 64, 64, 4), (16, 4096, 14336, 4), (7, 192, 4096, 8), (16, 64, 256, 8)])
+@pytest.mark.parametrize("m,n,k,warps", [(1, 64, 64, 4), (16, 4096, 14336, 4), (7, 192, 4096, 8), (16, 64, 256, 8),
+                                         (1, 64, 96, 2), (1, 64, 192, 2)])  # 2 warps: the swizzle's own bound
 def test_gemv_split_bounds(m, n, k, warps):
     """Every split the GEMV may get: equal CTA ranges, whole warp runs, swizzle-sized rows,
     activations within the shared-memory budget; a forced split that breaks one is refused."""
