@@ -54,6 +54,11 @@ def _on_cpu(device: torch.device) -> tuple[bool, str]:
     return (True, "") if device.type == "cpu" else (False, f"runs on the CPU (got {device.type})")
 
 
+def _check_dtype(weight: QuantizedWeight, dtype: torch.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{weight.name}: activation dtype {dtype} is not one of {FLOAT_DTYPES}")
+
+
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
@@ -113,8 +118,7 @@ class CPUInt4Method:
         return _on_cpu(device)
 
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{weight.name}: activation dtype {dtype} is not one of {FLOAT_DTYPES}")
+        _check_dtype(weight, dtype)
         n, k = weight.shape
         if weight.spec.layout == "gguf":
             q, s, zero = _gguf_int4(weight)
@@ -241,8 +245,7 @@ class CPUInt8Method:
         return _on_cpu(device)
 
     def prepare(self, weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{weight.name}: activation dtype {dtype} is not one of {FLOAT_DTYPES}")
+        _check_dtype(weight, dtype)
         n, _ = weight.shape
         t = weight.tensors
         static = None

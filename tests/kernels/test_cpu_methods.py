@@ -116,6 +116,14 @@ def test_int4_refuses_groups_below_the_kernels():
     assert not ok and "runs on the CPU" in why
 
 
+@pytest.mark.parametrize("method,variant", [(CPUInt4Method, "tiny-llama/gptq-w4a16"),
+                                            (CPUInt8Method, "tiny-llama/w8a16-int8")])
+def test_prepare_refuses_activation_dtypes_without_a_kernel(method, variant):
+    qw = CheckpointCatalog(FIX / variant).read(NAMES[0])
+    with pytest.raises(ValueError, match=f"{NAMES[0]}: activation dtype torch.float64 is not one of"):
+        method().prepare(qw, torch.float64)
+
+
 @pytest.mark.parametrize("variant", ["tiny-llama/w8a16-int8", "tiny-llama/w8a8-int8", "tiny-qwen3-moe/w8a16-int8"])
 def test_int8_on_real_checkpoints(variant):
     gen = torch.Generator().manual_seed(1)
