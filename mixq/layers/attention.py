@@ -65,15 +65,18 @@ class PagedAttention(nn.Module):
             q_i = q[qs[i] : qs[i + 1]]  # [L, H, D]
             n_q = q_i.shape[0]
             blocks = batch.block_tables[i, : (ctx + bs - 1) // bs]
-            k_i = dequantize_kv(self.k_cache[blocks].flatten(0, 1)[:ctx], self.k_scale, q.dtype)  # [ctx, Hkv, D]
-            v_i = dequantize_kv(self.v_cache[blocks].flatten(0, 1)[:ctx], self.v_scale, q.dtype)
+            # index_select: a quarter of advanced indexing's cost on the CPU (~3 vs 13 us)
+            k_i = dequantize_kv(self.k_cache.index_select(0, blocks).flatten(0, 1)[:ctx], self.k_scale, q.dtype)
+            v_i = dequantize_kv(self.v_cache.index_select(0, blocks).flatten(0, 1)[:ctx], self.v_scale, q.dtype)
             # query j sits at position ctx - n_q + j and sees keys 0 .. ctx - n_q + j
             mask = None
             if n_q > 1:
                 mask = torch.ones(n_q, ctx, dtype=torch.bool, device=q.device).tril(ctx - n_q)
+            # 4-d (batch of one): torch's CPU flash kernel takes it, where a 3-d call runs the
+            # math fallback, 4-16x slower at decode (bench/RESULTS.md, CPU attention)
             o = F.scaled_dot_product_attention(
-                q_i.transpose(0, 1), k_i.transpose(0, 1), v_i.transpose(0, 1),
+                q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
                 attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
             )
-            out[qs[i] : qs[i + 1]] = o.transpose(0, 1)
+            out[qs[i] : qs[i + 1]] = o[0].transpose(0, 1)
         return out.flatten(1)
