@@ -12,7 +12,7 @@ import torch
 
 from mixq.formats import CheckpointCatalog, writers
 from mixq.formats.spec import QuantizedWeight, WeightSpec
-from mixq.kernels import cpu_fp8
+from mixq.kernels import cpu_fp8, cpu_gguf
 from mixq.kernels.cpu_methods import CPUFP8Method, CPUInt4Method, CPUInt8Method, CPUQ80Method
 from mixq.kernels.cpu_quant import fake_quant, round_to_e4m3, token_codes_torch
 from mixq.kernels.quant import quant_reference
@@ -296,6 +296,30 @@ def test_gguf_blocks_against_ggufs_dequantization(qtype, method, n, k):
     else:  # still 4-bit: N padded to 16, packed nibbles and a bf16 scale/zero pair per 32 columns
         np_ = -(-n // 16) * 16
         assert held.nbytes == np_ * k // 2 + np_ * (k // 32) * 2 * 2
+
+
+def test_q8_0_scales_of_every_fp16_class():
+    """The C kernel decodes each block's fp16 scale (F16C's vcvtph2ps where the CPU has it,
+    else integer ops): zero, subnormals, negatives, the largest normal, against gguf-py's
+    dequantization of the same bytes. fp32 x: fp32 rounding only (1e-6)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(9)
+    n, k = 24, 64
+    blocks = torch.randint(0, 256, (n, k // 32, 34), dtype=torch.uint8, generator=gen)
+    bits = [0x0000, 0x8000, 0x0001, 0x03FF, 0x8200, 0x0400, 0x3C00, 0xBC00, 0x7BFF, 0x1234, 0x2E66, 0xA9F0]
+    d = torch.tensor(bits * (n * (k // 32) // len(bits)), dtype=torch.int32).to(torch.int16).view(n, k // 32, 1)
+    blocks[:, :, :2] = d.view(torch.uint8).view(n, k // 32, 2)
+    raw = blocks.reshape(n, -1).numpy()
+    w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).astype(np.float64))
+    x = torch.randn(3, k, generator=gen) * 1e-3
+    y = cpu_gguf.q8_0_linear(x, blocks)
+    ref = x.double() @ w.t()
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < 1e-6, err
+    # 65504 * 127 * ~1e-3 * 64 terms: finite in fp32, so a wrong exponent would show
+    assert torch.isfinite(y).all()
 
 
 def test_tied_q8_0_embedding_and_head_share_the_blocks():
