@@ -359,22 +359,23 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_library(stem: str, source: str) -> ctypes.CDLL:
+def build_library(stem: str, source: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile C `source` once per machine into $MIXQ_CACHE/cpu-kernels/<stem>_<key>.so (key:
     the source, flags, compiler version and CPU) and load it. RuntimeError when no compiler
     is found or the build fails."""
+    flags = [*_FLAGS, *extra_flags]
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         raise RuntimeError(f"no C compiler found (cc / gcc / $CC) to build the CPU kernel {stem}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([source, " ".join(_FLAGS), *version, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([source, " ".join(flags), *version, _cpu_id()]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{stem}_{key}.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             src, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
             src.write_text(source)
-            r = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            r = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"building the CPU kernel {stem} with {cc} failed: {r.stderr.strip()[-500:]}")
             os.replace(out, lib)  # atomic: concurrent builders each write their own temp file

@@ -1,12 +1,13 @@
 """RMSNorm (computed in float32, as the reference implementations do); one fused kernel with
-the residual add on CUDA (mixq.kernels.elementwise), this torch code elsewhere."""
+the residual add on CUDA (mixq.kernels.elementwise), one C call on the CPU
+(mixq.kernels.cpu_elementwise), this torch code elsewhere."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mixq.kernels import elementwise
+from mixq.kernels import cpu_elementwise, elementwise
 from mixq.kernels.quant_fused import FP8Act, add_rms_norm_fp8
 
 
@@ -31,6 +32,9 @@ class RMSNorm(nn.Module):
             r = None if residual is None else residual.view(-1, shape[-1])
             out, new_res = elementwise.add_rms_norm(x.view(-1, shape[-1]), r, self.weight, self.eps)
             return out.view(shape) if residual is None else (out.view(shape), new_res.view(shape))
+        if cpu_elementwise.takes_norm(x, residual, self.weight):  # one C call for the ops below
+            out, new_res = cpu_elementwise.add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, new_res)
         if residual is not None:
             x = x + residual
             residual = x

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from mixq.kernels import elementwise
+from mixq.kernels import cpu_elementwise, elementwise
 
 
 def rope_params(cfg: dict) -> dict:
@@ -108,6 +108,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if elementwise.use_kernels(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
             return elementwise.rotary_neox(positions, q, k, self.cos, self.sin)
+        if cpu_elementwise.takes_rotary(q, k, self.cos, self.sin, positions):  # the code below, one C call
+            return cpu_elementwise.rotary_neox(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
