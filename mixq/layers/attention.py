@@ -73,7 +73,7 @@ class PagedAttention(nn.Module):
             if n_q > 1:
                 mask = torch.ones(n_q, ctx, dtype=torch.bool, device=q.device).tril(ctx - n_q)
             # 4-d (batch of one): torch's CPU flash kernel takes it, where a 3-d call runs the
-            # math fallback, 4-16x slower at decode (bench/RESULTS.md, CPU attention)
+            # math fallback, 4-16x slower at decode (bench/RESULTS.md, "CPU decode ops")
             o = F.scaled_dot_product_attention(
                 q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
                 attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
