@@ -68,6 +68,12 @@ def test_rms_norm_module_takes_the_c_call_for_3d_rows():
     ref_out, ref_res = torch_norm(x, res, norm.weight, 1e-6)
     assert out.shape == x.shape and torch.equal(new_res, ref_res)
     assert int(ulps(out, ref_out).max()) <= 1
+    # 2-d rows with a row stride past their length (a column slice of a merged output)
+    wide = torch.randn(4, 3 * 64, generator=gen).bfloat16()
+    rows = wide[:, 64:128]
+    assert ce.takes_norm(rows, None, norm.weight)
+    out = norm(rows)
+    assert out.is_contiguous() and int(ulps(out, torch_norm(rows, None, norm.weight, 1e-6)[0]).max()) <= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
