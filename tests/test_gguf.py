@@ -276,3 +276,24 @@ def test_header_reader_matches_ggufs_own():
     for t, g in zip(ours.tensors, stock.tensors):
         assert (t.name, t.tensor_type, list(t.shape), t.data_offset) == (g.name, g.tensor_type, list(g.shape), g.data_offset)
         assert np.array_equal(np.asarray(t.data), np.asarray(g.data)), t.name
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3-moe", "tiny-mixtral"])
+def test_load_tokenizer_matches_autotokenizer(model):
+    """load_tokenizer hands AutoTokenizer the generic config when the tokenizer names its
+    class (no model-family imports): the same tokenizer as AutoTokenizer's own path."""
+    from transformers import AutoTokenizer
+
+    from mixq.formats.gguf_file import load_tokenizer
+
+    path = Path(__file__).parent / "fixtures" / model / "bf16"
+    ours, ref = load_tokenizer(path), AutoTokenizer.from_pretrained(str(path))
+    assert type(ours) is type(ref) and len(ours) == len(ref)
+    assert ours.all_special_tokens == ref.all_special_tokens and ours.bos_token == ref.bos_token
+    texts = ["The capital of France is", "  two  spaces\tand\nnewlines ", "émoji 🎉 and ünïcode", "w1 w2 w3"]
+    for t in texts:
+        assert ours.encode(t) == ref.encode(t) and ours.decode(ours.encode(t)) == ref.decode(ref.encode(t))
+    if ref.chat_template:
+        msgs = [{"role": "user", "content": "hi"}]
+        assert ours.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
