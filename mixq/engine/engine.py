@@ -36,6 +36,7 @@ from mixq.engine.sampler import Sampler, SampleRow
 from mixq.engine.sampling_params import SamplingParams
 from mixq.engine.scheduler import Scheduler, SchedulerConfig
 from mixq.engine.sequence import SeqStatus, Sequence
+from mixq.errors import ConfigError
 from mixq.layers.rotary import rope_max_position
 
 log = logging.getLogger("mixq.engine")
@@ -101,6 +102,10 @@ class LLMEngine:
         limit = rope_max_position(hf_cfg)  # positions the model serves (YaRN: original x factor)
         max_len = min(max_len or limit, limit)
         t0 = time.perf_counter()
+        dummy = cfg.load_format == "dummy"
+        if dummy and parallel.distributed:
+            raise ConfigError("--load-format dummy runs in one process: tensor and expert parallel ranks read "
+                              "shards of real checkpoints")
         if parallel.distributed:
             from mixq.distributed.workers import Driver
 
@@ -109,13 +114,21 @@ class LLMEngine:
             self.device, self.model = self.dist.device, self.dist.model
         else:
             self.model = build_model(hf_cfg, self.device)
-            weights = iter_weights(self.plan, device=self.device)
+            if dummy:  # random weights in the mapped formats (mixq.models.dummy)
+                from mixq.models.dummy import dummy_weights, model_tensors, read_mapping
+
+                weights = dummy_weights(self.model, read_mapping(cfg.mixed_precision_config), self.dtype,
+                                        self.device, source=cfg.mixed_precision_config or "<dummy>")
+                total = len(model_tensors(self.model))
+            else:
+                weights, total = iter_weights(self.plan, device=self.device), len(self.plan.tensors)
             if cfg.show_progress:
                 from tqdm import tqdm
 
-                weights = tqdm(weights, total=len(self.plan.tensors), desc="loading weights", unit="tensor")
+                weights = tqdm(weights, total=total, desc="loading weights", unit="tensor")
             load_model_weights(self.model, weights, self.dtype, cfg.merge_projections)
-            load_kv_scales(self.model, self.plan)
+            if not dummy:
+                load_kv_scales(self.model, self.plan)
         self.weights = held_weights(self.model)  # this process's weights (its shard under TP)
         register_loaded_weights(self.weights)
         self.load_seconds = time.perf_counter() - t0

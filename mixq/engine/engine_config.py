@@ -24,6 +24,9 @@ class EngineConfig:
 
     model_path: str | None = None
     mixed_precision_config: str | None = None
+    # "auto": the checkpoints; "dummy": random weights in the mapped formats, no checkpoint
+    # read (SGLang's --load-format dummy, for benchmarks; mixq.models.dummy)
+    load_format: str = "auto"
     tokenizer_path: str | None = None
     dtype: str = "auto"
     device: str = "auto"
@@ -137,9 +140,17 @@ def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def load_plan(cfg: EngineConfig):
-    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only."""
+    """(LoadPlan, MixedPrecisionConfig | None) for an engine config; headers only. With
+    --load-format dummy: (DummyPlan, None), the model directory's config.json only."""
     from mixq.config.schema import MixedPrecisionConfig
     from mixq.formats import build_plan
+
+    if cfg.load_format not in ("auto", "dummy"):
+        raise ConfigError(f"--load-format must be auto or dummy, got {cfg.load_format!r}")
+    if cfg.load_format == "dummy":
+        from mixq.models.dummy import DummyPlan
+
+        return DummyPlan.of(cfg.model_path), None
 
     mp = None
     if cfg.mixed_precision_config:

@@ -22,6 +22,7 @@ class ServerArgs:
     mixed_precision_config: str | None = None
     enable_mixed_precision: bool = False
     tokenizer_path: str | None = None
+    load_format: str = "auto"
     served_model_name: str | None = None
     tp_size: int = 1
     dp_size: int = 1
@@ -75,6 +76,11 @@ class ServerArgs:
         if self.device not in ("auto", "cpu", "cuda") and not (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.load_format == "dummy" and (self.tp_size > 1 or self.ep_size > 1 or self.nnodes > 1):
+            raise ConfigError("--load-format dummy runs in one process per replica: no --tp-size, --ep-size or "
+                              "--nnodes above 1")
+        if self.load_format == "dummy" and self.model_path is None:
+            raise ConfigError("--load-format dummy needs --model-path: a directory with the model's config.json")
         if self.port > 65535:
             raise ConfigError(f"--port must be <= 65535, got {self.port}")
         if not 0 < self.mem_fraction_static < 1:
@@ -150,6 +156,9 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("model", "--enable-mixed-precision", dict(action="store_true", default=None,
                                                help="apply --mixed-precision-config (implied by giving one)")),
     ("model", "--tokenizer-path", dict(help="tokenizer directory (default: the model path)")),
+    ("model", "--load-format", dict(choices=("auto", "dummy"), help="auto: read the checkpoints; dummy: random "
+                                    "weights in the formats the config maps, from the model path's config.json "
+                                    "alone (benchmarks; one process)")),
     ("model", "--served-model-name", dict(help="model name the API reports and accepts (default: the model "
                                                "directory's name)")),
     ("model", "--dtype", dict(help=f"activation and dense weight dtype: {', '.join(DTYPES)} (auto: on CPU bfloat16 "
@@ -265,7 +274,8 @@ def from_namespace(ns: argparse.Namespace) -> ServerArgs:
     explicit = {f.name: getattr(ns, f.name) for f in fields(ServerArgs) if getattr(ns, f.name, None) is not None}
     defaults: dict = {}
     cfg_path = explicit.get("mixed_precision_config")
-    if cfg_path and os.path.isfile(cfg_path):
+    # dummy weights read no checkpoint: the config's paths need not exist (its mapping is used)
+    if cfg_path and os.path.isfile(cfg_path) and explicit.get("load_format") != "dummy":
         from mixq.config.schema import MixedPrecisionConfig
 
         cfg = MixedPrecisionConfig.from_yaml(cfg_path, model_path=explicit.get("model_path"))

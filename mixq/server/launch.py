@@ -89,7 +89,8 @@ def engine_config(args: ServerArgs):
 
         cfg = str(default_config_path())
     return EngineConfig(
-        model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+        model_path=model_path, mixed_precision_config=cfg, tokenizer_path=args.tokenizer_path,
+        load_format=args.load_format, dtype=args.dtype,
         device=args.device, max_model_len=args.context_length, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
         page_size=args.page_size, mem_fraction_static=args.mem_fraction_static,
