@@ -24,7 +24,12 @@ decode graph of each batch's bucket alone and reports how much a whole step adds
 (the host's share; issue 18's target: <= 10% at batch 64 with the overlap schedule).
 
 Checkpoints go to --workdir (kept and reused when given, so a large shape can be measured
-over several runs with --engines), else a temporary directory. --smoke runs tiny shapes of
+over several runs with --engines), else a temporary directory. --load-format dummy writes
+none (config.json and the tokenizer only): each mixq engine makes random weights in its
+formats (mixq.models.dummy; INT4 is GPTQ group 128, per channel where K is not a multiple)
+and HF runs on its own random init, so "greedy = HF" is not compared and the MoE mix's
+FP8 experts are each layer's lowest ids. That fits the Qwen3-30B-A3B shape on a 64 GiB
+disk and skips writing and quantizing tens of GB. --smoke runs tiny shapes of
 both families on the CPU (no timing claims; tests/test_bench_engine_smoke.py).
 
     python bench/engine.py --shape llama-1b --batches 1,16,64 --new-tokens 64 --out e.json
@@ -74,10 +79,9 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def build_model(dst: Path, s: dict, dev: torch.device) -> Path:
-    """A random HF model of shape `s` saved in BF16 at dst, with a tokenizer of one word per id."""
+def hf_config(s: dict):
+    """(transformers config, model class) of shape `s`."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     common = dict(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
                   num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
@@ -90,16 +94,37 @@ def build_model(dst: Path, s: dict, dev: torch.device) -> Path:
                                           num_experts_per_tok=s["top_k"], head_dim=s["head_dim"], norm_topk_prob=True,
                                           decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0, **common)
         cls = transformers.Qwen3MoeForCausalLM
+    return cfg, cls
+
+
+def hf_model(s: dict, dev: torch.device):
+    """A random HF model of shape `s` in BF16 on dev (seed 0)."""
+    cfg, cls = hf_config(s)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in BF16: 30B parameters in fp32 would not fit the GPU
     try:
         with torch.device(dev):
-            model = cls(cfg)
+            return cls(cfg).eval()
     finally:
         torch.set_default_dtype(default)
-    model.save_pretrained(dst)
-    del model
+
+
+def build_model(dst: Path, s: dict, dev: torch.device, weights: bool = True) -> Path:
+    """A random HF model of shape `s` saved in BF16 at dst (only its config.json without
+    `weights`: --load-format dummy), with a tokenizer of one word per id."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if weights:
+        model = hf_model(s, dev)
+        model.save_pretrained(dst)
+        del model
+    else:
+        dst.mkdir(parents=True, exist_ok=True)
+        cfg, cls = hf_config(s)
+        cfg.architectures = [cls.__name__]  # what save_pretrained of a model records
+        cfg.save_pretrained(dst)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(s["vocab"])}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1",
@@ -107,11 +132,15 @@ def build_model(dst: Path, s: dict, dev: torch.device) -> Path:
     return dst
 
 
-def checkpoints(root: Path, s: dict, dev: torch.device) -> dict[str, Path]:
-    """bf16, int4 (GPTQ RTN, group 128; 32 for the tiny shapes) and fp8 (per channel) checkpoints under root, reused if there."""
+def checkpoints(root: Path, s: dict, dev: torch.device, dummy: bool = False) -> dict[str, Path]:
+    """bf16, int4 (GPTQ RTN, group 128; 32 for the tiny shapes) and fp8 (per channel) checkpoints under root, reused if there.
+    dummy: config.json and the tokenizer only (the engines make random weights in each format)."""
     from mixq.formats.writers import quantize_checkpoint
 
     paths = {"bf16": root / "bf16", "int4": root / "int4", "fp8": root / "fp8"}
+    if dummy:
+        build_model(paths["bf16"], s, dev, weights=False)
+        return paths
     t = time.perf_counter()
     if not (paths["bf16"] / "config.json").exists():
         build_model(paths["bf16"], s, dev)
@@ -123,8 +152,14 @@ def checkpoints(root: Path, s: dict, dev: torch.device) -> dict[str, Path]:
     return paths
 
 
-def hot_experts(root: Path, bf16: Path, prompts: list[list[int]], n: int, dev: torch.device) -> dict[int, list[int]]:
-    """Per layer, the n experts HF's router sends most of the prompts' tokens to (cached in root)."""
+def hot_experts(root: Path, bf16: Path, prompts: list[list[int]], n: int, dev: torch.device,
+                dummy: bool = False) -> dict[int, list[int]]:
+    """Per layer, the n experts HF's router sends most of the prompts' tokens to (cached in root).
+    dummy: the n lowest ids (HF's random weights are not the engines'; random weights route
+    near uniformly, so any n experts take about n / E of the pairs)."""
+    if dummy:
+        layers = json.loads((bf16 / "config.json").read_text())["num_hidden_layers"]
+        return {layer: list(range(n)) for layer in range(layers)}
     cache = root / f"hot-{n}.json"
     if cache.exists():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
@@ -198,10 +233,15 @@ def profile(generate, prompts, new: int) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
-def hf_engine(path: Path, dev: torch.device):
+def hf_engine(path: Path, dev: torch.device, shape: dict | None = None):
+    """HF transformers on the checkpoint at path, or (shape given: --load-format dummy) on
+    its own random weights of that shape, built in memory."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
+    if shape is not None:
+        model = hf_model(shape, dev)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
 
     @torch.no_grad()
     def generate(prompts, n, timed=False):
@@ -214,12 +254,15 @@ def hf_engine(path: Path, dev: torch.device):
     return generate, dict(model.named_parameters()), None
 
 
-def mixq_engine(kind: str, paths: dict, cfgs: dict, max_batch: int, max_tokens: int, dev: torch.device):
+def mixq_engine(kind: str, paths: dict, cfgs: dict, max_batch: int, max_tokens: int, dev: torch.device,
+                dummy: bool = False):
     from mixq.engine.engine import LLM
     from mixq.engine.sampling_params import SamplingParams
 
     graphs = dev.type == "cuda" and kind != "bf16-eager"
     src = dict(model_path=str(paths["bf16"])) if kind.startswith("bf16") else dict(mixed_precision_config=str(cfgs[kind]))
+    if dummy:  # random weights in each mapped format, from config.json (mixq.models.dummy)
+        src = dict(src, model_path=str(paths["bf16"]), load_format="dummy")
     t = time.perf_counter()
     llm = LLM(**src, max_running_requests=max_batch, max_total_tokens=max_tokens, dtype="bfloat16", device=str(dev),
               disable_cuda_graph=not graphs, disable_overlap_schedule=kind == "bf16-no-overlap",
@@ -292,21 +335,22 @@ def run_shape(shape: str, a, dev: torch.device) -> dict:
     s = SHAPES[shape]
     root = Path(a.workdir) / shape if a.workdir else Path(tempfile.mkdtemp(prefix=f"mixq-bench-{shape}-"))
     root.mkdir(parents=True, exist_ok=True)
-    paths = checkpoints(root, s, dev)
+    dummy = a.load_format == "dummy"
+    paths = checkpoints(root, s, dev, dummy)
     batches = [int(x) for x in a.batches.split(",")]
     g = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(3, s["vocab"], (b, a.prompt_len), generator=g).tolist() for b in batches}
     kinds = [k for k in ENGINES[s["family"]] if not a.engines or k in a.engines.split(",")]
     hot = None
     if "mix-hot-fp8" in kinds:
-        hot = hot_experts(root, paths["bf16"], prompts[max(batches)], min(a.hot_experts, s["experts"]), dev)
+        hot = hot_experts(root, paths["bf16"], prompts[max(batches)], min(a.hot_experts, s["experts"]), dev, dummy)
     cfgs = configs(root, paths, hot)
     max_tokens = max(batches) * (a.prompt_len + a.new_tokens + 32)
     rows, tokens = [], {}
     for kind in kinds:
         print(f"{shape}: {kind}", flush=True)
-        generate, weights, llm = hf_engine(paths["bf16"], dev) if kind == "hf" else \
-            mixq_engine(kind, paths, cfgs, max(batches), max_tokens, dev)
+        generate, weights, llm = hf_engine(paths["bf16"], dev, s if dummy else None) if kind == "hf" else \
+            mixq_engine(kind, paths, cfgs, max(batches), max_tokens, dev, dummy)
         for b in batches:
             p, d, toks = timed_generate(generate, prompts[b], a.new_tokens, dev, a.repeats)
             tokens[kind, b] = toks
@@ -331,7 +375,7 @@ def run_shape(shape: str, a, dev: torch.device) -> dict:
             torch.cuda.empty_cache()
     for row in rows:  # greedy agreement of the first sequence: vs HF, and overlap on vs off
         b, k = row["batch"], row["engine"]
-        for ref in ("hf", "bf16-no-overlap"):
+        for ref in ("bf16-no-overlap",) if dummy else ("hf", "bf16-no-overlap"):  # dummy: HF has other weights
             if k != ref and (ref, b) in tokens and k.startswith("bf16"):
                 same = sum(x == y for x, y in zip(tokens[k, b][0], tokens[ref, b][0]))
                 row[f"greedy_match_{ref}"] = f"{same}/{len(tokens[k, b][0])}"
@@ -340,7 +384,7 @@ def run_shape(shape: str, a, dev: torch.device) -> dict:
     if not a.workdir:
         shutil.rmtree(root, ignore_errors=True)
     return {"shape": {k: v for k, v in s.items()}, "hot_experts_per_layer": a.hot_experts if hot else None,
-            "rows": rows}
+            "load_format": a.load_format, "rows": rows}
 
 
 def report(shape: str, res: dict, bw: float, a) -> None:
@@ -369,6 +413,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hot-experts", type=int, default=16, help="experts per layer in FP8 in the MoE mix")
     ap.add_argument("--workdir", help="keep checkpoints here and reuse them (else a temporary directory)")
+    ap.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                    help="dummy: write no checkpoints; every mixq engine makes random weights in its formats "
+                         "(mixq.models.dummy) and HF runs its own random init")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler's top ops of one generate at the largest batch, per mixq engine")

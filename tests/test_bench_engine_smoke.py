@@ -42,3 +42,27 @@ def test_engine_bench_smoke(tmp_path):
         assert moe["bf16", b] == 2 * (dense + experts * (1 - 0.75**b))
         assert moe["int4-experts", b] < moe["mix-hot-fp8", b] < moe["bf16", b]
     assert shapes["tiny-moe"]["hot_experts_per_layer"] == 2
+
+
+def test_engine_bench_smoke_with_dummy_weights(tmp_path):
+    """--load-format dummy: no checkpoint is written (config.json and the tokenizer only), every
+    engine runs on random weights in its formats, and the bytes a step reads are the same
+    formula's as with real checkpoints."""
+    out = tmp_path / "engine.json"
+    work = tmp_path / "work"
+    r = subprocess.run([sys.executable, "bench/engine.py", "--smoke", "--load-format", "dummy", "--workdir", str(work),
+                        "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(work.rglob("*.safetensors"))
+    shapes = json.loads(out.read_text())["shapes"]
+    layer = 64 * 64 * 2 + 32 * 64 * 2 + 3 * 128 * 64 + 2 * 64
+    llama = {(x["engine"], x["batch"]): x for x in shapes["tiny-llama"]["rows"]}
+    for b in (1, 3):
+        assert llama["bf16", b]["step_bytes"] == llama["hf", b]["step_bytes"] == 2 * (2 * layer + 512 * 64 + 64)
+        assert llama["int4", b]["step_bytes"] < llama["fp8", b]["step_bytes"] < llama["bf16", b]["step_bytes"]
+        assert llama["bf16", b]["identical_to_no_overlap"] is True
+        assert "greedy_match_hf" not in llama["bf16", b]  # HF runs on other random weights
+    moe = {(x["engine"], x["batch"]): x["step_bytes"] for x in shapes["tiny-moe"]["rows"]}
+    for b in (1, 3):
+        assert moe["int4-experts", b] < moe["mix-hot-fp8", b] < moe["bf16", b]
