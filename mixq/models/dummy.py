@@ -104,8 +104,7 @@ def dummy_weight(name: str, shape: tuple[int, ...], kind: str, precision: str, d
         else:
             t = (torch.randn(shape, generator=g, device=device) * INIT_STD).to(dtype)
         if precision not in ("bf16", "fp16"):
-            raise ConfigError(f"dummy weights: {name} is a {kind} and is kept in the model dtype; it cannot be "
-                              f"{precision}")
+            raise ConfigError(f"dummy weights: {name} ({kind}) is kept in the model dtype; it cannot be {precision}")
         return QuantizedWeight(name, dense_spec(dtype), shape, {"weight": t})
     n, k = shape
     if precision == "fp8":
