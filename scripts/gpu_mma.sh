@@ -4,7 +4,8 @@
 # Triton INT4 path), then the kernel tests on CUDA, ncu of the few-row GEMV on gate_up, the
 # table against cuBLAS / tinygemm / gemlite and the launch sweep at decode row counts.
 # Wheels of scripts/gpu_wheels.txt in .whl/; logs to $OUT. Env: T_E2E, T_TEST, T_NCU,
-# T_BENCH (timeouts), BENCH_ARGS, TESTS, SKIP_E2E, SKIP_NCU.
+# T_BENCH (timeouts), BENCH_ARGS, TESTS, SKIP_E2E, SKIP_NCU, E2E_FLAGS (extra bench/engine.py
+# flags, e.g. "--load-format dummy" to write no checkpoints).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 source "$(dirname "$0")/gpu_env.sh"
@@ -16,7 +17,7 @@ python3 -c "from mixq.kernels import w4a16_mma; import torch; print('cuda lib:',
 build=$!
 if [ -z "${SKIP_E2E:-}" ]; then
   timeout -s INT ${T_E2E:-120} python3 bench/engine.py --shape llama-1b --engines bf16-no-overlap,bf16,int4 \
-    --batches 1,16,64 --new-tokens 64 --repeats 2 --workdir /tmp/mixq-e2e --out "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
+    --batches 1,16,64 --new-tokens 64 --repeats 2 --workdir /tmp/mixq-e2e ${E2E_FLAGS:-} --out "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
   grep -v '^{' "$OUT/engine.txt" | grep -v "Writing model\|Loading weights" | tail -14
   python3 bench/detok_split.py --batches 1,16,64 > "$OUT/detok.txt" 2>&1; tail -8 "$OUT/detok.txt"
   echo "e2e done at $(( $(date +%s) - t0 )) s"
@@ -39,7 +40,7 @@ timeout -s INT ${T_BENCH:-240} python3 bench/w4a16.py --out "$OUT/w4a16.json" ${
 echo "bench done at $(( $(date +%s) - t0 )) s"
 if [ -z "${SKIP_E2E:-}" ]; then  # the 1B INT4 engine on the compiled kernels (cuda-w4a16)
   MIXQ_W4A16_MMA=1 timeout -s INT ${T_E2E2:-90} python3 bench/engine.py --shape llama-1b --engines int4 \
-    --batches 1,16,64 --new-tokens 64 --repeats 2 --workdir /tmp/mixq-e2e --out "$OUT/engine_mma.json" > "$OUT/engine_mma.txt" 2>&1
+    --batches 1,16,64 --new-tokens 64 --repeats 2 --workdir /tmp/mixq-e2e ${E2E_FLAGS:-} --out "$OUT/engine_mma.json" > "$OUT/engine_mma.txt" 2>&1
   grep -v '^{' "$OUT/engine_mma.txt" | grep -v "Writing model\|Loading weights" | tail -6
   echo "e2e mma done at $(( $(date +%s) - t0 )) s"
 fi
