@@ -46,9 +46,9 @@ static inline void st(void *p, int64_t i, float v, int bf16) {
 /* rows t < T of n values: s = x (+ r, rounded to the dtype, stored to rout);
    out = w * dtype(s * (1 / sqrt(mean(s^2) + eps))). Rows at x + t * sx, r + t * sr. */
 void add_rms_norm(const void *x, int64_t sx, const void *r, int64_t sr, const void *w, void *out, void *rout,
-                  int64_t T, int64_t n, float eps, int bf16) {
+                  int64_t T, int64_t n, float eps, int bf16, int nthreads) {
     const int64_t es = bf16 ? 2 : 4;
-    #pragma omp parallel for if (T >= 64) schedule(static)
+    #pragma omp parallel for if (T >= 64) num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const char *xt = (const char *)x + t * sx * es;
         const char *rt = r ? (const char *)r + t * sr * es : NULL;
@@ -116,7 +116,8 @@ def available() -> tuple[bool, str]:
         try:
             dll = build_library("mixq_elementwise", _SOURCE, extra_flags=("-ffp-contract=off",))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            dll.add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+            dll.add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int,
+                                         ctypes.c_int]
             dll.add_rms_norm.restype = None
             dll.rotary_neox.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                         ctypes.c_int]
@@ -158,7 +159,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     rout = None if residual is None else torch.empty(shape, dtype=x.dtype)
     _lib.add_rms_norm(x2.data_ptr(), x2.stride(0), None if residual is None else residual.data_ptr(), n,
                       weight.data_ptr(), out.data_ptr(), None if rout is None else rout.data_ptr(), t, n, eps,
-                      int(x.dtype == torch.bfloat16))
+                      int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out, rout
 
 
