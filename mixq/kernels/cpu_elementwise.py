@@ -77,8 +77,9 @@ void add_rms_norm(const void *x, int64_t sx, const void *r, int64_t sr, const vo
 /* x [T, h, d] at x + t * sxt + head * d -> o [T, h, d] contiguous: with a = x[:d/2],
    b = x[d/2:], c = cos[pos[t]], s = sin[pos[t]]: o = (a c - b s, b c + a s) */
 static void rotate(const void *x, int64_t sxt, void *o, const int64_t *pos, const float *cs, const float *sn,
-                   int64_t T, int64_t h, int64_t d, int bf16) {
+                   int64_t T, int64_t h, int64_t d, int bf16, int nthreads) {
     const int64_t half = d / 2, es = bf16 ? 2 : 4;
+    #pragma omp parallel for if (T >= 64) num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *c = cs + pos[t] * half, *s = sn + pos[t] * half;
         for (int64_t j = 0; j < h; j++) {
@@ -96,11 +97,12 @@ static void rotate(const void *x, int64_t sxt, void *o, const int64_t *pos, cons
 
 /* -1 - t for the first token t whose position is outside the P rows of the tables, else 0 */
 int rotary_neox(const void *q, int64_t sqt, const void *k, int64_t skt, void *qo, void *ko, const int64_t *pos,
-                const float *cs, const float *sn, int64_t P, int64_t T, int64_t hq, int64_t hk, int64_t d, int bf16) {
+                const float *cs, const float *sn, int64_t P, int64_t T, int64_t hq, int64_t hk, int64_t d, int bf16,
+                int nthreads) {
     for (int64_t t = 0; t < T; t++)
         if (pos[t] < 0 || pos[t] >= P) return (int)(-1 - t);
-    rotate(q, sqt, qo, pos, cs, sn, T, hq, d, bf16);
-    rotate(k, skt, ko, pos, cs, sn, T, hk, d, bf16);
+    rotate(q, sqt, qo, pos, cs, sn, T, hq, d, bf16, nthreads);
+    rotate(k, skt, ko, pos, cs, sn, T, hk, d, bf16, nthreads);
     return 0;
 }
 """
@@ -120,7 +122,7 @@ def available() -> tuple[bool, str]:
                                          ctypes.c_int]
             dll.add_rms_norm.restype = None
             dll.rotary_neox.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                                        ctypes.c_int]
+                                        ctypes.c_int, ctypes.c_int]
             dll.rotary_neox.restype = ctypes.c_int
             _lib = dll
         except (RuntimeError, OSError) as e:
@@ -195,7 +197,7 @@ def rotary_neox(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: 
         raise ValueError(f"rotary: {positions.numel()} positions for q {list(q.shape)} and k {list(k.shape)}")
     bad = _lib.rotary_neox(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), qo.data_ptr(), ko.data_ptr(),
                            positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], t, hq, k.shape[1], d,
-                           int(q.dtype == torch.bfloat16))
+                           int(q.dtype == torch.bfloat16), torch.get_num_threads())
     if bad:
         i = -1 - bad
         raise IndexError(f"rotary: position {int(positions[i])} of token {i} is outside the "

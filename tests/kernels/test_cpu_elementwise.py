@@ -77,16 +77,17 @@ def test_rms_norm_module_takes_the_c_call_for_3d_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_is_bit_identical_to_the_torch_code(dtype):
+@pytest.mark.parametrize("t", [7, 70])  # 70 tokens: the OpenMP loop
+def test_rotary_is_bit_identical_to_the_torch_code(dtype, t):
     """q and k as views of one merged q/k/v output (token stride > H * D), positions out of
     order: the C call and mixq.layers.rotary's torch code agree to the bit."""
-    gen = torch.Generator().manual_seed(4)
-    h, hk, d, t = 9, 3, 64, 7
+    gen = torch.Generator().manual_seed(4 + t)
+    h, hk, d = 9, 3, 64
     rope = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0})
     qkv = torch.randn(t, (h + 2 * hk) * d, generator=gen).to(dtype)
     q, k, _ = qkv.split([h * d, hk * d, hk * d], dim=-1)
     q, k = q.view(t, h, d), k.view(t, hk, d)
-    pos = torch.tensor([0, 5, 4095, 17, 3, 1000, 2], dtype=torch.int64)
+    pos = torch.cat([torch.tensor([0, 5, 4095, 17, 3, 1000, 2]), torch.randint(0, 4096, (t - 7,), generator=gen)])
     assert ce.takes_rotary(q, k, rope.cos, rope.sin, pos)
     qo, ko = ce.rotary_neox(pos, q, k, rope.cos, rope.sin)
 
