@@ -13,11 +13,16 @@ random contents in that precision's stored layout, as a checkpoint of it would h
   fp8                  e4m3 per output channel (fp32 scale [N, 1]), activations per token:
                        compressed-tensors' FP8 dynamic scheme
   int4 / gptq_int4     GPTQ 4-bit, groups of 128 (or per channel when K is not a multiple),
-                       symmetric: qweight [K/8, N], qzeros [G, N/8], fp16 scales [G, N]
+                       symmetric: qweight [K/8, N], qzeros [G, N/8], fp16 scales [G, N];
+                       random codes (no quantization pass: cheap for tens of GB)
+  int8                 compressed-tensors INT8 per channel, activations per token (W8A8)
+  awq_int4             AutoAWQ GEMM, groups of 128 (64, 32 where K needs), zero points
+  (int8 and awq_int4 are round-to-nearest of a N(0, 0.02) weight by mixq's checkpoint
+  writers, mixq.formats.writers)
 
 Contents are seeded per tensor name (crc32), so two engines built with the same seed hold the
-same values. Other precisions (int8, awq_int4, GGUF types) are refused by name. Only one
-process: tensor / expert parallelism reads shards of real files.
+same values. GGUF types are refused by name. Only one process: tensor / expert parallelism
+reads shards of real files.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from torch import nn
 
 from mixq.config.resolve import PrecisionResolver
 from mixq.errors import ConfigError
+from mixq.formats import writers
 from mixq.formats.packing import pack_int32
 from mixq.formats.spec import QuantizedWeight, WeightSpec, dense_spec
 
-PRECISIONS = ("bf16", "fp16", "fp8", "int4", "gptq_int4")
+PRECISIONS = ("bf16", "fp16", "fp8", "int8", "int4", "gptq_int4", "awq_int4")
 GROUP = 128
 INIT_STD = 0.02  # HF's initializer_range default
 
@@ -125,6 +131,18 @@ def dummy_weight(name: str, shape: tuple[int, ...], kind: str, precision: str, d
         return QuantizedWeight(name, spec, shape, {"qweight": pack_int32(q, 4, dim=0),
                                                    "qzeros": pack_int32(zeros, 4, dim=1),
                                                    "scales": scales.half()})
+    if precision in ("int8", "awq_int4"):  # RTN of a N(0, 0.02) weight, by the checkpoint writers
+        w = torch.randn(n, k, generator=g, device=device) * INIT_STD
+        if precision == "int8":
+            t = writers.int8_tensors("m", w, scale_dtype=torch.float32)
+            spec = WeightSpec("int8", 8, torch.int8, "channel", activation="dynamic-token")
+        else:
+            group = next((gs for gs in (GROUP, 64, 32) if k % gs == 0), None)
+            if group is None:
+                raise ConfigError(f"dummy weights: {name} has K={k}, which no AWQ group of 32-128 divides")
+            t = writers.awq_tensors("m", w, group=group)
+            spec = WeightSpec("awq", 4, torch.int32, "group", group_size=group, symmetric=False)
+        return QuantizedWeight(name, spec, shape, {key.removeprefix("m."): v for key, v in t.items()})
     raise ConfigError(f"dummy weights: precision {precision!r} of {name} is not one of {', '.join(PRECISIONS)}")
 
 

@@ -43,17 +43,24 @@ def test_tensor_list_is_a_real_checkpoints(model):
     assert ours == checkpoint_tensors(FIX / model / "bf16")
 
 
-def test_mapped_formats_compute_what_hf_computes_on_their_dequantization(tmp_path):
+MIXES = [
+    ({"model.layers.*.mlp.*_proj.weight": "int4", "model.layers.*.self_attn.*_proj.weight": "fp8",
+      "model.layers.1.self_attn.o_proj.weight": "bf16"}, {"mlp": "gptq", "self_attn": "fp8"}),
+    ({"model.layers.*.mlp.*_proj.weight": "awq_int4", "model.layers.*.self_attn.*_proj.weight": "int8",
+      "model.layers.1.self_attn.o_proj.weight": "fp16"}, {"mlp": "awq", "self_attn": "int8"}),
+]
+
+
+@pytest.mark.parametrize("mapping,layouts_by_block", MIXES)
+def test_mapped_formats_compute_what_hf_computes_on_their_dequantization(mapping, layouts_by_block):
     import transformers
 
     cfg = json.loads((FIX / "tiny-llama" / "bf16" / "config.json").read_text())
-    mapping = {"model.layers.*.mlp.*_proj.weight": "int4", "model.layers.*.self_attn.*_proj.weight": "fp8",
-               "model.layers.1.self_attn.o_proj.weight": "bf16"}
     model = build_model(cfg, "cpu")
     weights = list(dummy_weights(model, mapping, torch.float32, torch.device("cpu"), seed=3))
     layouts = {w.name: w.spec.layout for w in weights}
-    assert layouts["model.layers.0.mlp.down_proj.weight"] == "gptq"
-    assert layouts["model.layers.0.self_attn.q_proj.weight"] == "fp8"
+    assert layouts["model.layers.0.mlp.down_proj.weight"] == layouts_by_block["mlp"]
+    assert layouts["model.layers.0.self_attn.q_proj.weight"] == layouts_by_block["self_attn"]
     assert layouts["model.layers.1.self_attn.o_proj.weight"] == layouts["model.norm.weight"] == "dense"
     load_model_weights(model, weights, torch.float32)
     # the same seed gives the same values
@@ -65,10 +72,10 @@ def test_mapped_formats_compute_what_hf_computes_on_their_dequantization(tmp_pat
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
     missing, unexpected = hf.load_state_dict(dense, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: the head is the embedding
-    # the HF reference quantizes nothing: the FP8 layers' per-token activation quantization
-    # (W8A8, on the CPU at every M) is the difference, so compare through a weight-only run
+    # the HF reference quantizes nothing: the FP8 / INT8 layers' per-token activation
+    # quantization (W8A8, on the CPU at every M) is the difference, so compare weight-only
     for w in weights:
-        if w.spec.layout == "fp8":
+        if w.spec.activation != "none":
             w.spec = dataclasses.replace(w.spec, activation="none")
     model = build_model(cfg, "cpu")
     load_model_weights(model, weights, torch.float32)
@@ -120,8 +127,11 @@ def test_dummy_refusals_name_the_cause(tmp_path):
     with pytest.raises(ConfigError, match="runs in one process"):
         LLM(model_path=str(d), load_format="dummy", device="cpu", tp_size=2)
     cfg = tmp_path / "awq.yaml"
-    cfg.write_text("mixed_precision:\n  weight_mapping:\n    'model.layers.*.mlp.down_proj.weight': awq_int4\n")
-    with pytest.raises(ConfigError, match="precision 'awq_int4' of model.layers.0.mlp.down_proj.weight is not one of"):
+    cfg.write_text("mixed_precision:\n  weight_mapping:\n    'model.layers.*.mlp.down_proj.weight': q4_k\n")
+    with pytest.raises(ConfigError, match="precision 'q4_k' of model.layers.0.mlp.down_proj.weight is not one of"):
+        LLM(model_path=str(d), mixed_precision_config=str(cfg), load_format="dummy", device="cpu")
+    cfg.write_text("mixed_precision:\n  weight_mapping:\n    'model.norm.weight': int4\n")
+    with pytest.raises(ConfigError, match=r"model.norm.weight \(norm\) is kept in the model dtype; it cannot be int4"):
         LLM(model_path=str(d), mixed_precision_config=str(cfg), load_format="dummy", device="cpu")
     cfg.write_text("mixed_precision:\n  weight_mapping:\n    'model.layers.*.mlp.nothing.weight': int4\n")
     with pytest.raises(ConfigError, match="pattern matches no tensor in the model"):
