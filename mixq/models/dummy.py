@@ -50,7 +50,7 @@ INIT_STD = 0.02  # HF's initializer_range default
 def model_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, kind) of every tensor a checkpoint of this (unloaded) model would
     hold: kind "linear" (a weight a module loads in any format), "embedding", "norm" (a
-    parameter initialized to ones) or "bias"."""
+    norm's parameter, initialized to ones), "bias" or "dense" (any other parameter)."""
     from mixq.layers.embedding import Embedding
     from mixq.layers.linear import MixedPrecisionLinear
 
@@ -64,7 +64,8 @@ def model_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
             out[f"{name}.weight"] = ((mod.num_embeddings, mod.dim), "embedding")
         else:
             for pname, p in mod.named_parameters(recurse=False):
-                out[f"{name}.{pname}"] = (tuple(p.shape), "bias" if pname == "bias" else "norm")
+                kind = "bias" if pname == "bias" else "norm" if "norm" in type(mod).__name__.lower() else "dense"
+                out[f"{name}.{pname}"] = (tuple(p.shape), kind)
     return out
 
 
@@ -157,7 +158,8 @@ def read_mapping(config_path: str | None) -> dict[str, str]:
         data = yaml.safe_load(Path(config_path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"mixed-precision config {config_path}: cannot read: {e}") from None
-    mapping = (data or {}).get("mixed_precision", {}).get("weight_mapping") if isinstance(data, dict) else None
+    section = data.get("mixed_precision") if isinstance(data, dict) else None
+    mapping = section.get("weight_mapping") if isinstance(section, dict) else None
     if mapping is None:
         return {}
     if not isinstance(mapping, dict):
