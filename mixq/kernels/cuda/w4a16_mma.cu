@@ -165,6 +165,17 @@ __device__ __forceinline__ uint32_t dequant2(uint32_t word, int shift, uint32_t 
   return Traits<T>::sub_mul(and_or(word >> shift, 0x000f000fu, Traits<T>::MAGIC), zb, s2);
 }
 
+// n8 tile jt's B fragment from a lane's 16-byte word of a 16 x 64 slice (word jt / 2, nibble
+// offset 8 (jt % 2)): (k 2t, 2t+1) and (k 2t+8, 2t+9) of column g, dequantized with that
+// column's doubled zero and scale. The tiled kernel, the GEMV and the dequantize kernel all
+// read the layout through it.
+template <typename T>
+__device__ __forceinline__ uint2 frag(const int4& bq, int jt, uint32_t zb, uint32_t s2) {
+  const int w = jt >> 1, shift = 8 * (jt & 1);
+  const uint32_t word = static_cast<uint32_t>(w == 0 ? bq.x : w == 1 ? bq.y : w == 2 ? bq.z : bq.w);
+  return make_uint2(dequant2<T>(word, shift, zb, s2), dequant2<T>(word, shift + 4, zb, s2));
+}
+
 // CTA that owns global iteration i when `total` iterations are split over `grid` CTAs,
 // CTA c taking [c*total/grid, (c+1)*total/grid) (grid <= total: no empty range).
 __device__ __forceinline__ int owner(long long i, long long total, int grid) {
@@ -292,12 +303,15 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
   };
 
   float acc[MB][8][4];
+  auto zero_acc = [&] {
 #pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
+  };
+  zero_acc();
 
   auto compute_stage = [&](int slot) {
     const uint8_t* st = s_stage + slot * C::STAGE_BYTES;
@@ -334,18 +348,11 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
             zb[jt] = zero2<T>(zv, jt);
           }
         }
-        const uint32_t qs[4] = {static_cast<uint32_t>(bq[ks].x), static_cast<uint32_t>(bq[ks].y),
-                                static_cast<uint32_t>(bq[ks].z), static_cast<uint32_t>(bq[ks].w)};
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
+        for (int jt = 0; jt < 8; ++jt) {
+          const uint2 b = frag<T>(bq[ks], jt, zb[jt], s2[jt]);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int jt = 2 * w + j;
-            const uint32_t b0 = dequant2<T>(qs[w], 8 * j, zb[jt], s2[jt]);
-            const uint32_t b1 = dequant2<T>(qs[w], 8 * j + 4, zb[jt], s2[jt]);
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[ks][mb], b0, b1);
-          }
+          for (int mb = 0; mb < MB; ++mb) Tr::mma(acc[mb][jt], a[ks][mb], b.x, b.y);
         }
       }
     }
@@ -384,50 +391,38 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
         const uint32_t o = static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
         *reinterpret_cast<uint32_t*>(out + static_cast<long long>(c.row0 + row) * p.N + n0 + col) = o;
       };
+      // f(row, column in the tile, the lane's two accumulators there) for each of the lane's
+      // fragment pairs in rows < c.rows
+      auto each_pair = [&](auto&& f) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int jt = 0; jt < 8; ++jt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = mb * 16 + g + 8 * h;
+              if (row < c.rows) f(row, wn * 64 + jt * 8 + 2 * t, acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
+            }
+      };
       if (whole) {
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-          for (int jt = 0; jt < 8; ++jt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int row = mb * 16 + g + 8 * h;
-              if (row < c.rows) store2(row, wn * 64 + jt * 8 + 2 * t, acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]);
-            }
+        each_pair([&](int row, int col, float v0, float v1) { store2(row, col, v0, v1); });
       } else {
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-          for (int jt = 0; jt < 8; ++jt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int row = mb * 16 + g + 8 * h;
-              if (row < c.rows)
-                __stcg(reinterpret_cast<float2*>(mine + row * C::BN + wn * 64 + jt * 8 + 2 * t),
-                       make_float2(acc[mb][jt][2 * h], acc[mb][jt][2 * h + 1]));
-            }
+        each_pair([&](int row, int col, float v0, float v1) {
+          __stcg(reinterpret_cast<float2*>(mine + row * C::BN + col), make_float2(v0, v1));
+        });
         const int c_first = owner(tile_first, p.total_iters, p.grid);
         const int c_last = owner(tile_first + p.kiters - 1, p.total_iters, p.grid);
         if (last_arrival(c.tile, c_last - c_first)) {
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int jt = 0; jt < 8; ++jt)
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const int row = mb * 16 + g + 8 * h;
-                if (row < c.rows) {
-                  const int off = row * C::BN + wn * 64 + jt * 8 + 2 * t;
-                  float2 v = make_float2(0.f, 0.f);
-                  for (int q = c_first; q <= c_last; ++q) {  // CTA order: deterministic
-                    const float2 u = __ldcg(reinterpret_cast<const float2*>(
-                        p.ws + (c.tile + static_cast<long long>(q)) * slot_stride + off));
-                    v.x += u.x;
-                    v.y += u.y;
-                  }
-                  store2(row, wn * 64 + jt * 8 + 2 * t, v.x, v.y);
-                }
-              }
+          each_pair([&](int row, int col, float, float) {
+            float2 v = make_float2(0.f, 0.f);
+            for (int q = c_first; q <= c_last; ++q) {  // CTA order: deterministic
+              const float2 u = __ldcg(reinterpret_cast<const float2*>(
+                  p.ws + (c.tile + static_cast<long long>(q)) * slot_stride + row * C::BN + col));
+              v.x += u.x;
+              v.y += u.y;
+            }
+            store2(row, col, v.x, v.y);
+          });
           if (tid == 0) p.counters[c.tile] = 0;  // re-armed for the next launch
         }
         __syncthreads();  // s_flag is reused by the next segment
@@ -514,12 +509,7 @@ __global__ void __launch_bounds__(32 * WN * WK) w4a16_mma_kernel(const Params p)
       }
       __syncthreads();  // s_red and s_flag are reused by the next segment
     }
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mb][j][e] = 0.f;
+    zero_acc();
   };
 
   // prologue: STAGES-1 stages in flight
@@ -572,23 +562,16 @@ __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const int4* qw, cons
     const uint4 sv = *reinterpret_cast<const uint4*>(scales + (static_cast<long long>(gi) * nblocks + nb) * 64 + g * 8);
     uint2 zv = make_uint2(0x08080808u, 0x08080808u);
     if (HAS_ZP) zv = *reinterpret_cast<const uint2*>(zeros + (static_cast<long long>(gi) * nblocks + nb) * 64 + g * 8);
-    const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
-                            static_cast<uint32_t>(bq.w)};
     const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+    for (int jt = 0; jt < 8; ++jt) {
+      const uint2 b = frag<T>(bq, jt, zero2<T>(zv, jt), scale2(sw, jt));
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int jt = 2 * w + j;
-        const uint32_t s2 = scale2(sw, jt);
-        const uint32_t zb = zero2<T>(zv, jt);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // h: k + 8
-          const uint32_t v = dequant2<T>(qs[w], 8 * j + 4 * h, zb, s2);
-          const int n = jt * 8 + g;
-          tile[warp][2 * t + 8 * h][n] = static_cast<uint16_t>(v & 0xffffu);
-          tile[warp][2 * t + 8 * h + 1][n] = static_cast<uint16_t>(v >> 16);
-        }
+      for (int h = 0; h < 2; ++h) {  // h: k + 8
+        const uint32_t v = h ? b.y : b.x;
+        const int n = jt * 8 + g;
+        tile[warp][2 * t + 8 * h][n] = static_cast<uint16_t>(v & 0xffffu);
+        tile[warp][2 * t + 8 * h + 1][n] = static_cast<uint16_t>(v >> 16);
       }
     }
   }
@@ -791,18 +774,11 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
         uint32_t a[4];
         const int ls = warp * spw + i + d;  // slice within the CTA's range
         ldmatrix_x4(a, a_row + (((ls * 2 + (lane >> 4)) ^ a_sw) * 16));
-        const uint32_t qs[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
-                                static_cast<uint32_t>(bq.w)};
         const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int jt = 2 * w + j;
-            const uint32_t s2 = scale2(sw, jt);
-            const uint32_t zb = zero2<T>(zv, jt);
-            Tr::mma(acc[jt], a, dequant2<T>(qs[w], 8 * j, zb, s2), dequant2<T>(qs[w], 8 * j + 4, zb, s2));
-          }
+        for (int jt = 0; jt < 8; ++jt) {
+          const uint2 b = frag<T>(bq, jt, zero2<T>(zv, jt), scale2(sw, jt));
+          Tr::mma(acc[jt], a, b.x, b.y);
         }
       }
     }
@@ -831,17 +807,21 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
     *reinterpret_cast<uint32_t*>(out + static_cast<long long>(orow) * p.N + nb * 64 + col) =
         static_cast<uint32_t>(Tr::from_float(v0)) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
   };
+  auto warp_sum = [&](int row, int col) {  // the WK warps' sums of (row, col..col+1), in warp order
+    float2 v = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      const float2 r = *reinterpret_cast<const float2*>(red + (w * M + row) * 64 + col);
+      v.x += r.x;
+      v.y += r.y;
+    }
+    return v;
+  };
   const int units = M * 32;  // (row, column pair)
   if (p.kcs == 1) {
     for (int u = tid; u < units; u += 32 * WK) {
       const int row = u >> 5, col = (u & 31) * 2;
-      float2 v = make_float2(0.f, 0.f);
-#pragma unroll
-      for (int w = 0; w < WK; ++w) {
-        const float2 r = *reinterpret_cast<const float2*>(red + (w * M + row) * 64 + col);
-        v.x += r.x;
-        v.y += r.y;
-      }
+      const float2 v = warp_sum(row, col);
       store2(row, col, v.x, v.y);
     }
     return;
@@ -850,14 +830,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv_kernel(const GemvParams p)
   float* part = p.ws + (tile * p.kcs + kc) * M * 64;
   for (int u = tid; u < units; u += 32 * WK) {
     const int row = u >> 5, col = (u & 31) * 2;
-    float2 v = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int w = 0; w < WK; ++w) {
-      const float2 r = *reinterpret_cast<const float2*>(red + (w * M + row) * 64 + col);
-      v.x += r.x;
-      v.y += r.y;
-    }
-    __stcg(reinterpret_cast<float2*>(part + row * 64 + col), v);
+    __stcg(reinterpret_cast<float2*>(part + row * 64 + col), warp_sum(row, col));
   }
   __threadfence();
   __syncthreads();
