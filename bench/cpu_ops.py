@@ -34,7 +34,8 @@ import torch.nn.functional as F
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench/kernels.py would shadow `kernels`
 
 from mixq.kernels import cpu_elementwise, cpu_gguf  # noqa: E402
-from mixq.layers.rotary import RotaryEmbedding  # noqa: E402
+from mixq.layers.norm import rms_norm_torch  # noqa: E402
+from mixq.layers.rotary import RotaryEmbedding, _rotate  # noqa: E402
 
 H, HKV, D, PAGE, HIDDEN, VOCAB = 9, 3, 64, 16, 576, 49152
 
@@ -94,10 +95,7 @@ def elementwise_rows(reps: int, g: torch.Generator) -> list[dict]:
     w = (1 + 0.1 * torch.randn(HIDDEN, generator=g)).bfloat16()
 
     def torch_norm():
-        s = x + res
-        xf = s.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
-        return w * xf.to(s.dtype)
+        return rms_norm_torch(x, res, w, 1e-5)[0]
 
     exact = (x.double() + res.double()).bfloat16().double()
     exact = w.double() * exact / (exact.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
@@ -112,13 +110,9 @@ def elementwise_rows(reps: int, g: torch.Generator) -> list[dict]:
     q, k = q.view(1, H, D), k.view(1, HKV, D)
     pos = torch.tensor([160])
 
-    def torch_rotary():
+    def torch_rotary():  # RotaryEmbedding.forward's torch code
         c, s = rope.cos[pos].unsqueeze(1), rope.sin[pos].unsqueeze(1)
-        out = []
-        for t in (q, k):
-            a, b = t.float().chunk(2, -1)
-            out.append(torch.cat((a * c - b * s, b * c + a * s), -1).to(t.dtype))
-        return out
+        return [_rotate(q, c, s), _rotate(k, c, s)]
 
     c_q, _ = cpu_elementwise.rotary_neox(pos, q, k, rope.cos, rope.sin)
     rows.append({"op": "rotary q 1x9x64 + k 1x3x64", "before": "torch ops", "after": "C call",

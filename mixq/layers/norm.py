@@ -35,11 +35,17 @@ class RMSNorm(nn.Module):
         if cpu_elementwise.takes_norm(x, residual, self.weight):  # one C call for the ops below
             out, new_res = cpu_elementwise.add_rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, new_res)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
-        return out if residual is None else (out, residual)
+        out, new_res = rms_norm_torch(x, residual, self.weight, self.eps)
+        return out if residual is None else (out, new_res)
+
+
+def rms_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch code of RMSNorm.forward: (weight * normalized (x + residual) in x's dtype,
+    x + residual or None)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
