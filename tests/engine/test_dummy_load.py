@@ -72,6 +72,10 @@ def test_mapped_formats_compute_what_hf_computes_on_their_dequantization(mapping
     again = {w.name: w for w in dummy_weights(build_model(cfg, "meta"), mapping, torch.float32,
                                               torch.device("cpu"), seed=3)}
     assert all(torch.equal(a, again[w.name].tensors[r]) for w in weights for r, a in w.tensors.items())
+    # ... and each tensor its own values (seeded by name): two same-shape layers differ
+    by_name = {w.name: w for w in weights}
+    assert not torch.equal(by_name["model.layers.0.mlp.up_proj.weight"].tensors["qweight"],  # GPTQ and AWQ
+                           by_name["model.layers.1.mlp.up_proj.weight"].tensors["qweight"])
     dense = {w.name: (reader_for_layout(w.spec.layout).dequantize(w) if w.spec.is_quantized else w.tensors["weight"])
              .float() for w in weights}
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
